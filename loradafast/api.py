@@ -1,0 +1,157 @@
+"""The public entry points: ``initialize`` and ``get_peft_model``."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .collect import Y_FACTORS, collect, is_causal_lm
+from .result import InitResult
+from .solve import METHODS, check_rank, solve
+from .targets import base_model_of, find_targets, is_peft_model, short_target_modules
+
+
+def _peft_config_of(model: nn.Module, adapter_name: str | None):
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    name = adapter_name or getattr(model, "active_adapter", None) or next(iter(configs))
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    return configs.get(name)
+
+
+def _model_meta(model: nn.Module, targets, *, causal: bool, peft_config) -> dict:
+    base = base_model_of(model)
+    config = getattr(base, "config", None)
+    name_or_path = getattr(config, "_name_or_path", None) or getattr(base, "name_or_path", None) or None
+    if peft_config is not None:
+        target_modules = peft_config.target_modules
+        if isinstance(target_modules, set):
+            target_modules = sorted(target_modules)
+    else:
+        target_modules = short_target_modules(model, targets)
+    return {
+        "base_model_name_or_path": name_or_path,
+        "task_type": "CAUSAL_LM" if causal else None,
+        "target_modules": target_modules,
+    }
+
+
+def initialize(
+    model: nn.Module,
+    loader: Iterable,
+    rank: int | None = None,
+    *,
+    method: str = "lora-da",
+    target_modules=None,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+    num_train_samples: int = 100_000,
+    beta: float = 0.03,
+    gamma: float = 1024.0,
+    y_factor: str = "diag",
+    damping: float = 1e-6,
+    max_samples: int | None = 256,
+    damping_mode: str = "absolute",
+    alpha_b: float = 1.0,
+    gradient: str = "fisher",
+    loss_fn: Callable | None = None,
+    adapter_name: str | None = None,
+    ranks: dict[str, int] | None = None,
+    solve_dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+) -> InitResult:
+    """Data-aware LoRA initialisation in one streaming pass over ``loader``.
+
+    A plain model is left unchanged and the result carries the adapter (``result.state_dict()``,
+    ``result.lora_config``, ``result.save(dir)``).  A ``PeftModel`` has its LoRA layers filled in
+    place, its rank, alpha and targets taken from its config; the result is returned as well.
+    ``rank`` defaults to 8 (or the PEFT model's rank); ``ranks`` maps layer names to other ranks.
+    See DESIGN §3-4 for the statistics and the LoRA-DA options.
+    """
+    started = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if y_factor not in Y_FACTORS:
+        raise ValueError(f"y_factor must be one of {Y_FACTORS}, got {y_factor!r}")
+    wrapped = is_peft_model(model)
+    peft_config = _peft_config_of(model, adapter_name) if wrapped else None
+    targets = find_targets(model, target_modules, adapter_name=adapter_name)
+    if not targets:
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "
+            f"{type(base_model_of(model)).__name__}; check the names with model.named_modules()"
+        )
+    ranks = dict(ranks or {})
+    if wrapped:
+        default_rank = peft_config.r if peft_config is not None else targets[0].rank
+        if rank is not None and rank != default_rank:
+            raise ValueError(
+                f"rank={rank} was requested but the PEFT model's LoRA layers have rank {default_rank}; "
+                "pass rank=None (or the same rank), or wrap the base model with a new LoraConfig"
+            )
+        rank = default_rank
+        ranks = {t.name: t.rank for t in targets if t.rank != default_rank}
+        if peft_config is not None:
+            lora_alpha, use_rslora = peft_config.lora_alpha, peft_config.use_rslora
+    rank = 8 if rank is None else rank
+    for t in targets:  # fail before the pass, not after it
+        check_rank(t.name, ranks.get(t.name, rank), t.in_features, t.out_features)
+
+    stats = collect(model, loader, y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn,
+                    progress=progress, adapter_name=adapter_name, targets=targets)
+    stats.meta.update(_model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model),
+                                  peft_config=peft_config))
+    pass_s = time.perf_counter() - started
+    result = solve(stats, rank, method=method, ranks=ranks, lora_alpha=lora_alpha, use_rslora=use_rslora,
+                   num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
+                   damping=damping, damping_mode=damping_mode, gradient=gradient, dtype=solve_dtype)
+    apply_started = time.perf_counter()
+    if wrapped:
+        result.apply_to(model, adapter_name)
+    result.timings = {
+        "pass_s": pass_s,
+        "solve_s": result.timings["solve_s"],
+        "apply_s": time.perf_counter() - apply_started,
+        "total_s": time.perf_counter() - started,
+    }
+    return result
+
+
+def get_peft_model(model: nn.Module, loader: Iterable, lora_config, *, adapter_name: str = "default",
+                   **options):
+    """``peft.get_peft_model`` with the LoRA layers initialised by loradafast.
+
+    The statistics pass and the solve run on the unwrapped model first, so a failure there leaves
+    ``model`` untouched; only then is it wrapped and filled.  ``options`` go to :func:`initialize`.
+    The :class:`InitResult` is attached as ``peft_model.loradafast_result``.
+    """
+    import copy
+
+    import peft
+    from peft.utils.other import get_pattern_key
+
+    if is_peft_model(model):
+        raise ValueError("the model already carries LoRA layers; call loradafast.initialize(peft_model, loader)")
+    target_modules = lora_config.target_modules
+    if isinstance(target_modules, set):
+        target_modules = sorted(target_modules)
+    ranks = None
+    if lora_config.rank_pattern:
+        keys = list(lora_config.rank_pattern)
+        ranks = {t.name: lora_config.rank_pattern.get(get_pattern_key(keys, t.name), lora_config.r)
+                 for t in find_targets(model, target_modules)}
+    result = initialize(model, loader, lora_config.r, target_modules=target_modules,
+                        lora_alpha=lora_config.lora_alpha, use_rslora=lora_config.use_rslora, ranks=ranks,
+                        **options)
+    peft_model = peft.get_peft_model(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
+    try:
+        result.apply_to(peft_model, adapter_name)
+    except BaseException:
+        peft_model.unload()  # puts the original modules back
+        raise
+    peft_model.loradafast_result = result
+    return peft_model

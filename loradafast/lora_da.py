@@ -1,0 +1,122 @@
+"""LoRA-DA, exactly as DESIGN §4 writes it.
+
+Per layer, with ``Zλ = Z + λI`` and ``Yλ = Y + λI``::
+
+    Δ  = −Yλ⁻¹ G Zλ⁻¹                                  natural-gradient estimate of W_tgt − W0
+    σ  = ‖Δ‖₂,  Δ̂ = Δ / σ
+    Ω  = β·tr(Yλ⁻¹)/(N σ²) · Zλ⁻¹ − α_b · Δ̂ᵀΔ̂          Initialization Guidance Matrix [in, in]
+    A0 = the r eigenvectors of Ω with the smallest eigenvalues
+    lora_A = A0ᵀ/√γ,  lora_B = Δ̂ A0/√γ
+
+The functions here are the per-layer mathematics; :mod:`.solve` batches and orchestrates them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .linalg import cholesky_with_retry, damping_for
+
+
+@dataclass
+class DampedFactors:
+    z_chol: torch.Tensor  # lower Cholesky factor of Zλ [in, in]
+    y_inv: torch.Tensor  # diag: Yλ⁻¹ as a vector [out]; full: lower Cholesky factor of Yλ [out, out]
+    y_is_diag: bool
+    damping_z: float
+    damping_y: float
+    cholesky_dtype: torch.dtype
+
+    def apply_y_inverse(self, m: torch.Tensor) -> torch.Tensor:
+        """``Yλ⁻¹ m`` for ``m`` ``[out, k]``."""
+        if self.y_is_diag:
+            return self.y_inv[:, None] * m
+        return torch.cholesky_solve(m, self.y_inv)
+
+    def trace_y_inverse(self) -> torch.Tensor:
+        if self.y_is_diag:
+            return self.y_inv.sum()
+        # tr(Yλ⁻¹) = ‖L⁻¹‖_F² for Yλ = L Lᵀ.
+        eye = torch.eye(self.y_inv.shape[0], dtype=self.y_inv.dtype, device=self.y_inv.device)
+        return torch.linalg.solve_triangular(self.y_inv, eye, upper=False).square().sum()
+
+    def apply_z_inverse(self, m: torch.Tensor) -> torch.Tensor:
+        """``Zλ⁻¹ m`` for ``m`` ``[in, k]``."""
+        return torch.cholesky_solve(m, self.z_chol)
+
+    def z_inverse(self) -> torch.Tensor:
+        return torch.cholesky_inverse(self.z_chol)
+
+
+def damped_factors(Z: torch.Tensor, Y: torch.Tensor, damping: float, damping_mode: str = "absolute") -> DampedFactors:
+    lam_z = damping_for(Z, damping, damping_mode)
+    lam_y = damping_for(Y, damping, damping_mode)
+    eye = torch.eye(Z.shape[0], dtype=Z.dtype, device=Z.device)
+    z_chol, used = cholesky_with_retry(Z + lam_z * eye)
+    if Y.dim() == 1:
+        y_damped = Y + lam_y
+        if not bool((y_damped > 0).all()):
+            raise torch.linalg.LinAlgError("the damped output factor Y has non-positive entries; increase damping")
+        return DampedFactors(z_chol, 1.0 / y_damped, True, lam_z, lam_y, used)
+    y_chol, used_y = cholesky_with_retry(Y + lam_y * torch.eye(Y.shape[0], dtype=Y.dtype, device=Y.device))
+    if used_y == torch.float64:
+        used = torch.float64
+    return DampedFactors(z_chol.to(used), y_chol.to(used), False, lam_z, lam_y, used)
+
+
+def natural_gradient(G: torch.Tensor, factors: DampedFactors) -> torch.Tensor:
+    """``Δ = −Yλ⁻¹ G Zλ⁻¹`` through Cholesky solves (no explicit inverse)."""
+    G = G.to(factors.z_chol.dtype)
+    g_zinv = factors.apply_z_inverse(G.T).T  # G Zλ⁻¹ = (Zλ⁻¹ Gᵀ)ᵀ, Zλ symmetric
+    return -factors.apply_y_inverse(g_zinv)
+
+
+def spectral_norm(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_norm(m, ord=2)
+
+
+@dataclass
+class OmegaTerms:
+    """Everything Ω is built from, kept so Ω can be applied without being materialised."""
+
+    delta: torch.Tensor  # Δ [out, in]
+    sigma: torch.Tensor  # ‖Δ‖₂
+    delta_hat: torch.Tensor  # Δ/σ
+    variance_coef: torch.Tensor  # c = β tr(Yλ⁻¹)/(N σ²)
+    alpha_b: float
+    factors: DampedFactors
+
+    def dense(self) -> torch.Tensor:
+        omega = self.variance_coef * self.factors.z_inverse() - self.alpha_b * (self.delta_hat.T @ self.delta_hat)
+        return 0.5 * (omega + omega.T)  # exact symmetry for eigh
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self.variance_coef * self.factors.apply_z_inverse(x) - self.alpha_b * (
+            self.delta_hat.T @ (self.delta_hat @ x))
+
+
+def omega_terms(G: torch.Tensor, factors: DampedFactors, *, beta: float, num_train_samples: int,
+                alpha_b: float = 1.0, gradient: str = "fisher") -> OmegaTerms:
+    if gradient == "fisher":
+        delta = natural_gradient(G, factors)
+    elif gradient == "raw":  # ablation (and Remark 4.3): no Fisher preconditioning
+        delta = -G.to(factors.z_chol.dtype)
+    else:
+        raise ValueError(f"gradient must be 'fisher' or 'raw', got {gradient!r}")
+    sigma = spectral_norm(delta)
+    if not bool(torch.isfinite(sigma)) or float(sigma) == 0.0:
+        raise FloatingPointError(
+            "the layer's gradient estimate is zero or not finite, so it defines no direction; the layer "
+            "does not influence the loss on these samples (exclude it, or use more samples)"
+        )
+    delta_hat = delta / sigma
+    coef = beta * factors.trace_y_inverse() / (num_train_samples * sigma**2)
+    return OmegaTerms(delta, sigma, delta_hat, coef, alpha_b, factors)
+
+
+def lora_da_factors(terms: OmegaTerms, eigenvectors: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lora_A = A0ᵀ/√γ`` ``[r, in]``, ``lora_B = Δ̂A0/√γ`` ``[out, r]``."""
+    scale = gamma ** -0.5
+    a0 = eigenvectors.to(terms.delta_hat.dtype)
+    return a0.T * scale, (terms.delta_hat @ a0) * scale

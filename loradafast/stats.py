@@ -1,0 +1,107 @@
+"""Per-layer statistics of one collect pass (DESIGN §3), stored as fp32 sums plus counts."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .kernels import symmetric_from_lower
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerStats:
+    """Sums for one layer: ``G = g_sum / num_sequences``, ``Y = y_sum / num_tokens``, and the
+    layer's ``Z`` is ``Statistics.z_sums[z_key] / num_tokens`` (shared by layers that read the
+    same input tensor)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    g_sum: torch.Tensor  # [out, in]: Σ_n Σ_t g_t x_tᵀ
+    y_sum: torch.Tensor  # [out] (diag) or [out, out] (full, symmetric)
+    z_key: str
+    kind: str = "linear"
+
+
+@dataclass
+class Statistics:
+    layers: dict[str, LayerStats]
+    z_sums: dict[str, torch.Tensor]  # [in, in], symmetric
+    num_tokens: int
+    num_sequences: int
+    y_factor: str
+    meta: dict = field(default_factory=dict)
+
+    # The divided statistics, in the dtype the solve asks for.
+    def G(self, name: str, dtype=torch.float64) -> torch.Tensor:
+        return self.layers[name].g_sum.to(dtype) / self.num_sequences
+
+    def Z(self, name: str, dtype=torch.float64) -> torch.Tensor:
+        return self.z_sums[self.layers[name].z_key].to(dtype) / self.num_tokens
+
+    def Y(self, name: str, dtype=torch.float64) -> torch.Tensor:
+        return self.layers[name].y_sum.to(dtype) / self.num_tokens
+
+    def to(self, device) -> "Statistics":
+        layers = {
+            n: LayerStats(s.name, s.in_features, s.out_features, s.g_sum.to(device), s.y_sum.to(device),
+                          s.z_key, s.kind)
+            for n, s in self.layers.items()
+        }
+        z = {k: v.to(device) for k, v in self.z_sums.items()}
+        return Statistics(layers, z, self.num_tokens, self.num_sequences, self.y_factor, dict(self.meta))
+
+    def save(self, path) -> None:
+        """One safetensors file; counts, layer shapes and provenance in its metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, s in self.layers.items():
+            tensors[f"g/{name}"] = s.g_sum.contiguous().cpu()
+            tensors[f"y/{name}"] = s.y_sum.contiguous().cpu()
+        for key, z in self.z_sums.items():
+            tensors[f"z/{key}"] = z.contiguous().cpu()
+        header = {
+            "format": "loradafast.statistics",
+            "format_version": FORMAT_VERSION,
+            "num_tokens": self.num_tokens,
+            "num_sequences": self.num_sequences,
+            "y_factor": self.y_factor,
+            "layers": {n: [s.in_features, s.out_features, s.z_key, s.kind] for n, s in self.layers.items()},
+            "meta": self.meta,
+        }
+        save_file(tensors, str(path), metadata={"loradafast": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path) -> "Statistics":
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("loradafast")
+            if raw is None:
+                raise ValueError(f"{path} is not a loradafast statistics file (no 'loradafast' metadata)")
+            header = json.loads(raw)
+            if header.get("format_version") != FORMAT_VERSION:
+                raise ValueError(
+                    f"{path} holds statistics in format version {header.get('format_version')}, this "
+                    f"loradafast reads version {FORMAT_VERSION}; collect the statistics again"
+                )
+            layers = {}
+            z_sums = {}
+            for name, (fin, fout, z_key, kind) in header["layers"].items():
+                layers[name] = LayerStats(name, fin, fout, f.get_tensor(f"g/{name}"), f.get_tensor(f"y/{name}"),
+                                          z_key, kind)
+                if z_key not in z_sums:
+                    z_sums[z_key] = f.get_tensor(f"z/{z_key}")
+        return cls(layers, z_sums, header["num_tokens"], header["num_sequences"], header["y_factor"],
+                   header.get("meta", {}))
+
+
+def finalize_symmetric(acc: torch.Tensor) -> torch.Tensor:
+    """Accumulators hold the lower triangle only (the kernels skip the upper tiles)."""
+    return symmetric_from_lower(acc)

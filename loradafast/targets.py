@@ -1,0 +1,166 @@
+"""Which layers get an adapter, and how their weights are laid out.
+
+Names are module paths relative to the *base* model (the transformers model), so that the PEFT
+state-dict key of a layer is always ``base_model.model.<name>.lora_A.weight``, whether the user
+passed a plain model or a ``PeftModel``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:  # transformers' GPT-2 style linear layer, weight stored [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_target_module_exists
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class Target:
+    """One layer to initialise."""
+
+    name: str  # path relative to the base model
+    module: nn.Module  # the linear layer whose input and output the hooks see
+    kind: str  # "linear" or "conv1d"
+    lora_layer: nn.Module | None = None  # the PEFT LoraLayer wrapping ``module``, if any
+    rank: int | None = None  # set by the PEFT layer when there is one
+
+    @property
+    def in_features(self) -> int:
+        w = self.module.weight
+        return w.shape[0] if self.kind == "conv1d" else w.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        w = self.module.weight
+        return w.shape[1] if self.kind == "conv1d" else w.shape[0]
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The weight as ``[out, in]`` (transposed view for ``Conv1D``)."""
+        w = self.module.weight
+        return w.T if self.kind == "conv1d" else w
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers (or plain) model under any PEFT wrapping."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _kind(module: nn.Module) -> str | None:
+    if Conv1D and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return None
+
+
+def _relative_name(model: nn.Module, name: str) -> str:
+    # PeftModel -> LoraModel -> base model: strip the wrappers so names match the base model's.
+    if model is not base_model_of(model) and name.startswith(PEFT_PREFIX):
+        return name[len(PEFT_PREFIX):]
+    return name
+
+
+def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | None = None) -> list[Target]:
+    """The layers to initialise, in module order.
+
+    * A model carrying PEFT LoRA layers: exactly its LoRA layers of the active adapter (their
+      rank comes from the layer); ``target_modules`` must then be None.
+    * Otherwise ``target_modules`` follows PEFT's rules (a list of names or suffixes, a regex
+      string, or "all-linear"); None means "all-linear": every ``nn.Linear`` and ``Conv1D``
+      except the output embedding, as PEFT does.
+    """
+    if is_peft_model(model):
+        if target_modules is not None:
+            raise ValueError(
+                "the model already carries PEFT LoRA layers, whose targets are fixed by its LoraConfig; "
+                "pass target_modules=None (or pass the unwrapped base model)"
+            )
+        targets = []
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            adapter = adapter_name or _active_adapter(module)
+            if adapter not in module.lora_A:
+                continue
+            base = module.get_base_layer()
+            kind = _kind(base)
+            if kind is None:
+                raise TypeError(
+                    f"LoRA layer {name!r} wraps a {type(base).__name__}; loradafast initialises LoRA on "
+                    "nn.Linear and transformers Conv1D layers only (quantized layers are not supported)"
+                )
+            targets.append(Target(_relative_name(model, name), base, kind, lora_layer=module,
+                                  rank=module.r[adapter]))
+        return targets
+
+    base = base_model_of(model)
+    output_layer = None
+    get_out = getattr(base, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            output_layer = get_out()
+        except (NotImplementedError, AttributeError):
+            output_layer = None
+
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        target_modules = None
+    config = None
+    if target_modules is not None:
+        from peft import LoraConfig
+
+        config = LoraConfig(target_modules=target_modules)
+
+    targets = []
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind is None or not name:
+            continue
+        if config is None:
+            if module is output_layer:
+                continue
+        elif not bool(check_target_module_exists(config, name)):
+            continue
+        targets.append(Target(_relative_name(model, name), module, kind))
+    return targets
+
+
+def _active_adapter(layer: nn.Module) -> str:
+    active = layer.active_adapters if hasattr(layer, "active_adapters") else layer.active_adapter
+    if isinstance(active, (list, tuple)):
+        if len(active) != 1:
+            raise ValueError(f"expected one active adapter, found {list(active)}; pass adapter_name")
+        return active[0]
+    return active
+
+
+def short_target_modules(model: nn.Module, targets: list[Target]) -> list[str]:
+    """The shortest PEFT ``target_modules`` list that selects exactly ``targets``.
+
+    Leaf names (``q_proj``) when they select the same set as the full paths, the full paths
+    otherwise; PEFT matches a list entry by equality or by ``.endswith('.' + entry)``.
+    """
+    from peft import LoraConfig
+
+    wanted = {t.name for t in targets}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in wanted})
+    config = LoraConfig(target_modules=leaves)
+    base = base_model_of(model)
+    chosen = {
+        name
+        for name, module in base.named_modules()
+        if name and _kind(module) is not None and bool(check_target_module_exists(config, name))
+    }
+    return leaves if chosen == wanted else sorted(wanted)

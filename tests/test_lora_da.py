@@ -1,0 +1,73 @@
+"""LoRA-DA solve: Remark 4.3, the factor formulas, ranks and damping options."""
+import pytest
+import torch
+
+import loradafast
+from loradafast import lora_da
+from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
+
+
+def sin_largest_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sin of the largest principal angle between the column spans of a and b."""
+    qa, _ = torch.linalg.qr(a.double())
+    qb, _ = torch.linalg.qr(b.double())
+    cos = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
+    return float(torch.sqrt(1 - cos.min() ** 2))
+
+
+@pytest.fixture(scope="module")
+def llama_stats():
+    return loradafast.collect(tiny_llama(), padded_batches(random_sequences(8), 4), progress=False)
+
+
+@pytest.mark.parametrize("r", [1, 3, 8])
+def test_remark_4_3_raw_gradient_without_variance_is_top_right_singular_space(llama_stats, r):
+    result = loradafast.solve(llama_stats, r, beta=0.0, gradient="raw")
+    for name, layer in result.layers.items():
+        G = llama_stats.G(name)
+        _, s, vh = torch.linalg.svd(G)
+        assert s[r - 1] > 1.01 * s[r], "test needs a singular-value gap for the subspace to be defined"
+        assert sin_largest_angle(layer.lora_A.T, vh[:r].T) < 1e-5, name
+
+
+def test_factor_formulas(llama_stats):
+    gamma = 64.0
+    result = loradafast.solve(llama_stats, 4, gamma=gamma)
+    for name, layer in result.layers.items():
+        s = llama_stats.layers[name]
+        f = lora_da.damped_factors(llama_stats.Z(name), llama_stats.Y(name), 1e-6)
+        terms = lora_da.omega_terms(llama_stats.G(name), f, beta=0.03, num_train_samples=100_000)
+        vals, vecs = torch.linalg.eigh(terms.dense())
+        a0 = layer.lora_A.double().T * gamma**0.5
+        assert layer.lora_A.shape == (4, s.in_features) and layer.lora_B.shape == (s.out_features, 4)
+        torch.testing.assert_close(a0.T @ a0, torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)
+        assert sin_largest_angle(a0, vecs[:, :4]) < 1e-5
+        torch.testing.assert_close(layer.lora_B.double(), terms.delta_hat @ a0 / gamma**0.5, rtol=1e-5, atol=1e-8)
+        d = layer.diagnostics
+        torch.testing.assert_close(d["eigenvalues"], vals[:4])
+        assert d["residual"] < 1e-10 and not d["eigensolver_fallback"]
+        assert d["damping_z"] == d["damping_y"] == 1e-6
+        assert d["num_tokens"] == llama_stats.num_tokens
+
+
+def test_relative_damping_and_full_y():
+    stats = loradafast.collect(tiny_gpt2(), padded_batches(random_sequences(4), 4), y_factor="full", progress=False)
+    result = loradafast.solve(stats, 2, damping=1e-3, damping_mode="relative")
+    for name, layer in result.layers.items():
+        expected = 1e-3 * float(stats.Z(name).diagonal().mean())
+        assert layer.diagnostics["damping_z"] == pytest.approx(expected)
+        assert torch.isfinite(layer.lora_B).all()
+
+
+def test_variance_term_moves_the_subspace(llama_stats):
+    """β > 0 must matter (guards against the variance term silently dropping out)."""
+    plain = loradafast.solve(llama_stats, 4, beta=0.0)
+    heavy = loradafast.solve(llama_stats, 4, beta=1e6)
+    moved = [sin_largest_angle(plain.layers[n].lora_A.T, heavy.layers[n].lora_A.T) for n in plain.layers]
+    assert max(moved) > 0.1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 25])
+def test_rank_out_of_range(llama_stats, bad):
+    with pytest.raises(ValueError, match="rank"):
+        loradafast.solve(llama_stats, bad)
