@@ -1,0 +1,267 @@
+"""Benchmark the statistics-pass kernels and the Ω operator; write JSON to benchmarks/results/.
+
+    python benchmarks/bench_kernels.py            # full grid on CUDA, --quick grid on CPU
+    python benchmarks/bench_kernels.py --quick    # small sizes anywhere
+
+K-FAC accumulation ``acc += xᵀx`` (bf16 in, fp32 accumulate), d ∈ {576, 1536, 4096, 11008} ×
+tokens ∈ {2k, 8k, 32k}, three implementations:
+
+* ``triton``: :func:`loradafast.kernels.kfac_accumulate` (lower-triangle tiles only, fp32 RMW);
+* ``mm_out_dtype``: ``acc.add_(torch.mm(xᵀ, x, out_dtype=torch.float32))``, the cuBLAS baseline
+  of DESIGN.md §6 (CUDA only: the ``out_dtype`` overload has no CPU kernel);
+* ``fp32_upcast``: ``acc.addmm_(x.float().T, x.float())``, what the reference does.
+
+FLOP convention: every K-FAC implementation is credited with the same **useful FLOPs = 2·d²·T**,
+those of the full product xᵀx, whatever it executes (the triangle kernel executes about
+d·(d + block)·T). Effective TFLOP/s are therefore comparable across implementations and the ratio
+of two of them is the speed-up; the triangle kernel can exceed the device's measured bf16 matmul
+rate, which is reported beside (square bf16 GEMM, 2·n³ FLOPs).
+
+Also: the pair kernel (layer input and output gradient in one launch) against two launches,
+G accumulation (cuBLAS fp32-out vs Triton vs upcast), and the Ω operator (``omega_apply`` with a
+Cholesky factor or a cached inverse, torch vs Triton) against forming the dense Ω and multiplying.
+
+On CPU only the PyTorch paths are timed (Triton would run in its interpreter, which measures
+Python, not the kernel); the JSON says so under ``triton_timed``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loradafast import kernels  # noqa: E402
+from loradafast.kernels import dispatch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(fn, device: torch.device, *, min_time: float = 0.2, max_reps: int = 200) -> float:
+    """Median seconds per call, after one warm-up call (compilation, autotuning, cuBLAS heuristics)."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time):
+        if device.type == "cuda":
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn()
+            t1.record()
+            t1.synchronize()
+            times.append(t0.elapsed_time(t1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _tflops(flops: float, seconds: float | None) -> float | None:
+    return None if seconds is None else flops / seconds / 1e12
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def matmul_rate(device: torch.device, n: int) -> dict:
+    a = torch.randn(n, n, device=device).to(torch.bfloat16)
+    b = torch.randn(n, n, device=device).to(torch.bfloat16)
+    t = bench(lambda: a @ b, device)
+    return {"n": n, "seconds": t, "tflops": _tflops(2 * n ** 3, t)}
+
+
+def bench_kfac(device, dims, token_counts, on_cuda) -> list[dict]:
+    rows = []
+    for d in dims:
+        acc = torch.zeros(d, d, device=device)
+        for tokens in token_counts:
+            x = torch.randn(tokens, d, device=device).to(torch.bfloat16)
+            mask = torch.ones(tokens, dtype=torch.bool, device=device)
+            mask[-tokens // 8:] = False  # a padded tail, as the collect pass sees
+            flops = 2.0 * d * d * tokens
+            impls = {
+                "fp32_upcast": lambda: acc.addmm_(x.float().T, x.float()),
+                "reference": lambda: kernels.kfac_accumulate(acc, x, mask, impl="reference"),
+            }
+            if on_cuda:
+                impls["mm_out_dtype"] = lambda: acc.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+                impls["triton"] = lambda: kernels.kfac_accumulate(acc, x, mask, impl="triton")
+            row = {"d": d, "tokens": tokens, "useful_flops": flops}
+            for name, fn in impls.items():
+                t = bench(fn, device)
+                row[name] = {"seconds": t, "tflops": _tflops(flops, t)}
+            if on_cuda:
+                row["speedup_triton_vs_mm_out_dtype"] = row["mm_out_dtype"]["seconds"] / row["triton"]["seconds"]
+                row["speedup_triton_vs_fp32_upcast"] = row["fp32_upcast"]["seconds"] / row["triton"]["seconds"]
+            rows.append(row)
+            print(f"kfac d={d:6d} T={tokens:6d} " + " ".join(
+                f"{k}={v['tflops']:.2f}TF" for k, v in row.items() if isinstance(v, dict)), flush=True)
+            del x
+        del acc
+    return rows
+
+
+def bench_pair(device, pairs, tokens, on_cuda) -> list[dict]:
+    rows = []
+    for dx, dg in pairs:
+        x = torch.randn(tokens, dx, device=device).to(torch.bfloat16)
+        g = torch.randn(tokens, dg, device=device).to(torch.bfloat16)
+        ax, ag = torch.zeros(dx, dx, device=device), torch.zeros(dg, dg, device=device)
+        flops = 2.0 * (dx * dx + dg * dg) * tokens
+        impl = "triton" if on_cuda else "reference"
+        row = {"dx": dx, "dg": dg, "tokens": tokens, "useful_flops": flops, "impl": impl}
+        for name, fn in {
+            "pair": lambda: kernels.kfac_accumulate_pair(ax, x, ag, g, impl=impl),
+            "two_calls": lambda: (kernels.kfac_accumulate(ax, x, impl=impl), kernels.kfac_accumulate(ag, g, impl=impl)),
+        }.items():
+            t = bench(fn, device)
+            row[name] = {"seconds": t, "tflops": _tflops(flops, t)}
+        rows.append(row)
+        print(f"pair dx={dx} dg={dg} T={tokens} pair={row['pair']['seconds']*1e3:.3f}ms "
+              f"two={row['two_calls']['seconds']*1e3:.3f}ms", flush=True)
+    return rows
+
+
+def bench_gradient(device, shapes, tokens, on_cuda) -> list[dict]:
+    rows = []
+    for out, inp in shapes:
+        g = torch.randn(tokens, out, device=device).to(torch.bfloat16)
+        x = torch.randn(tokens, inp, device=device).to(torch.bfloat16)
+        acc = torch.zeros(out, inp, device=device)
+        flops = 2.0 * out * inp * tokens
+        impls = {"fp32_upcast": lambda: kernels.gradient_accumulate(acc, g, x, impl="reference")}
+        if on_cuda:
+            impls["cublas_out_dtype"] = lambda: dispatch._gradient_accumulate_cublas(acc, g, x, None)
+            impls["triton"] = lambda: kernels.gradient_accumulate(acc, g, x, impl="triton")
+        row = {"out": out, "in": inp, "tokens": tokens, "useful_flops": flops}
+        for name, fn in impls.items():
+            t = bench(fn, device)
+            row[name] = {"seconds": t, "tflops": _tflops(flops, t)}
+        rows.append(row)
+        print(f"grad {out}x{inp} T={tokens} " + " ".join(
+            f"{k}={v['tflops']:.2f}TF" for k, v in row.items() if isinstance(v, dict)), flush=True)
+    return rows
+
+
+def bench_omega(device, widths, batch, k, on_cuda) -> list[dict]:
+    rows = []
+    for n in widths:
+        a = torch.randn(batch, n, n, device=device) / n ** 0.5
+        z = a @ a.mT + 0.1 * torch.eye(n, device=device)
+        chol = torch.linalg.cholesky(z)
+        zinv = torch.cholesky_inverse(chol)
+        delta = torch.randn(batch, n, n, device=device)
+        delta /= torch.linalg.matrix_norm(delta, ord=2)[:, None, None]
+        c = torch.rand(batch, device=device)
+        X = torch.randn(batch, n, k, device=device)
+        omega = kernels.omega_dense(chol, c, delta)
+        impls = {
+            "operator_cholesky_torch": lambda: kernels.omega_apply(X, chol, c, delta, impl="reference"),
+            "operator_inverse_torch": lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
+                                                                  impl="reference"),
+            "dense_apply": lambda: torch.bmm(omega, X),
+            "dense_form": lambda: kernels.omega_dense(chol, c, delta),
+        }
+        if on_cuda:
+            impls["operator_cholesky_triton"] = lambda: kernels.omega_apply(X, chol, c, delta, impl="triton")
+            impls["operator_inverse_triton"] = lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
+                                                                           impl="triton")
+        row = {"batch": batch, "n": n, "m": n, "k": k}
+        for name, fn in impls.items():
+            row[name] = {"seconds": bench(fn, device)}
+        rows.append(row)
+        print(f"omega b={batch} n={n} k={k} " + " ".join(
+            f"{k_}={v['seconds']*1e3:.3f}ms" for k_, v in row.items() if isinstance(v, dict)), flush=True)
+    return rows
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (the default without CUDA)")
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels_<device>.json)")
+    args = parser.parse_args(argv)
+
+    on_cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if on_cuda else "cpu")
+    quick = args.quick or not on_cuda
+    if quick:
+        dims, token_counts = [64, 256, 576], [512, 2048]
+        pairs, grad_shapes, omega_widths, mm_n = [(256, 576)], [(576, 256), (576, 576)], [256, 576], 1024
+        aux_tokens = 2048
+    else:
+        dims, token_counts = [576, 1536, 4096, 11008], [2048, 8192, 32768]
+        pairs = [(576, 576), (576, 1536), (1536, 4096), (4096, 11008)]
+        grad_shapes = [(576, 576), (1536, 576), (4096, 4096), (11008, 4096)]
+        omega_widths, mm_n, aux_tokens = [576, 1536, 4096], 8192, 8192
+
+    triton_version = None
+    if dispatch.triton_available():
+        import triton
+        triton_version = triton.__version__
+    result = {
+        "device": device_name(device),
+        "device_slug": device_slug(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if on_cuda else None,
+        "cpu_threads": torch.get_num_threads(),
+        "quick": quick,
+        "triton_timed": on_cuda,
+        "notes": ([] if on_cuda else [
+            "CPU run: only the PyTorch paths are timed. The Triton kernels run on CPU only in the "
+            "interpreter (TRITON_INTERPRET=1), which measures Python, so no Triton numbers here.",
+            "torch.mm(..., out_dtype=torch.float32) has no CPU kernel: mm_out_dtype is absent.",
+        ]),
+        "flop_convention": "useful FLOPs = 2*d^2*T for every K-FAC implementation (the full x^T x), "
+                           "whatever it executes; TFLOP/s = useful FLOPs / time, so ratios are speed-ups "
+                           "and the triangle kernel may exceed the square-GEMM rate.",
+        "bf16_matmul": matmul_rate(device, mm_n),
+    }
+    print(f"device {result['device']}: bf16 matmul {result['bf16_matmul']['tflops']:.2f} TFLOP/s", flush=True)
+    result["kfac"] = bench_kfac(device, dims, token_counts, on_cuda)
+    result["kfac_pair"] = bench_pair(device, pairs, aux_tokens, on_cuda)
+    result["gradient"] = bench_gradient(device, grad_shapes, aux_tokens, on_cuda)
+    result["omega"] = bench_omega(device, omega_widths, batch=4, k=48, on_cuda=on_cuda)
+
+    out = args.out or RESULTS / f"kernels_{result['device_slug']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Hot loops with a fast path per device and a PyTorch reference everywhere else.
+
+Each op takes ``impl="auto" | "reference" | "triton"``. ``"auto"`` runs Triton (or cuBLAS where
+that is faster, see :mod:`.dispatch`) for CUDA tensors and the references in :mod:`.reference`
+otherwise; ``LORADAFAST_FORCE_REFERENCE=1`` makes ``"auto"`` pick the references everywhere.
+``impl="triton"`` on CPU tensors runs the kernels in the Triton interpreter when
+``TRITON_INTERPRET=1`` was set before the first kernel call (the CPU test-suite does this).
+"""
+from .dispatch import (  # noqa: F401
+    force_reference,
+    gradient_accumulate,
+    kfac_accumulate,
+    kfac_accumulate_pair,
+    omega_apply,
+    omega_dense,
+    triton_available,
+)
+from .reference import diag_accumulate, symmetric_from_lower  # noqa: F401
+
+__all__ = [
+    "diag_accumulate",
+    "force_reference",
+    "gradient_accumulate",
+    "kfac_accumulate",
+    "kfac_accumulate_pair",
+    "omega_apply",
+    "omega_dense",
+    "symmetric_from_lower",
+    "triton_available",
+]
