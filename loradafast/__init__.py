@@ -5,13 +5,16 @@
     peft_model = loradafast.get_peft_model(model, loader, lora_config)
     stats = loradafast.collect(model, loader)   # statistics only
     result = loradafast.solve(stats, rank=8)    # factors, no model pass
+    result = loradafast.solve(stats, 8, method="lora-ga")   # another method, same statistics
+    result = loradafast.initialize(model, None, 8, method="pissa")   # weight-only: no pass
+    result.save("adapter", convert_to_lora=True)   # plain LoRA for the unmodified base
 """
 __version__ = "0.1.0"
 
 from .api import get_peft_model, initialize  # noqa: E402
 from .collect import collect  # noqa: E402
-from .result import InitResult, LayerInit  # noqa: E402
-from .solve import METHODS, solve  # noqa: E402
+from .result import InitResult, LayerInit, apply_base_update, freeze_lora_a  # noqa: E402
+from .solve import METHODS, WEIGHT_ONLY_METHODS, solve  # noqa: E402
 from .stats import LayerStats, Statistics  # noqa: E402
 
 __all__ = [
@@ -20,7 +23,10 @@ __all__ = [
     "LayerStats",
     "METHODS",
     "Statistics",
+    "WEIGHT_ONLY_METHODS",
+    "apply_base_update",
     "collect",
+    "freeze_lora_a",
     "get_peft_model",
     "initialize",
     "solve",

@@ -9,7 +9,7 @@ from torch import nn
 
 from .collect import Y_FACTORS, collect, is_causal_lm
 from .result import InitResult
-from .solve import METHODS, check_rank, solve
+from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_method, check_rank, solve
 from .targets import base_model_of, find_targets, is_peft_model, short_target_modules
 
 
@@ -42,7 +42,7 @@ def _model_meta(model: nn.Module, targets, *, causal: bool, peft_config) -> dict
 
 def initialize(
     model: nn.Module,
-    loader: Iterable,
+    loader: Iterable | None,
     rank: int | None = None,
     *,
     method: str = "lora-da",
@@ -51,30 +51,54 @@ def initialize(
     use_rslora: bool = False,
     num_train_samples: int = 100_000,
     beta: float = 0.03,
-    gamma: float = 1024.0,
+    gamma: float | None = None,
     y_factor: str = "diag",
     damping: float = 1e-6,
     max_samples: int | None = 256,
     damping_mode: str = "absolute",
     alpha_b: float = 1.0,
     gradient: str = "fisher",
+    loraga_variant: str = "paper",
+    pissa_niter: int | None = None,
+    seed: int | None = None,
+    freeze_a: bool = False,
     loss_fn: Callable | None = None,
     adapter_name: str | None = None,
     ranks: dict[str, int] | None = None,
     solve_dtype: torch.dtype = torch.float64,
     progress: bool = True,
 ) -> InitResult:
-    """Data-aware LoRA initialisation in one streaming pass over ``loader``.
+    """LoRA initialisation by ``method``, data-aware ones in one streaming pass over ``loader``.
 
     A plain model is left unchanged and the result carries the adapter (``result.state_dict()``,
     ``result.lora_config``, ``result.save(dir)``).  A ``PeftModel`` has its LoRA layers filled in
-    place, its rank, alpha and targets taken from its config; the result is returned as well.
+    place (and, for methods that move the base weight, its base weights updated), its rank, alpha
+    and targets taken from its config; the result is returned as well.
     ``rank`` defaults to 8 (or the PEFT model's rank); ``ranks`` maps layer names to other ranks.
-    See DESIGN §3-4 for the statistics and the LoRA-DA options.
+
+    ``method`` (DESIGN §5; formulas and sources in :mod:`loradafast.methods`):
+
+    * ``"lora-da"`` (default, DESIGN §4): ablations ``beta=0`` (no variance term) and
+      ``gradient="raw"`` (Δ = −G, no Fisher preconditioning); ``y_factor`` "diag" or "full";
+      ``num_train_samples``, ``alpha_b``, ``damping``, ``damping_mode``, ``gamma`` (1024).
+    * ``"lora-ga"`` (``gamma`` 16, ``loraga_variant`` "paper" or "peft"), ``"lora-one"``
+      (``gamma`` 128), ``"fisher-subspace"``: data-aware, from the same statistics pass.
+    * ``"lora"`` (PEFT's default; ``seed``), ``"pissa"`` (``pissa_niter``: None for the exact
+      SVD, n for ``svd_lowrank`` with n iterations), ``"milora"``: weight-only; no statistics
+      pass, ``loader`` may be None.
+
+    ``pissa``, ``milora``, ``lora-ga`` and ``fisher-subspace`` move the base weight to
+    ``W − s·B·A`` so the output is unchanged at initialisation: see :meth:`InitResult.save` for the
+    two ways to save them.  ``freeze_a=True`` gives LoRA-FA (``lora_A`` frozen when applied).
     """
     started = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    check_method(method)
+    data_aware = method not in WEIGHT_ONLY_METHODS
+    if data_aware and loader is None:
+        raise ValueError(
+            f"method {method!r} is data-aware and needs a loader of training samples; the weight-only methods "
+            f"{', '.join(WEIGHT_ONLY_METHODS)} run without one"
+        )
     if y_factor not in Y_FACTORS:
         raise ValueError(f"y_factor must be one of {Y_FACTORS}, got {y_factor!r}")
     wrapped = is_peft_model(model)
@@ -99,16 +123,27 @@ def initialize(
             lora_alpha, use_rslora = peft_config.lora_alpha, peft_config.use_rslora
     rank = 8 if rank is None else rank
     for t in targets:  # fail before the pass, not after it
-        check_rank(t.name, ranks.get(t.name, rank), t.in_features, t.out_features)
+        check_rank(t.name, ranks.get(t.name, rank), t.in_features, t.out_features, method)
 
-    stats = collect(model, loader, y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn,
-                    progress=progress, adapter_name=adapter_name, targets=targets)
-    stats.meta.update(_model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model),
-                                  peft_config=peft_config))
+    meta = _model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), peft_config=peft_config)
+    stats = None
+    if data_aware:
+        stats = collect(model, loader, y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn,
+                        progress=progress, adapter_name=adapter_name, targets=targets)
+        stats.meta.update(meta)
     pass_s = time.perf_counter() - started
-    result = solve(stats, rank, method=method, ranks=ranks, lora_alpha=lora_alpha, use_rslora=use_rslora,
+    # Weight-only methods read the layer shapes from the weights too; .detach() views, no copies.
+    needs_weights = stats is None or method in NEEDS_WEIGHTS
+    weights = {t.name: t.weight_out_in().detach() for t in targets} if needs_weights else None
+    result = solve(stats, rank, method=method, weights=weights, kinds={t.name: t.kind for t in targets},
+                   ranks=ranks, lora_alpha=lora_alpha, use_rslora=use_rslora,
                    num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
-                   damping=damping, damping_mode=damping_mode, gradient=gradient, dtype=solve_dtype)
+                   damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
+                   pissa_niter=pissa_niter, seed=seed, freeze_a=freeze_a, dtype=solve_dtype)
+    if stats is None:
+        result.target_modules = meta["target_modules"]
+        result.base_model_name_or_path = meta["base_model_name_or_path"]
+        result.task_type = meta["task_type"]
     apply_started = time.perf_counter()
     if wrapped:
         result.apply_to(model, adapter_name)
@@ -121,12 +156,14 @@ def initialize(
     return result
 
 
-def get_peft_model(model: nn.Module, loader: Iterable, lora_config, *, adapter_name: str = "default",
+def get_peft_model(model: nn.Module, loader: Iterable | None, lora_config, *, adapter_name: str = "default",
                    **options):
     """``peft.get_peft_model`` with the LoRA layers initialised by loradafast.
 
     The statistics pass and the solve run on the unwrapped model first, so a failure there leaves
-    ``model`` untouched; only then is it wrapped and filled.  ``options`` go to :func:`initialize`.
+    ``model`` untouched; only then is it wrapped and filled (and, for methods that move the base
+    weight, its base weights updated, as PEFT's own PiSSA does).  ``options`` go to
+    :func:`initialize` (``method=...``; ``loader`` may be None for weight-only methods).
     The :class:`InitResult` is attached as ``peft_model.loradafast_result``.
     """
     import copy
@@ -136,6 +173,14 @@ def get_peft_model(model: nn.Module, loader: Iterable, lora_config, *, adapter_n
 
     if is_peft_model(model):
         raise ValueError("the model already carries LoRA layers; call loradafast.initialize(peft_model, loader)")
+    init = lora_config.init_lora_weights
+    if isinstance(init, str) and init.lower() != "gaussian":
+        # PEFT would run its own init first, and pissa/olora/corda/lora_ga would move the base
+        # weights before ours is applied on top.
+        raise ValueError(
+            f"lora_config.init_lora_weights={init!r} asks PEFT to initialise the adapter; loradafast does that: "
+            "leave init_lora_weights=True and choose the method with method=..."
+        )
     target_modules = lora_config.target_modules
     if isinstance(target_modules, set):
         target_modules = sorted(target_modules)

@@ -2,10 +2,27 @@
 
 Nothing here changes a model until :meth:`InitResult.apply_to` is called, and that method checks
 every layer before it writes the first one.
+
+Methods that move the base weight (PiSSA, MiLoRA, LoRA-GA, the Fisher subspace) pair the adapter
+with a *residual* base ``W − s·B₀A₀`` (``s`` the LoRA scaling), so that the model's output is
+unchanged at initialisation.  Such a result is saved in one of two forms (PEFT's own conventions,
+``LoraModel.subtract_mutated_init`` and ``PeftModel.save_pretrained(...,
+path_initial_model_for_weight_conversion=...)``):
+
+* ``save(dir, convert_to_lora=False)``: the rank-r adapter for the residual base.  The residual
+  is not stored (it is determined by the adapter itself): :func:`apply_base_update` turns the
+  original base model into it, after which ``PeftModel.from_pretrained(model, dir)`` gives the
+  initialised model.  This directory is also what PEFT's conversion of a *trained* adapter
+  expects as the initial adapter (``path_initial_model_for_weight_conversion=dir``).
+* ``save(dir, convert_to_lora=True)``: a plain rank-2r adapter for the *unmodified* base,
+  ``lora_A = [A₀; A₀]``, ``lora_B = [B₀, −B₀]``, ``r → 2r`` and ``lora_alpha → 2·lora_alpha``
+  (``√2·lora_alpha`` with rsLoRA) so the scaling is unchanged; its ``ΔW`` is zero, as it must be
+  before training.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .targets import PEFT_PREFIX, Target, find_targets
+from .targets import PEFT_PREFIX, Target, _kind, base_model_of, find_targets
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+INIT_SUMMARY = "loradafast_init.json"
+# Set on a base layer whose weight a loradafast initialisation has moved; a second move would
+# subtract twice and silently change the model's output.
+_MOVED_FLAG = "_loradafast_base_moved"
 
 
 @dataclass
@@ -24,18 +45,27 @@ class LayerInit:
     lora_A: torch.Tensor  # [r, in]
     lora_B: torch.Tensor  # [out, r]
     kind: str = "linear"  # "linear" or "conv1d" (the base weight's storage)
-    # For methods that move the base weight (PiSSA, LoRA-GA, ...): W_new − W_old as [out, in].
-    weight_update: torch.Tensor | None = None
+    # For methods that move the base weight (PiSSA, LoRA-GA, ...): the base weight becomes
+    # W − subtract_scaling·B·A, subtract_scaling being the layer's LoRA scaling s.  The update
+    # is kept implicit: storing it would cost as much memory as the targeted weights.
+    subtract_scaling: float | None = None
     diagnostics: dict = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
 
+    @property
+    def weight_update(self) -> torch.Tensor | None:
+        """``W_new − W_old`` as ``[out, in]`` float32 (None when the base weight is unchanged)."""
+        if self.subtract_scaling is None:
+            return None
+        return -self.subtract_scaling * (self.lora_B.float() @ self.lora_A.float())
+
     def __repr__(self) -> str:  # keep tensors out of the repr
         keys = ", ".join(sorted(self.diagnostics))
         return (f"LayerInit({self.name!r}, rank={self.rank}, in={self.lora_A.shape[1]}, "
-                f"out={self.lora_B.shape[0]}, diagnostics: {keys})")
+                f"out={self.lora_B.shape[0]}, moves_base={self.subtract_scaling is not None}, diagnostics: {keys})")
 
 
 @dataclass
@@ -50,6 +80,14 @@ class InitResult:
     task_type: str | None = None
     timings: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
+    # LoRA-FA: lora_A stays at its initialisation, only lora_B trains.  apply_to (hence
+    # get_peft_model) sets requires_grad=False on lora_A; a saved adapter cannot carry it.
+    freeze_a: bool = False
+
+    @property
+    def moves_base(self) -> bool:
+        """True when the initialised model needs the residual base ``W − s·B₀A₀``."""
+        return any(layer.subtract_scaling is not None for layer in self.layers.values())
 
     # ---- PEFT views -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -60,17 +98,39 @@ class InitResult:
             out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B
         return out
 
+    def converted_state_dict(self) -> dict[str, torch.Tensor]:
+        """The rank-2r adapter for the unmodified base (PEFT's ``subtract_mutated_init``)."""
+        out = {}
+        for name, layer in self.layers.items():
+            a, b = layer.lora_A, layer.lora_B
+            if layer.subtract_scaling is not None:
+                a, b = torch.cat([a, a], dim=0), torch.cat([b, -b], dim=1)
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
+        return out
+
     @property
     def lora_config(self):
+        """The ``LoraConfig`` of :meth:`state_dict` (for the residual base if :attr:`moves_base`)."""
+        return self._lora_config(converted=False)
+
+    def _lora_config(self, converted: bool):
         from peft import LoraConfig
 
-        ranks = {name: layer.rank for name, layer in self.layers.items()}
+        factor = 2 if converted and self.moves_base else 1
+        ranks = {name: layer.rank * factor for name, layer in self.layers.items()}
+        rank = self.rank * factor
+        alpha = self.lora_alpha
+        if factor == 2:
+            # Keep the scaling alpha/r (alpha/√r with rsLoRA) as PEFT's conversion does; with a
+            # single alpha this also holds for every rank_pattern entry.
+            alpha = alpha * (math.sqrt(2) if self.use_rslora else 2)
         # Per-layer ranks that differ from the default go to rank_pattern, keyed by full path
         # (PEFT matches rank_pattern keys as regexes anchored at a path boundary).
-        rank_pattern = {re.escape(name): r for name, r in ranks.items() if r != self.rank}
+        rank_pattern = {re.escape(name): r for name, r in ranks.items() if r != rank}
         return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.lora_alpha,
+            r=rank,
+            lora_alpha=alpha,
             use_rslora=self.use_rslora,
             target_modules=self.target_modules if self.target_modules is not None else sorted(self.layers),
             rank_pattern=rank_pattern,
@@ -80,28 +140,49 @@ class InitResult:
             lora_dropout=0.0,
         )
 
-    def save(self, directory) -> Path:
-        """A PEFT adapter directory that vanilla ``PeftModel.from_pretrained`` loads."""
+    def save(self, directory, *, convert_to_lora: bool | None = None) -> Path:
+        """A PEFT adapter directory that vanilla ``PeftModel.from_pretrained`` loads.
+
+        For a method that keeps the base weight (``lora``, ``lora-one``, ``lora-da``) the adapter
+        is a plain LoRA adapter and ``convert_to_lora`` does not matter.  For one that moves it
+        (``pissa``, ``milora``, ``lora-ga``, ``fisher-subspace``) choose explicitly:
+
+        * ``convert_to_lora=False``: the rank-r adapter for the residual base ``W − s·B₀A₀``;
+          build that base from the original with :func:`apply_base_update` (same directory).
+        * ``convert_to_lora=True``: a rank-2r adapter ``[A₀; A₀]``, ``[B₀, −B₀]`` for the
+          unmodified base, with ``r`` and ``lora_alpha`` adjusted as PEFT's own conversion does.
+
+        ``loradafast_init.json`` records the method, options, timings, ``freeze_a`` and which
+        base the adapter is for (``"base_weight"``: "unchanged", "residual" or "converted").
+        LoRA-FA's frozen A is not part of the PEFT format: after loading with
+        ``is_trainable=True``, call :func:`freeze_lora_a`.
+        """
         from safetensors.torch import save_file
 
-        if any(layer.weight_update is not None for layer in self.layers.values()):
-            raise NotImplementedError(
-                f"method {self.method!r} moves the base weights; saving it as a plain adapter needs the "
-                "base-weight conversion, which this version does not write yet"
+        if self.moves_base and convert_to_lora is None:
+            raise ValueError(
+                f"method {self.method!r} moves the base weights (W ← W − s·B₀A₀), so the adapter alone does not "
+                "reproduce the initialised model; choose save(dir, convert_to_lora=True) for a plain rank-2r "
+                "adapter on the unmodified base model, or save(dir, convert_to_lora=False) for the rank-r "
+                "adapter on the residual base (rebuild it with loradafast.apply_base_update(model, dir))"
             )
+        converted = bool(convert_to_lora) and self.moves_base
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.lora_config.save_pretrained(str(directory))
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        self._lora_config(converted).save_pretrained(str(directory))
+        state = self.converted_state_dict() if converted else self.state_dict()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         summary = {
             "method": self.method,
             "rank": self.rank,
+            "base_weight": "converted" if converted else ("residual" if self.moves_base else "unchanged"),
+            "freeze_a": self.freeze_a,
             "options": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
                         for k, v in self.options.items()},
             "timings": self.timings,
         }
-        (directory / "loradafast_init.json").write_text(json.dumps(summary, indent=2))
+        (directory / INIT_SUMMARY).write_text(json.dumps(summary, indent=2))
         return directory
 
     # ---- writing into a PEFT model ----------------------------------------------------------
@@ -109,7 +190,11 @@ class InitResult:
         """Fill the LoRA layers of ``peft_model`` in place.
 
         Every layer is checked (presence, rank, shapes) before the first one is written, so a
-        mismatch leaves the model untouched.
+        mismatch leaves the model untouched.  For a method that moves the base weight, the base
+        layer's weight becomes ``W − s·B·A`` (computed in float32 from the factors as stored in
+        the adapter's dtype, as PEFT's PiSSA/LoRA-GA init does), once per model.  With
+        ``freeze_a`` the ``lora_A`` weights stop requiring grad (PEFT's ``set_adapter`` and
+        ``add_adapter`` make them trainable again; call :func:`freeze_lora_a` after those).
         """
         targets = {t.name: t for t in find_targets(peft_model, adapter_name=adapter_name)}
         missing = sorted(set(self.layers) - set(targets))
@@ -129,14 +214,27 @@ class InitResult:
                     f"layer {name!r}: the PEFT model has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, the "
                     f"initialisation has {tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}; use the same rank"
                 )
+            if layer.subtract_scaling is not None:
+                scaling = target.lora_layer.scaling[adapter]
+                if not math.isclose(scaling, layer.subtract_scaling, rel_tol=1e-6):
+                    raise ValueError(
+                        f"layer {name!r}: the PEFT model's LoRA scaling is {scaling}, the initialisation was solved "
+                        f"for {layer.subtract_scaling}; use the same lora_alpha, rank and use_rslora"
+                    )
+                if getattr(target.module, _MOVED_FLAG, False):
+                    raise ValueError(
+                        f"the base weight of layer {name!r} was already moved by a loradafast initialisation; moving "
+                        "it again would change the model's output. Start from the original model"
+                    )
             plan.append((layer, target, a, b))
         with torch.no_grad():
             for layer, target, a, b in plan:
                 a.copy_(layer.lora_A.to(device=a.device, dtype=a.dtype))
                 b.copy_(layer.lora_B.to(device=b.device, dtype=b.dtype))
-                if layer.weight_update is not None:
-                    w = target.weight_out_in()
-                    w.add_(layer.weight_update.to(device=w.device, dtype=w.dtype))
+                if layer.subtract_scaling is not None:
+                    _subtract_(target, a, b, layer.subtract_scaling)
+                if self.freeze_a:
+                    a.requires_grad_(False)
         return peft_model
 
     def summary(self) -> str:
@@ -153,6 +251,78 @@ class InitResult:
             rows.append(f"{name:<48} {layer.lora_A.shape[1]:>6} {layer.lora_B.shape[0]:>6} {layer.rank:>3}  "
                         f"{lo} {hi} {res} {sig}")
         return "\n".join(rows)
+
+
+def _subtract_(target: Target, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """``W ← W − s·B·A`` in float32, rounded once to W's dtype (PEFT's ``pissa_init`` order)."""
+    w = target.weight_out_in()  # a transposed view for Conv1D: the write lands in its storage
+    update = scaling * (b.to(device=w.device, dtype=torch.float32) @ a.to(device=w.device, dtype=torch.float32))
+    w.copy_((w.float() - update).to(w.dtype))
+    setattr(target.module, _MOVED_FLAG, True)
+
+
+def apply_base_update(model: nn.Module, directory) -> nn.Module:
+    """Turn the original base model into the residual base of an adapter saved with
+    ``save(dir, convert_to_lora=False)``: ``W ← W − s·B·A`` for every layer of the adapter.
+
+    Then ``PeftModel.from_pretrained(model, dir)`` is the initialised model.  ``model`` is the
+    plain (transformers) model; every layer is checked before the first one is written.
+    """
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    summary_path = directory / INIT_SUMMARY
+    base_weight = json.loads(summary_path.read_text()).get("base_weight") if summary_path.exists() else None
+    if base_weight != "residual":
+        raise ValueError(
+            f"{directory} does not hold an adapter for a residual base (its {INIT_SUMMARY} says base_weight="
+            f"{base_weight!r}); load it with PeftModel.from_pretrained on the unmodified model"
+        )
+    config = LoraConfig.from_pretrained(str(directory))
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    base = base_model_of(model)
+    plan = []
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+        b = tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"]
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no layer {name!r} of the adapter in {directory}") from None
+        kind = _kind(module)
+        target = Target(name, module, kind) if kind is not None else None
+        if target is None or (target.out_features, target.in_features) != (b.shape[0], a.shape[1]):
+            raise ValueError(f"layer {name!r} of the model does not match the adapter's factors {tuple(b.shape)}·"
+                             f"{tuple(a.shape)}")
+        if getattr(module, _MOVED_FLAG, False):
+            raise ValueError(f"the base weight of layer {name!r} was already moved; start from the original model")
+        r = a.shape[0]
+        alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), name), config.lora_alpha) \
+            if config.alpha_pattern else config.lora_alpha
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        plan.append((target, a, b, scaling))
+    with torch.no_grad():
+        for target, a, b, scaling in plan:
+            _subtract_(target, a, b, scaling)
+    return model
+
+
+def freeze_lora_a(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """LoRA-FA: stop ``lora_A`` of ``adapter_name`` (the active adapter) from training.
+
+    A saved adapter does not record this; call it after ``PeftModel.from_pretrained(...,
+    is_trainable=True)``, and again after ``set_adapter``/``add_adapter``, which make it trainable.
+    """
+    targets = find_targets(peft_model, adapter_name=adapter_name)
+    if not targets:
+        raise ValueError("the model has no LoRA layer to freeze")
+    for t in targets:
+        t.lora_layer.lora_A[adapter_name or _active(t.lora_layer)].weight.requires_grad_(False)
+    return peft_model
 
 
 def _active(layer) -> str:
