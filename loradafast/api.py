@@ -9,7 +9,7 @@ from torch import nn
 
 from .collect import Y_FACTORS, collect, is_causal_lm
 from .result import InitResult
-from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_method, check_rank, solve
+from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_method, check_options, check_rank, solve
 from .targets import base_model_of, find_targets, is_peft_model, short_target_modules
 
 
@@ -101,6 +101,11 @@ def initialize(
         )
     if y_factor not in Y_FACTORS:
         raise ValueError(f"y_factor must be one of {Y_FACTORS}, got {y_factor!r}")
+    check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
+                  damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
+                  pissa_niter=pissa_niter)
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
+        raise ValueError(f"max_samples must be a positive number of sequences or None, got {max_samples!r}")
     wrapped = is_peft_model(model)
     peft_config = _peft_config_of(model, adapter_name) if wrapped else None
     targets = find_targets(model, target_modules, adapter_name=adapter_name)

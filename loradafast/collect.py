@@ -293,10 +293,25 @@ def collect(
     return Statistics(layers, z_sums, int(counts[0].item()), int(counts[1].item()), y_factor, meta)
 
 
+def _context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _run_batch(model: nn.Module, batch: Batch, acc: _Accumulator, loss_fn) -> tuple[int, int]:
     """Forward and backward one batch; returns (sequences used, tokens used)."""
     inputs = dict(batch.inputs)
     config = getattr(base_model_of(model), "config", None)
+    context = _context_length(config)
+    length = batch.attention_mask.shape[1]
+    if context is not None and length > context:
+        raise ValueError(
+            f"a batch has sequences of {length} tokens but the model's context is {context}; truncate the "
+            f"samples to at most {context} tokens (tokenizer(..., truncation=True, max_length={context}))"
+        )
     if config is not None and hasattr(config, "use_cache"):
         inputs.setdefault("use_cache", False)  # a KV cache is dead weight in this pass
     with torch.enable_grad():

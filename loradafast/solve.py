@@ -28,6 +28,38 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+DAMPING_MODES = ("absolute", "relative")
+GRADIENTS = ("fisher", "raw")
+
+
+def check_options(*, method: str, num_train_samples: int, beta: float, alpha_b: float, gamma: float | None,
+                  damping: float, damping_mode: str, gradient: str, loraga_variant: str,
+                  pissa_niter: int | None) -> float | None:
+    """Validate every scalar option; called before the statistics pass so that a typo costs no
+    pass.  Returns ``gamma`` with the method's default filled in."""
+    import math
+
+    check_method(method)
+    if not isinstance(num_train_samples, int) or num_train_samples <= 0:
+        raise ValueError(f"num_train_samples must be a positive integer (the fine-tuning set size), got "
+                         f"{num_train_samples!r}")
+    gamma = DEFAULT_GAMMA.get(method) if gamma is None else gamma
+    for label, value in (("beta", beta), ("alpha_b", alpha_b), ("damping", damping), ("gamma", gamma)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{label} must be finite, got {value!r}")
+    if beta < 0 or (gamma is not None and gamma <= 0) or damping < 0:
+        raise ValueError(f"need beta ≥ 0, gamma > 0 and damping ≥ 0; got beta={beta}, gamma={gamma}, damping={damping}")
+    if damping_mode not in DAMPING_MODES:
+        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if loraga_variant not in methods.LORAGA_VARIANTS:
+        raise ValueError(f"loraga_variant must be one of {methods.LORAGA_VARIANTS}, got {loraga_variant!r}")
+    if pissa_niter is not None and (not isinstance(pissa_niter, int) or pissa_niter < 0):
+        raise ValueError(f"pissa_niter must be None (exact SVD) or a non-negative integer, got {pissa_niter!r}")
+    return gamma
+
+
 def check_rank(name: str, rank: int, in_features: int, out_features: int, method: str | None = None) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
@@ -133,15 +165,9 @@ def solve(
         raise ValueError(f"method {method!r} needs the base weights: pass weights={{name: W [out, in]}}")
     if stats is None and weights is None:
         raise ValueError(f"method {method!r} needs the layers: pass weights={{name: W [out, in]}} (or statistics)")
-    if num_train_samples <= 0:
-        raise ValueError(f"num_train_samples must be positive (the fine-tuning set size), got {num_train_samples}")
-    gamma = DEFAULT_GAMMA.get(method) if gamma is None else gamma
-    if beta < 0 or (gamma is not None and gamma <= 0) or damping < 0:
-        raise ValueError(f"need beta ≥ 0, gamma > 0 and damping ≥ 0; got beta={beta}, gamma={gamma}, damping={damping}")
-    if loraga_variant not in methods.LORAGA_VARIANTS:
-        raise ValueError(f"loraga_variant must be one of {methods.LORAGA_VARIANTS}, got {loraga_variant!r}")
-    if pissa_niter is not None and (not isinstance(pissa_niter, int) or pissa_niter < 0):
-        raise ValueError(f"pissa_niter must be None (exact SVD) or a non-negative integer, got {pissa_niter!r}")
+    gamma = check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b,
+                          gamma=gamma, damping=damping, damping_mode=damping_mode, gradient=gradient,
+                          loraga_variant=loraga_variant, pissa_niter=pissa_niter)
 
     shapes = _layer_shapes(stats, weights, kinds)
     rank = 8 if rank is None else rank

@@ -20,6 +20,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 
 PEFT_PREFIX = "base_model.model."
+# Linear subclasses whose weight is packed or quantized (bitsandbytes Linear4bit/8bitLt, ...).
+QUANTIZED_LIBRARIES = {"bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "optimum", "torchao"}
 
 
 @dataclass
@@ -60,10 +62,23 @@ def base_model_of(model: nn.Module) -> nn.Module:
 
 def _kind(module: nn.Module) -> str | None:
     if Conv1D and isinstance(module, Conv1D):
-        return "conv1d"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    return None
+        kind = "conv1d"
+    elif isinstance(module, nn.Linear):
+        kind = "linear"
+    else:
+        return None
+    return kind
+
+
+def _check_real_weight(name: str, module: nn.Module) -> None:
+    weight = getattr(module, "weight", None)
+    quantized = type(module).__module__.split(".")[0] in QUANTIZED_LIBRARIES
+    if quantized or not (torch.is_tensor(weight) and weight.is_floating_point()):
+        raise TypeError(
+            f"layer {name!r} is a {type(module).__module__}.{type(module).__name__} with a quantized or non-float "
+            f"weight ({getattr(weight, 'dtype', None)}); loradafast needs the real weight of every target layer: "
+            "load the model unquantized (or dequantize it), or exclude these layers with target_modules"
+        )
 
 
 def _relative_name(model: nn.Module, name: str) -> str:
@@ -102,6 +117,7 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
                     f"LoRA layer {name!r} wraps a {type(base).__name__}; loradafast initialises LoRA on "
                     "nn.Linear and transformers Conv1D layers only (quantized layers are not supported)"
                 )
+            _check_real_weight(name, base)
             targets.append(Target(_relative_name(model, name), base, kind, lora_layer=module,
                                   rank=module.r[adapter]))
         return targets
@@ -133,6 +149,7 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
                 continue
         elif not bool(check_target_module_exists(config, name)):
             continue
+        _check_real_weight(name, module)
         targets.append(Target(_relative_name(model, name), module, kind))
     return targets
 
