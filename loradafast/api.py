@@ -66,6 +66,7 @@ def initialize(
     adapter_name: str | None = None,
     ranks: dict[str, int] | None = None,
     solve_dtype: torch.dtype = torch.float64,
+    eigensolver: str = "auto",
     progress: bool = True,
 ) -> InitResult:
     """LoRA initialisation by ``method``, data-aware ones in one streaming pass over ``loader``.
@@ -90,6 +91,9 @@ def initialize(
     ``pissa``, ``milora``, ``lora-ga`` and ``fisher-subspace`` move the base weight to
     ``W − s·B·A`` so the output is unchanged at initialisation: see :meth:`InitResult.save` for the
     two ways to save them.  ``freeze_a=True`` gives LoRA-FA (``lora_A`` frozen when applied).
+
+    ``eigensolver``: "auto" (batched LOBPCG on CUDA, dense ``eigh`` on CPU up to a measured
+    width), "lobpcg" or "dense"; every layer's residual is checked either way.
     """
     started = time.perf_counter()
     check_method(method)
@@ -103,7 +107,7 @@ def initialize(
         raise ValueError(f"y_factor must be one of {Y_FACTORS}, got {y_factor!r}")
     check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
                   damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
-                  pissa_niter=pissa_niter)
+                  pissa_niter=pissa_niter, eigensolver=eigensolver)
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
         raise ValueError(f"max_samples must be a positive number of sequences or None, got {max_samples!r}")
     wrapped = is_peft_model(model)
@@ -144,7 +148,7 @@ def initialize(
                    ranks=ranks, lora_alpha=lora_alpha, use_rslora=use_rslora,
                    num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
                    damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
-                   pissa_niter=pissa_niter, seed=seed, freeze_a=freeze_a, dtype=solve_dtype)
+                   pissa_niter=pissa_niter, seed=seed, freeze_a=freeze_a, dtype=solve_dtype, eigensolver=eigensolver)
     if stats is None:
         result.target_modules = meta["target_modules"]
         result.base_model_name_or_path = meta["base_model_name_or_path"]

@@ -8,11 +8,12 @@ statistics; weight-only methods need no statistics at all.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 
 import torch
 
 from . import lora_da, methods
-from .linalg import canonical_signs
+from .lora_da_solve import EIGENSOLVERS, solve_lora_da
 from .result import InitResult, LayerInit
 from .stats import Statistics
 
@@ -34,7 +35,7 @@ GRADIENTS = ("fisher", "raw")
 
 def check_options(*, method: str, num_train_samples: int, beta: float, alpha_b: float, gamma: float | None,
                   damping: float, damping_mode: str, gradient: str, loraga_variant: str,
-                  pissa_niter: int | None) -> float | None:
+                  pissa_niter: int | None, eigensolver: str = "auto") -> float | None:
     """Validate every scalar option; called before the statistics pass so that a typo costs no
     pass.  Returns ``gamma`` with the method's default filled in."""
     import math
@@ -57,6 +58,8 @@ def check_options(*, method: str, num_train_samples: int, beta: float, alpha_b: 
         raise ValueError(f"loraga_variant must be one of {methods.LORAGA_VARIANTS}, got {loraga_variant!r}")
     if pissa_niter is not None and (not isinstance(pissa_niter, int) or pissa_niter < 0):
         raise ValueError(f"pissa_niter must be None (exact SVD) or a non-negative integer, got {pissa_niter!r}")
+    if eigensolver not in EIGENSOLVERS:
+        raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}")
     return gamma
 
 
@@ -74,38 +77,6 @@ def check_rank(name: str, rank: int, in_features: int, out_features: int, method
             f"({in_features}→{out_features}) has only {min(in_features, out_features)}; lower the rank or "
             "exclude the layer with target_modules"
         )
-
-
-def dense_smallest_eigenpairs(omega: torch.Tensor, r: int, residual_tol: float):
-    """The r smallest eigenpairs of symmetric ``omega`` with dense ``eigh``.
-
-    The residual ``max_j ‖Ωx_j − λ_j x_j‖ / ‖Ω‖₂`` is checked; a working dtype that misses the
-    tolerance is retried in float64.  Returns (values [r], vectors [n, r], residual, fallback).
-    """
-    def attempt(m):
-        values, vectors = torch.linalg.eigh(m)
-        values, vectors = values[:r], canonical_signs(vectors[:, :r])
-        scale = m.diagonal().abs().max().clamp_min(torch.finfo(m.dtype).tiny)
-        scale = torch.maximum(scale, values.abs().max())
-        res = torch.linalg.vector_norm(m @ vectors - vectors * values, dim=0).max() / scale
-        return values, vectors, float(res)
-
-    values, vectors, res = attempt(omega)
-    fallback = False
-    if res > residual_tol and omega.dtype != torch.float64:
-        values, vectors, res = attempt(omega.double())
-        fallback = True
-    return values, vectors, res, fallback
-
-
-def lora_da_eigenpairs(terms: lora_da.OmegaTerms, r: int, residual_tol: float):
-    """THE LoRA-DA eigen step: the r smallest eigenpairs of one layer's Ω (DESIGN §4).
-
-    Kept as the single place where Ω meets an eigensolver, so that a batched solver (all layers
-    of one width at once) can replace this dense per-layer ``eigh`` without touching the rest.
-    Returns (values [r], vectors [in, r], residual, fallback).
-    """
-    return dense_smallest_eigenpairs(terms.dense(), r, residual_tol)
 
 
 def solve(
@@ -131,7 +102,8 @@ def solve(
     freeze_a: bool = False,
     dtype: torch.dtype = torch.float64,
     device=None,
-    residual_tol: float = 1e-6,
+    residual_tol: float | None = None,
+    eigensolver: str = "auto",
 ) -> InitResult:
     """Factors for every layer, by ``method`` (DESIGN §4-5; formulas in :mod:`.methods`).
 
@@ -167,7 +139,7 @@ def solve(
         raise ValueError(f"method {method!r} needs the layers: pass weights={{name: W [out, in]}} (or statistics)")
     gamma = check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b,
                           gamma=gamma, damping=damping, damping_mode=damping_mode, gradient=gradient,
-                          loraga_variant=loraga_variant, pissa_niter=pissa_niter)
+                          loraga_variant=loraga_variant, pissa_niter=pissa_niter, eigensolver=eigensolver)
 
     shapes = _layer_shapes(stats, weights, kinds)
     rank = 8 if rank is None else rank
@@ -179,37 +151,41 @@ def solve(
 
     started = time.perf_counter()
     layers: dict[str, LayerInit] = {}
-    for name, (fin, fout, kind) in shapes.items():
-        r = ranks.get(name, rank)
-        scaling = methods.lora_scaling(lora_alpha, r, use_rslora)
-        if method == "lora-da":
-            a, b, diagnostics = _lora_da_layer(stats, name, r, dtype=dtype, device=device, beta=beta,
-                                               num_train_samples=num_train_samples, alpha_b=alpha_b, gamma=gamma,
-                                               damping=damping, damping_mode=damping_mode, gradient=gradient,
-                                               residual_tol=residual_tol)
+    if method == "lora-da":
+        # All layers together: shared inputs factorised once, one eigensolve per width group.
+        solved = solve_lora_da(stats, {name: ranks.get(name, rank) for name in shapes}, dtype=dtype, device=device,
+                               beta=beta, num_train_samples=num_train_samples, alpha_b=alpha_b, gamma=gamma,
+                               damping=damping, damping_mode=damping_mode, gradient=gradient,
+                               residual_tol=residual_tol, eigensolver=eigensolver)
+        for name, (fin, fout, kind) in shapes.items():
+            a, b, diagnostics = solved[name]
             layers[name] = LayerInit(name, a.float(), b.float(), kind=kind, diagnostics=diagnostics)
-            continue
-        if method == "lora":
-            f = methods.lora(fout, fin, r, generator=generator)
-        else:
-            dev = device if device is not None else (weights[name].device if weights is not None and name in weights
-                                                     else stats.layers[name].g_sum.device)
-            if method == "pissa":
-                f = methods.pissa(weights[name].to(dev, dtype), r, scaling, niter=pissa_niter)
-            elif method == "milora":
-                f = methods.milora(weights[name].to(dev, dtype), r, scaling)
-            elif method == "lora-ga":
-                f = methods.lora_ga(stats.G(name, dtype).to(dev), r, gamma=gamma, variant=loraga_variant)
-            elif method == "lora-one":
-                f = methods.lora_one(stats.G(name, dtype).to(dev), r, gamma=gamma)
-            else:  # fisher-subspace
-                f = methods.fisher_subspace(weights[name].to(dev, dtype), stats.Y(name, dtype).to(dev),
-                                            stats.Z(name, dtype).to(dev), r, scaling)
-        diagnostics = dict(f.diagnostics)
-        if stats is not None:
-            diagnostics.update(num_tokens=stats.num_tokens, num_sequences=stats.num_sequences)
-        layers[name] = LayerInit(name, f.lora_A.float(), f.lora_B.float(), kind=kind,
-                                 subtract_scaling=scaling if f.moves_base else None, diagnostics=diagnostics)
+        _warn_if_degraded(layers, dtype)
+    else:
+        for name, (fin, fout, kind) in shapes.items():
+            r = ranks.get(name, rank)
+            scaling = methods.lora_scaling(lora_alpha, r, use_rslora)
+            if method == "lora":
+                f = methods.lora(fout, fin, r, generator=generator)
+            else:
+                dev = device if device is not None else (weights[name].device if weights is not None and name in weights
+                                                         else stats.layers[name].g_sum.device)
+                if method == "pissa":
+                    f = methods.pissa(weights[name].to(dev, dtype), r, scaling, niter=pissa_niter)
+                elif method == "milora":
+                    f = methods.milora(weights[name].to(dev, dtype), r, scaling)
+                elif method == "lora-ga":
+                    f = methods.lora_ga(stats.G(name, dtype).to(dev), r, gamma=gamma, variant=loraga_variant)
+                elif method == "lora-one":
+                    f = methods.lora_one(stats.G(name, dtype).to(dev), r, gamma=gamma)
+                else:  # fisher-subspace
+                    f = methods.fisher_subspace(weights[name].to(dev, dtype), stats.Y(name, dtype).to(dev),
+                                                stats.Z(name, dtype).to(dev), r, scaling)
+            diagnostics = dict(f.diagnostics)
+            if stats is not None:
+                diagnostics.update(num_tokens=stats.num_tokens, num_sequences=stats.num_sequences)
+            layers[name] = LayerInit(name, f.lora_A.float(), f.lora_B.float(), kind=kind,
+                                     subtract_scaling=scaling if f.moves_base else None, diagnostics=diagnostics)
 
     options = {"dtype": str(dtype).replace("torch.", "")}
     if method == "lora-da":
@@ -261,27 +237,28 @@ def _layer_shapes(stats: Statistics | None, weights: dict | None,
     return {n: (w.shape[1], w.shape[0], kinds.get(n, "linear")) for n, w in weights.items()}
 
 
-def _lora_da_layer(stats: Statistics, name: str, r: int, *, dtype, device, beta, num_train_samples, alpha_b,
-                   gamma, damping, damping_mode, gradient, residual_tol):
-    s = stats.layers[name]
-    dev = device if device is not None else s.g_sum.device
-    Z = stats.Z(name, dtype).to(dev)
-    Y = stats.Y(name, dtype).to(dev)
-    G = stats.G(name, dtype).to(dev)
-    factors = lora_da.damped_factors(Z, Y, damping, damping_mode)
-    terms = lora_da.omega_terms(G, factors, beta=beta, num_train_samples=num_train_samples,
-                                alpha_b=alpha_b, gradient=gradient)
-    values, vectors, residual, fallback = lora_da_eigenpairs(terms, r, residual_tol)
-    a, b = lora_da.lora_da_factors(terms, vectors, gamma)
-    return a, b, {
-        "eigenvalues": values.cpu(),
-        "residual": residual,
-        "eigensolver_fallback": fallback,
-        "damping_z": factors.damping_z,
-        "damping_y": factors.damping_y,
-        "cholesky_dtype": str(factors.cholesky_dtype).replace("torch.", ""),
-        "sigma": float(terms.sigma),
-        "variance_coef": float(terms.variance_coef),
-        "num_tokens": stats.num_tokens,
-        "num_sequences": stats.num_sequences,
-    }
+# Above this lower bound on cond(Zλ) or cond(Yλ) the factor is close to singular in the working
+# precision: the solve still runs, but more damping (damping_mode="relative") is advisable.
+CONDITION_WARNING = {torch.float64: 1e12, torch.float32: 1e5}
+
+
+def _warn_if_degraded(layers: dict[str, LayerInit], dtype: torch.dtype) -> None:
+    """One warning summarising every layer whose solve took a fallback or looks fragile."""
+    import warnings
+
+    limit = CONDITION_WARNING.get(dtype, 1e12)
+    notes = defaultdict(list)
+    for name, layer in layers.items():
+        d = layer.diagnostics
+        if d.get("eigensolver_fallback"):
+            notes["re-solved with dense eigh after the iterative solver missed the tolerance"].append(name)
+        if not d.get("eigensolver_converged", True):
+            notes["eigen-residual above the tolerance"].append(name)
+        if d.get("cholesky_dtype") == "float64" and dtype != torch.float64:
+            notes["Cholesky retried in float64"].append(name)
+        if max(d.get("z_condition_estimate", 0.0), d.get("y_condition_estimate", 0.0)) > limit:
+            notes[f"damped factor condition number above {limit:.0e} (consider damping_mode='relative')"].append(name)
+    if notes:
+        lines = [f"- {what}: {len(names)} layer(s), e.g. {', '.join(names[:3])}" for what, names in notes.items()]
+        warnings.warn("loradafast: the solve degraded on some layers (details in result.layers[name].diagnostics)\n"
+                      + "\n".join(lines), RuntimeWarning, stacklevel=3)

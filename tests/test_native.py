@@ -1,0 +1,136 @@
+"""The native batched symmetric eigensolver (csrc/) against float64 torch.linalg.eigh."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from loradafast import _native, eigen
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def native():
+    if not _native.available():
+        pytest.skip(f"native extension unavailable (no compiler or the build failed): {_native.build_error()}")
+    return _native
+
+
+def _random_symmetric(batch, n, seed, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(batch, n, n, generator=gen, dtype=F64)
+    return (a + a.mT).to(dtype)
+
+
+def _with_spectrum(values: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(values.shape[0], values.shape[1], values.shape[1], generator=gen, dtype=F64))
+    a = (q * values.unsqueeze(-2)) @ q.mT
+    return 0.5 * (a + a.mT)
+
+
+def _check(a: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor, rtol: float):
+    a64 = a.to(F64)
+    scale = float(torch.linalg.matrix_norm(a64, ord=2).max().clamp_min(1e-300))
+    ref = torch.linalg.eigvalsh(a64)
+    n = a.shape[-1]
+    assert values.shape == a.shape[:-1] and vectors.shape == a.shape
+    assert bool((values[..., 1:] >= values[..., :-1]).all()), "eigenvalues not ascending"
+    assert float((values.to(F64) - ref).abs().max()) <= rtol * scale
+    v = vectors.to(F64)
+    recon = (v * values.to(F64).unsqueeze(-2)) @ v.mT
+    assert float((recon - a64).abs().max()) <= rtol * scale
+    eye = torch.eye(n, dtype=F64)
+    assert float((v.mT @ v - eye).abs().max()) <= rtol * max(n, 1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 100, 384])
+def test_random_symmetric_float64(native, n):
+    a = _random_symmetric(3 if n < 384 else 2, n, seed=n)
+    values, vectors = native.eigh(a)
+    _check(a, values, vectors, rtol=1e-13 * max(n, 10))
+
+
+@pytest.mark.parametrize("n", [17, 100])
+def test_random_symmetric_float32(native, n):
+    a = _random_symmetric(4, n, seed=n, dtype=torch.float32)
+    values, vectors = native.eigh(a)
+    assert values.dtype == torch.float32
+    _check(a, values, vectors, rtol=1e-5 * n ** 0.5)
+
+
+@pytest.mark.parametrize("n", [2, 17, 100])
+def test_repeated_eigenvalues(native, n):
+    # Eigenvalues of multiplicity up to n/2 (and an exact zero block): the eigenvectors within a
+    # multiple eigenvalue are not unique, so only the eigenvalues, A = VΛVᵀ and VᵀV = I are checked.
+    base = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=F64)
+    values = torch.stack([base.repeat_interleave((n + 3) // 4)[:n], torch.ones(n, dtype=F64),
+                          torch.cat([torch.zeros(n // 2, dtype=F64), torch.full((n - n // 2,), 5.0, dtype=F64)])])
+    a = _with_spectrum(values, seed=n)
+    got, vectors = native.eigh(a)
+    _check(a, got, vectors, rtol=1e-13 * max(n, 10))
+    torch.testing.assert_close(got, values.sort(-1).values, atol=1e-12 * n, rtol=0)
+
+
+def test_diagonal_zero_and_graded(native):
+    n = 50
+    graded = torch.diag_embed(torch.logspace(-12, 12, n, dtype=F64)).unsqueeze(0)
+    zero = torch.zeros(1, n, n, dtype=F64)
+    for a in (graded, zero):
+        values, vectors = native.eigh(a)
+        _check(a, values, vectors, rtol=1e-14)
+
+
+def test_reads_lower_triangle_only(native):
+    a = _random_symmetric(3, 33, seed=0)
+    garbage = a.clone()
+    garbage.triu_(1).add_(torch.randn_like(a).triu(1) * 1e3)
+    garbage = torch.tril(a) + garbage
+    v1, x1 = native.eigh(a)
+    v2, x2 = native.eigh(garbage)
+    assert torch.equal(v1, v2) and torch.equal(x1, x2)
+
+
+def test_leading_batch_dims_and_empty(native):
+    a = _random_symmetric(6, 9, seed=1).reshape(2, 3, 9, 9)
+    values, vectors = native.eigh(a)
+    assert values.shape == (2, 3, 9) and vectors.shape == (2, 3, 9, 9)
+    values, vectors = native.eigh(torch.zeros(0, 5, 5, dtype=F64))
+    assert values.shape == (0, 5)
+
+
+def test_dispatch_matches_torch(native):
+    a = _random_symmetric(8, 24, seed=2)
+    assert native.prefer_native(a)
+    values, vectors = eigen.batched_eigh(a)
+    ref_values, ref_vectors = torch.linalg.eigh(a)
+    torch.testing.assert_close(values, ref_values, atol=1e-12, rtol=0)
+    torch.testing.assert_close(eigen.canonicalize_signs(vectors), eigen.canonicalize_signs(ref_vectors),
+                               atol=1e-10, rtol=0)
+
+
+@pytest.mark.skipif(os.environ.get("LORADAFAST_TEST_NVCC", "") in ("", "0"),
+                    reason="compiles the CUDA kernel with nvcc (about a minute); set LORADAFAST_TEST_NVCC=1")
+def test_cuda_source_compiles(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    include = Path(torch.__file__).parent / "include"
+    # CPU builds of torch ship c10/cuda headers without their generated config header; an empty
+    # one is enough to compile (it only defines the shared-library export macro).
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    if not (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    src = Path(__file__).resolve().parent.parent / "csrc" / "eigh_cuda.cu"
+    cmd = [nvcc, "-c", "-std=c++20", "-O3", f"-I{tmp_path / 'stub'}", f"-I{include}",
+           f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
+           "-o", str(tmp_path / "eigh_cuda.o"), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
