@@ -39,6 +39,7 @@ from typing import Callable, Hashable, Mapping
 import torch
 
 from . import _native
+from .linalg import canonical_signs as canonicalize_signs  # one definition for every solver
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -89,16 +90,6 @@ def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _native.prefer_native(a):
         return _native.eigh(a)
     return torch.linalg.eigh(a)
-
-
-def canonicalize_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each column so that its entry of largest magnitude (first such entry) is positive.
-
-    ``vectors``: ``[..., n, k]``.  Makes eigenvectors deterministic across solvers and devices.
-    """
-    idx = vectors.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.sign(vectors.gather(-2, idx))
-    return vectors * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def subspace_sine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

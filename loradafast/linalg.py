@@ -30,6 +30,38 @@ def cholesky_with_retry(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.dtype
     return factor, factor.dtype
 
 
+def damped_cholesky(matrix: torch.Tensor, damping: float,
+                    max_raises: int = 12) -> tuple[torch.Tensor, torch.dtype, float]:
+    """Cholesky factor of ``matrix + λI``, raising ``λ`` only when it must.
+
+    The statistics are fp32 sums, so a rank-deficient factor (fewer tokens than inputs, or
+    inputs confined to a subspace) can carry negative eigenvalues at fp32 round-off level
+    (~1e-7·max diag), larger than the official absolute damping of 1e-6.  Then ``λ`` is raised
+    to that level and by factors of 10 until the factorisation succeeds; the caller reports the
+    damping actually used.  ``damping=0`` is taken literally: no raise, an error instead.
+    Returns (factor, dtype that succeeded, damping used).
+    """
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    try:
+        factor, used = cholesky_with_retry(matrix + damping * eye)
+        return factor, used, float(damping)
+    except torch.linalg.LinAlgError:
+        if damping <= 0:
+            raise
+    scale = float(matrix.diagonal().abs().max().clamp_min(torch.finfo(torch.float64).tiny))
+    lam = max(10.0 * damping, torch.finfo(torch.float32).eps * scale)
+    for _ in range(max_raises):
+        try:
+            factor, used = cholesky_with_retry(matrix + lam * eye)
+            return factor, used, lam
+        except torch.linalg.LinAlgError:
+            lam *= 10.0
+    raise torch.linalg.LinAlgError(
+        f"a damped Kronecker factor stays indefinite up to damping {lam:.1e}; its statistics are likely "
+        "corrupted (check the inputs for NaN/Inf), or pass a larger damping"
+    )
+
+
 def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
     """Flip each column so that its entry of largest magnitude is positive (deterministic output)."""
     idx = vectors.abs().argmax(dim=-2, keepdim=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import cholesky_with_retry, damping_for
+from .linalg import damped_cholesky, damping_for
 
 
 @dataclass
@@ -27,6 +27,7 @@ class DampedFactors:
     damping_z: float
     damping_y: float
     cholesky_dtype: torch.dtype
+    damping_raised: bool = False  # a factor needed more than the requested damping
 
     def apply_y_inverse(self, m: torch.Tensor) -> torch.Tensor:
         """``Yλ⁻¹ m`` for ``m`` ``[out, k]``."""
@@ -54,14 +55,15 @@ class DampedZ:
     """``Zλ = Z + λI`` through its Cholesky factor; shared by the layers that read the same input."""
 
     chol: torch.Tensor
-    damping: float
+    damping: float  # used; above the requested one when round-off made Z indefinite
     dtype: torch.dtype  # float64 when the working dtype needed the retry
+    raised: bool = False
 
 
 def damped_z(Z: torch.Tensor, damping: float, damping_mode: str = "absolute") -> DampedZ:
-    lam = damping_for(Z, damping, damping_mode)
-    chol, used = cholesky_with_retry(Z + lam * torch.eye(Z.shape[0], dtype=Z.dtype, device=Z.device))
-    return DampedZ(chol, lam, used)
+    requested = damping_for(Z, damping, damping_mode)
+    chol, used, lam = damped_cholesky(Z, requested)
+    return DampedZ(chol, lam, used, lam != requested)
 
 
 def damped_factors(Z: torch.Tensor | DampedZ, Y: torch.Tensor, damping: float,
@@ -73,10 +75,11 @@ def damped_factors(Z: torch.Tensor | DampedZ, Y: torch.Tensor, damping: float,
         y_damped = Y + lam_y
         if not bool((y_damped > 0).all()):
             raise torch.linalg.LinAlgError("the damped output factor Y has non-positive entries; increase damping")
-        return DampedFactors(z.chol, (1.0 / y_damped).to(z.chol.dtype), True, z.damping, lam_y, z.dtype)
-    y_chol, used_y = cholesky_with_retry(Y + lam_y * torch.eye(Y.shape[0], dtype=Y.dtype, device=Y.device))
+        return DampedFactors(z.chol, (1.0 / y_damped).to(z.chol.dtype), True, z.damping, lam_y, z.dtype, z.raised)
+    y_chol, used_y, lam_used = damped_cholesky(Y, lam_y)
     used = torch.float64 if torch.float64 in (used_y, z.dtype) else z.dtype
-    return DampedFactors(z.chol.to(used), y_chol.to(used), False, z.damping, lam_y, used)
+    return DampedFactors(z.chol.to(used), y_chol.to(used), False, z.damping, lam_used, used,
+                         z.raised or lam_used != lam_y)
 
 
 def condition_estimate(factors: DampedFactors) -> tuple[float, float]:

@@ -94,6 +94,7 @@ def solve_lora_da(
                     "eigensolver_fallback": bool(result.fallback[i]),
                     "damping_z": t.factors.damping_z,
                     "damping_y": t.factors.damping_y,
+                    "damping_raised": t.factors.damping_raised,
                     "z_condition_estimate": z_cond,
                     "y_condition_estimate": y_cond,
                     "cholesky_dtype": str(t.factors.cholesky_dtype).replace("torch.", ""),

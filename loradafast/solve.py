@@ -254,6 +254,9 @@ def _warn_if_degraded(layers: dict[str, LayerInit], dtype: torch.dtype) -> None:
             notes["re-solved with dense eigh after the iterative solver missed the tolerance"].append(name)
         if not d.get("eigensolver_converged", True):
             notes["eigen-residual above the tolerance"].append(name)
+        if d.get("damping_raised"):
+            notes["damping raised above the requested value to make a rank-deficient factor positive definite "
+                  "(see damping_z / damping_y)"].append(name)
         if d.get("cholesky_dtype") == "float64" and dtype != torch.float64:
             notes["Cholesky retried in float64"].append(name)
         if max(d.get("z_condition_estimate", 0.0), d.get("y_condition_estimate", 0.0)) > limit:

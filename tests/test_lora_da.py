@@ -110,3 +110,28 @@ def test_shared_inputs_are_factorised_once(llama_stats, monkeypatch):
     monkeypatch.setattr(lora_da, "damped_z", lambda *a, **k: calls.append(1) or real(*a, **k))
     loradafast.solve(llama_stats, 2)
     assert len(calls) == len(llama_stats.z_sums) < len(llama_stats.layers)
+
+
+def test_damping_raised_when_fp32_round_off_makes_Z_indefinite():
+    """Fewer tokens than inputs: Z is singular, and its fp32 sum carries negative eigenvalues far
+    above the official absolute damping of 1e-6 (seen on SmolLM2's down_proj with 1024 tokens)."""
+    g = torch.Generator().manual_seed(0)
+    x = 30 * torch.randn(10, 64, generator=g)  # T = 10 < 64 inputs
+    z_sum = torch.zeros(64, 64)
+    for row in x:  # summed in fp32, one token at a time, like the collect pass
+        z_sum += torch.outer(row, row)
+    z_sum = 0.5 * (z_sum + z_sum.T)
+    Z = z_sum.double() / 10
+    assert torch.linalg.eigvalsh(Z)[0] < -1e-6, "the fp32 round-off must exceed the default damping here"
+    z = lora_da.damped_z(Z, 1e-6)
+    assert z.raised and z.damping > 1e-6
+    assert z.damping <= 1e3 * torch.finfo(torch.float32).eps * float(Z.diagonal().max())
+    with pytest.raises(torch.linalg.LinAlgError):
+        lora_da.damped_z(Z, 0.0)  # no damping asked: no silent damping either
+    stats = loradafast.Statistics(
+        {"w": loradafast.LayerStats("w", 64, 5, torch.randn(5, 64, generator=g), torch.rand(5, generator=g), "w")},
+        {"w": z_sum}, num_tokens=10, num_sequences=2, y_factor="diag")
+    with pytest.warns(RuntimeWarning, match="damping raised"):
+        result = loradafast.solve(stats, 2)
+    d = result.layers["w"].diagnostics
+    assert d["damping_raised"] and d["damping_z"] == z.damping
