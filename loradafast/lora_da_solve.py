@@ -18,10 +18,12 @@ from . import eigen, kernels, lora_da
 from .stats import Statistics
 
 EIGENSOLVERS = ("auto", "lobpcg", "dense")
-# On CPU, dense eigh of the materialised Ω beat the preconditioned LOBPCG for every width we
-# measured on a 2-core x86 machine (see benchmarks/results/solve_cpu.json): up to this width
-# "auto" stays dense on CPU.  On CUDA "auto" is LOBPCG (no n³ work, no host synchronisation).
-CPU_DENSE_MAX_N = 4096
+# On CPU, dense eigh of the materialised Ω beat the preconditioned LOBPCG at the widths we
+# measured (SmolLM2's 576 and 1536, r = 8: 50 s vs 86 s for 210 layers on 2 cores,
+# benchmarks/results/solve_cpu.json).  Above 2048 nothing was measured on CPU and "auto" takes
+# LOBPCG, whose cost grows as n² per iteration instead of n³.  On CUDA "auto" is LOBPCG (no n³
+# work, no host synchronisation); not yet measured on a GPU.
+CPU_DENSE_MAX_N = 2048
 # Bytes of float64 work space per group chunk: ~5 [n, n] matrices per layer.
 DEFAULT_MEMORY_BUDGET = 2 << 30
 

@@ -1,0 +1,113 @@
+"""LoRA-DA solve stage on real statistics: dense eigh vs batched LOBPCG, side by side.
+
+    python benchmarks/bench_solve.py                   # SmolLM2-135M statistics (collected here)
+    python benchmarks/bench_solve.py --stats s.safetensors --repeats 3
+
+Times ``loradafast.solve(stats, r, eigensolver=...)`` for each solver, alternating them, and
+reports the subspace agreement between them (sin of the largest principal angle, per layer).
+Decides ``lora_da_solve.CPU_DENSE_MAX_N`` on CPU.  Results: benchmarks/results/solve_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics as st
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import loradafast  # noqa: E402
+from loradafast.eigen import subspace_sine  # noqa: E402
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def smollm2_stats(samples: int, length: int):
+    import sysconfig
+
+    from loradafast.demo import load_smollm2, stdlib_chunks
+
+    model, tokenizer = load_smollm2()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if p.stat().st_size > 20_000)
+    ids = stdlib_chunks(tokenizer, count=samples, length=length, files=files[0::2])
+    loader = [{"input_ids": ids[i:i + 8]} for i in range(0, samples, 8)]
+    return loradafast.collect(model, loader, progress=False)
+
+
+def sin_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest principal angle between the spans of two lora_A.T (orthonormal up to 1/√γ)."""
+    return float(subspace_sine(torch.linalg.qr(a.double())[0], torch.linalg.qr(b.double())[0]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stats", help="a Statistics file (default: collect SmolLM2-135M statistics)")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--ranks", default="8,64")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    stats = loradafast.Statistics.load(args.stats) if args.stats else smollm2_stats(args.samples, args.seq_len)
+    if torch.cuda.is_available():
+        stats = stats.to("cuda")
+    widths = sorted({s.in_features for s in stats.layers.values()})
+    runs = []
+    for r in [int(x) for x in args.ranks.split(",")]:
+        times = {"dense": [], "lobpcg": []}
+        results = {}
+        for _ in range(args.repeats):
+            for solver in ("dense", "lobpcg"):  # alternate so drift hits both
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                results[solver] = loradafast.solve(stats, r, eigensolver=solver)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times[solver].append(time.perf_counter() - t)
+        sines = [sin_angle(results["dense"].layers[n].lora_A.T, results["lobpcg"].layers[n].lora_A.T)
+                 for n in stats.layers]
+        fallbacks = sum(l.diagnostics["eigensolver_fallback"] for l in results["lobpcg"].layers.values())
+        runs.append({
+            "rank": r,
+            "dense_s": times["dense"], "lobpcg_s": times["lobpcg"],
+            "dense_median_s": st.median(times["dense"]), "lobpcg_median_s": st.median(times["lobpcg"]),
+            "lobpcg_over_dense": st.median(times["lobpcg"]) / st.median(times["dense"]),
+            "max_sin_theta_between_solvers": max(sines),
+            "median_sin_theta_between_solvers": st.median(sines),
+            "lobpcg_fallbacks": int(fallbacks),
+            "lobpcg_iterations": sorted({l.diagnostics["eigensolver_iterations"]
+                                         for l in results["lobpcg"].layers.values()}),
+        })
+        print(json.dumps(runs[-1]))
+    slug = "cuda_" + torch.cuda.get_device_name().replace(" ", "_").lower() if torch.cuda.is_available() else "cpu"
+    out = Path(args.out or Path(__file__).parent / "results" / f"solve_{slug}.json")
+    out.write_text(json.dumps({
+        "benchmark": "LoRA-DA solve stage, dense eigh vs batched LOBPCG (eigensolver=)",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "loradafast": loradafast.__version__,
+        "statistics": args.stats or f"SmolLM2-135M, {args.samples}x{args.seq_len} stdlib tokens",
+        "layers": len(stats.layers), "widths": widths, "num_tokens": stats.num_tokens,
+        "runs": runs,
+    }, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
