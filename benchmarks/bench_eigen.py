@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, device_slug  # noqa: E402
 from loradafast import _native, eigen  # noqa: E402
 
 F64 = torch.float64
@@ -35,12 +36,6 @@ F64 = torch.float64
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return "cpu"
 
 
 def make_group(batch, n, out, tokens, device, seed, lam=1e-6, beta=0.03, num=100_000):
@@ -184,7 +179,7 @@ def main():
              ("ours_s", "eigh_loop_s", "torch_lobpcg_niter10_loop_s")}
     report = {
         "benchmark": "bench_eigen",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

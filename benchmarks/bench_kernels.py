@@ -30,7 +30,6 @@ import argparse
 import datetime as _dt
 import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, device_slug  # noqa: E402
 
 from loradafast import kernels  # noqa: E402
 from loradafast.kernels import dispatch  # noqa: E402
@@ -74,24 +75,6 @@ def bench(fn, device: torch.device, *, min_time: float = 0.2, max_reps: int = 20
 
 def _tflops(flops: float, seconds: float | None) -> float | None:
     return None if seconds is None else flops / seconds / 1e12
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def matmul_rate(device: torch.device, n: int) -> dict:

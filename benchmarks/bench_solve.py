@@ -23,14 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
 from loradafast.eigen import subspace_sine  # noqa: E402
 
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, device_slug  # noqa: E402
 
 
 def smollm2_stats(samples: int, length: int):
@@ -94,12 +88,12 @@ def main() -> None:
                                          for l in results["lobpcg"].layers.values()}),
         })
         print(json.dumps(runs[-1]))
-    slug = "cuda_" + torch.cuda.get_device_name().replace(" ", "_").lower() if torch.cuda.is_available() else "cpu"
-    out = Path(args.out or Path(__file__).parent / "results" / f"solve_{slug}.json")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out or Path(__file__).parent / "results" / f"solve_{device_slug(device)}.json")
     out.write_text(json.dumps({
         "benchmark": "LoRA-DA solve stage, dense eigh vs batched LOBPCG (eigensolver=)",
         "date": time.strftime("%Y-%m-%d"),
-        "device": device_name(),
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "loradafast": loradafast.__version__,
         "statistics": args.stats or f"SmolLM2-135M, {args.samples}x{args.seq_len} stdlib tokens",

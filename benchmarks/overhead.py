@@ -82,6 +82,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, slug  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_METHODS = ["floor", "lora-da-diag", "lora-da-full", "lora-ga", "lora-one", "peft-lora-ga", "peft-eva",
@@ -766,22 +768,6 @@ def _parse_per_model(value: str | None, models: list[str], key: str) -> dict:
     return out
 
 
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_state() -> dict:
     def git(*args):
         try:
@@ -889,23 +875,23 @@ def main(argv=None) -> None:
 
     if device.startswith("cuda"):
         device_name = torch.cuda.get_device_name()
-        slug = _slug(device_name)
+        device_slug = slug(device_name)
     else:
-        device_name = f"CPU ({_cpu_model()}, {os.cpu_count()} logical cores)"
-        slug = "cpu"
+        device_name = f"CPU ({cpu_model()}, {os.cpu_count()} logical cores)"
+        device_slug = "cpu"
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if args.threads is None and not device.startswith("cuda"):
         # On a small shared CPU, OpenMP teams stall at every barrier when another process takes a core;
         # one thread per run keeps the comparison stable (all methods run under the same setting).
         args.threads = 1
-    out_path = Path(args.out) if args.out else RESULTS / f"overhead_{slug}.json"
+    out_path = Path(args.out) if args.out else RESULTS / f"overhead_{device_slug}.json"
 
     result = {
         "benchmark": "overhead (project issue 7)",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name,
-        "device_slug": slug,
-        "cpu_model": _cpu_model(),
+        "device_slug": device_slug,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cuda": torch.version.cuda if device.startswith("cuda") else None,
         "python": platform.python_version(),

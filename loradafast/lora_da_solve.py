@@ -9,7 +9,6 @@ whatever its output size.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-from . import lora_da, methods
+from . import methods
 from .lora_da_solve import EIGENSOLVERS, solve_lora_da
 from .result import InitResult, LayerInit
 from .stats import Statistics

@@ -24,7 +24,7 @@ def _loader():
 
 def _per_token(model, ids, mask):
     """x_t and g_t = ∂ℓ_n/∂y_t for every valid token, computed independently of the hooks."""
-    xs, gs, grads = [], [], []
+    xs, gs = [], []
     for n in range(ids.shape[0]):
         keep = mask[n].bool()
         x = model.embed(ids[n:n + 1]).detach()

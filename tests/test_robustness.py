@@ -4,7 +4,6 @@ Each case asserts a clear error (what was wrong and what to do) or the correct h
 the model's parameters, buffers, requires_grad flags, train/eval modes and hooks are exactly as
 before the call.
 """
-import copy
 import json
 
 import pytest
