@@ -115,7 +115,6 @@ def spectral_norm(m: torch.Tensor) -> torch.Tensor:
 class OmegaTerms:
     """Everything Ω is built from, kept so Ω can be applied without being materialised."""
 
-    delta: torch.Tensor  # Δ [out, in]
     sigma: torch.Tensor  # ‖Δ‖₂
     delta_hat: torch.Tensor  # Δ/σ
     variance_coef: torch.Tensor  # c = β tr(Yλ⁻¹)/(N σ²)
@@ -147,7 +146,8 @@ def omega_terms(G: torch.Tensor, factors: DampedFactors, *, beta: float, num_tra
         )
     delta_hat = delta / sigma
     coef = beta * factors.trace_y_inverse() / (num_train_samples * sigma**2)
-    return OmegaTerms(delta, sigma, delta_hat, coef, alpha_b, factors)
+    # Δ itself is not kept: Δ̂ carries it, and one [out, in] float64 copy per layer is enough.
+    return OmegaTerms(sigma, delta_hat, coef, alpha_b, factors)
 
 
 def lora_da_factors(terms: OmegaTerms, eigenvectors: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
