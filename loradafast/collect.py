@@ -42,6 +42,14 @@ def is_causal_lm(model: nn.Module) -> bool:
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
+def _uses_activation_checkpointing(model: nn.Module) -> bool:
+    base = base_model_of(model)
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer name first
+        if isinstance(getattr(type(base), attr, None), property):
+            return bool(getattr(base, attr))
+    return False
+
+
 @contextlib.contextmanager
 def preserved_model_state(model: nn.Module):
     """Restore ``requires_grad`` of every parameter and ``training`` of every module on exit."""
@@ -204,6 +212,12 @@ def collect(
         raise ValueError(
             f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "
             f"{type(model).__name__}; check the module names with model.named_modules()"
+        )
+    if _uses_activation_checkpointing(model):
+        raise ValueError(
+            "the model recomputes activations during backward (gradient checkpointing), which would run the "
+            "statistics hooks twice per batch; call model.gradient_checkpointing_disable() for the "
+            "initialisation and enable it again afterwards"
         )
     if loss_fn is None and not is_causal_lm(model):
         raise ValueError(

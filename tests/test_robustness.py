@@ -259,6 +259,14 @@ def test_quantized_base_layers():
     loradafast.initialize(model, batches(), target_modules=["v_proj"], progress=False)
 
 
+def test_gradient_checkpointing_is_refused():
+    model = tiny_llama()
+    model.gradient_checkpointing_enable()
+    model.train()
+    expect_error(model, ValueError, "gradient_checkpointing_disable", lambda: loradafast.initialize(
+        model, batches(), progress=False))
+
+
 def test_model_and_batch_dtypes():
     model = tiny_llama(dtype=torch.bfloat16)
     state = ModelState(model)
