@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
-from loradafast.eigen import subspace_sine  # noqa: E402
+from loradafast.eigen import span_sine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_name, device_slug  # noqa: E402
@@ -41,9 +41,6 @@ def smollm2_stats(samples: int, length: int):
     return loradafast.collect(model, loader, progress=False)
 
 
-def sin_angle(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest principal angle between the spans of two lora_A.T (orthonormal up to 1/√γ)."""
-    return float(subspace_sine(torch.linalg.qr(a.double())[0], torch.linalg.qr(b.double())[0]))
 
 
 def main() -> None:
@@ -73,7 +70,7 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 times[solver].append(time.perf_counter() - t)
-        sines = [sin_angle(results["dense"].layers[n].lora_A.T, results["lobpcg"].layers[n].lora_A.T)
+        sines = [span_sine(results["dense"].layers[n].lora_A.T, results["lobpcg"].layers[n].lora_A.T)
                  for n in stats.layers]
         fallbacks = sum(l.diagnostics["eigensolver_fallback"] for l in results["lobpcg"].layers.values())
         runs.append({

@@ -9,7 +9,7 @@ from torch import nn
 
 from .collect import Y_FACTORS, collect, is_causal_lm
 from .result import InitResult
-from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_method, check_options, check_rank, solve
+from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, solve
 from .targets import base_model_of, find_targets, is_peft_model, short_target_modules
 
 
@@ -96,7 +96,9 @@ def initialize(
     width), "lobpcg" or "dense"; every layer's residual is checked either way.
     """
     started = time.perf_counter()
-    check_method(method)
+    check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
+                  damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
+                  pissa_niter=pissa_niter, eigensolver=eigensolver)
     data_aware = method not in WEIGHT_ONLY_METHODS
     if data_aware and loader is None:
         raise ValueError(
@@ -105,9 +107,6 @@ def initialize(
         )
     if y_factor not in Y_FACTORS:
         raise ValueError(f"y_factor must be one of {Y_FACTORS}, got {y_factor!r}")
-    check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
-                  damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
-                  pissa_niter=pissa_niter, eigensolver=eigensolver)
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
         raise ValueError(f"max_samples must be a positive number of sequences or None, got {max_samples!r}")
     wrapped = is_peft_model(model)

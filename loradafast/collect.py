@@ -27,7 +27,7 @@ from torch import nn
 from . import kernels
 from .batches import Batch, normalize_batch
 from .losses import causal_lm_sequence_losses
-from .stats import LayerStats, Statistics, finalize_symmetric
+from .stats import LayerStats, Statistics
 from .targets import Target, base_model_of, find_targets
 
 Y_FACTORS = ("diag", "full")
@@ -294,9 +294,10 @@ def collect(
         y = acc.y_sum[t.name]
         layers[t.name] = LayerStats(
             t.name, t.in_features, t.out_features, acc.g_sum[t.name],
-            finalize_symmetric(y) if y_factor == "full" else y, acc.z_key[t.name], t.kind,
+            kernels.symmetric_from_lower(y) if y_factor == "full" else y, acc.z_key[t.name], t.kind,
         )
-    z_sums = {k: finalize_symmetric(v) for k, v in acc.z_sum.items()}
+    # The accumulators hold lower triangles only (the kernels skip the upper tiles).
+    z_sums = {k: kernels.symmetric_from_lower(v) for k, v in acc.z_sum.items()}
     from . import __version__
 
     meta = {

@@ -51,6 +51,7 @@ __all__ = [
     "omega_preconditioner",
     "smallest_eigenpairs",
     "smallest_eigenpairs_grouped",
+    "span_sine",
     "subspace_sine",
 ]
 
@@ -102,6 +103,12 @@ def subspace_sine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     v = v.to(torch.float64)
     resid = v - u @ (u.mT @ v)
     return torch.linalg.matrix_norm(resid, ord=2)
+
+
+def span_sine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """:func:`subspace_sine` for any full-column-rank ``a``, ``b`` ``[n, k]`` (orthonormalised first),
+    e.g. two ``lora_A.T`` (orthonormal only up to 1/√γ) or singular vectors."""
+    return float(subspace_sine(torch.linalg.qr(a.double())[0], torch.linalg.qr(b.double())[0]))
 
 
 def _svqb(u: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.reference import omega_apply, omega_dense
 from .linalg import damped_cholesky, damping_for
 
 
@@ -121,13 +122,15 @@ class OmegaTerms:
     alpha_b: float
     factors: DampedFactors
 
+    # One layer as a batch of one through the kernels' reference, so that Ω has one definition.
     def dense(self) -> torch.Tensor:
-        omega = self.variance_coef * self.factors.z_inverse() - self.alpha_b * (self.delta_hat.T @ self.delta_hat)
+        omega = omega_dense(self.factors.z_chol[None], self.variance_coef.reshape(1), self.delta_hat[None],
+                            self.alpha_b)[0]
         return 0.5 * (omega + omega.T)  # exact symmetry for eigh
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return self.variance_coef * self.factors.apply_z_inverse(x) - self.alpha_b * (
-            self.delta_hat.T @ (self.delta_hat @ x))
+        return omega_apply(x[None], self.factors.z_chol[None], self.variance_coef.reshape(1), self.delta_hat[None],
+                           self.alpha_b)[0]
 
 
 def omega_terms(G: torch.Tensor, factors: DampedFactors, *, beta: float, num_train_samples: int,

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .targets import PEFT_PREFIX, Target, _kind, base_model_of, find_targets
+from .targets import PEFT_PREFIX, Target, _active_adapter, _kind, base_model_of, find_targets
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INIT_SUMMARY = "loradafast_init.json"
@@ -206,7 +206,7 @@ class InitResult:
         plan = []
         for name, layer in self.layers.items():
             target: Target = targets[name]
-            adapter = adapter_name or _active(target.lora_layer)
+            adapter = adapter_name or _active_adapter(target.lora_layer)
             a = target.lora_layer.lora_A[adapter].weight
             b = target.lora_layer.lora_B[adapter].weight
             if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape:
@@ -321,11 +321,6 @@ def freeze_lora_a(peft_model: nn.Module, adapter_name: str | None = None) -> nn.
     if not targets:
         raise ValueError("the model has no LoRA layer to freeze")
     for t in targets:
-        t.lora_layer.lora_A[adapter_name or _active(t.lora_layer)].weight.requires_grad_(False)
+        t.lora_layer.lora_A[adapter_name or _active_adapter(t.lora_layer)].weight.requires_grad_(False)
     return peft_model
 
-
-def _active(layer) -> str:
-    from .targets import _active_adapter
-
-    return _active_adapter(layer)

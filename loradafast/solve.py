@@ -130,16 +130,15 @@ def solve(
     damping of 1e-6 spans many orders of magnitude, and its smallest eigenvectors are what we
     keep); the factors are returned in float32.
     """
-    check_method(method)
+    gamma = check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b,
+                          gamma=gamma, damping=damping, damping_mode=damping_mode, gradient=gradient,
+                          loraga_variant=loraga_variant, pissa_niter=pissa_niter, eigensolver=eigensolver)
     if method not in WEIGHT_ONLY_METHODS and stats is None:
         raise ValueError(f"method {method!r} is data-aware and needs the statistics of a collect pass")
     if method in NEEDS_WEIGHTS and weights is None:
         raise ValueError(f"method {method!r} needs the base weights: pass weights={{name: W [out, in]}}")
     if stats is None and weights is None:
         raise ValueError(f"method {method!r} needs the layers: pass weights={{name: W [out, in]}} (or statistics)")
-    gamma = check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b,
-                          gamma=gamma, damping=damping, damping_mode=damping_mode, gradient=gradient,
-                          loraga_variant=loraga_variant, pissa_niter=pissa_niter, eigensolver=eigensolver)
 
     shapes = _layer_shapes(stats, weights, kinds)
     rank = 8 if rank is None else rank

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from .kernels import symmetric_from_lower
 
 FORMAT_VERSION = 1
 
@@ -100,8 +99,3 @@ class Statistics:
                     z_sums[z_key] = f.get_tensor(f"z/{z_key}")
         return cls(layers, z_sums, header["num_tokens"], header["num_sequences"], header["y_factor"],
                    header.get("meta", {}))
-
-
-def finalize_symmetric(acc: torch.Tensor) -> torch.Tensor:
-    """Accumulators hold the lower triangle only (the kernels skip the upper tiles)."""
-    return symmetric_from_lower(acc)

@@ -3,16 +3,11 @@ import pytest
 import torch
 
 import loradafast
+from loradafast.eigen import span_sine as sin_largest_angle
 from loradafast import lora_da
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 
-def sin_largest_angle(a: torch.Tensor, b: torch.Tensor) -> float:
-    """sin of the largest principal angle between the column spans of a and b."""
-    qa, _ = torch.linalg.qr(a.double())
-    qb, _ = torch.linalg.qr(b.double())
-    cos = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
-    return float(torch.sqrt(1 - cos.min() ** 2))
 
 
 @pytest.fixture(scope="module")

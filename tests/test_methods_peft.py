@@ -9,6 +9,7 @@ from peft import get_peft_model as peft_get_peft_model
 from safetensors.torch import load_file
 
 import loradafast
+from loradafast.eigen import span_sine as sin_largest_angle
 from tiny import tiny_gpt2, tiny_llama
 
 FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -36,11 +37,6 @@ def _sign_aligned(ours_a, ours_b, theirs_a, theirs_b):
     return theirs_a * sa[:, None], theirs_b * sb
 
 
-def sin_largest_angle(a, b):
-    qa, _ = torch.linalg.qr(a.double())
-    qb, _ = torch.linalg.qr(b.double())
-    cos = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
-    return float(torch.sqrt(1 - cos.min() ** 2))
 
 
 @pytest.mark.parametrize("arch", list(FACTORIES))
