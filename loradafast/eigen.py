@@ -248,7 +248,7 @@ def smallest_eigenpairs(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     max_iter: int = 300,
-    tol: float | None = None,
+    tol: float | torch.Tensor | None = None,
     oversample: int | None = None,
     seed: int = 0,
     dense: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -269,7 +269,8 @@ def smallest_eigenpairs(
     :func:`omega_preconditioner`).  Without it, operators whose spectrum spans many orders of
     magnitude around tiny gaps will not converge in ``max_iter`` and fall back to dense ``eigh``.
     ``oversample``: extra block columns beyond ``r`` (default ``max(r, 8)``, block ``m = r + oversample``).
-    ``tol``: on ``EigenResult.residuals`` (default 1e-10 in float64, 1e-5 in float32).
+    ``tol``: on ``EigenResult.residuals`` (default 1e-10 in float64, 1e-5 in float32); a scalar or
+    ``[batch]``.
     ``dense``: the dense operators for the fallback, ``[batch, n, n]`` or a callable taking a
     ``LongTensor`` of layer indices and returning their ``[k, n, n]`` matrices; by default a
     callable ``op`` is applied to identity columns.
@@ -287,7 +288,9 @@ def smallest_eigenpairs(
     apply, mat = _as_operator(op, batch, n, dtype, device)
     if not isinstance(r, int) or r < 1 or r > n:
         raise ValueError(f"need 1 ≤ r ≤ n, got r={r}, n={n}")
-    tol = _default_tol(dtype) if tol is None else float(tol)
+    tol = _default_tol(dtype) if tol is None else tol
+    if isinstance(tol, torch.Tensor):  # per operator, e.g. each one's attainable residual
+        tol = tol.to(device=device, dtype=torch.float64)
     m = min(n, r + (max(r, 8) if oversample is None else int(oversample)))
     dense_below = 4 * m if dense_below is None else dense_below
 

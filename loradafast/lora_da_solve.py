@@ -1,42 +1,32 @@
-"""LoRA-DA for many layers at once: factor once per shared input, then one batched eigensolve
-per group of layers with the same width and rank (DESIGN §4, §6).
+"""LoRA-DA for many layers at once: one factorisation per shared input, then one batched
+eigensolve per input group and rank (DESIGN §4, §6).
 
-Per layer the Ω operator is ``c·Zλ⁻¹X − α_b·Δ̂ᵀ(Δ̂X)``.  To batch layers of one width whose
-output sizes differ (q: 576 rows, k/v: 192 in SmolLM2; gate/up: 1536), Δ̂ is replaced by an
-``[n, n]`` factor with the same Gram matrix: the R of a QR when it has more rows than columns, Δ̂
-zero-padded otherwise (zero rows add nothing to Δ̂ᵀΔ̂).  Memory per layer is then ``O(n²)``
-whatever its output size.
+The layers that read the same input (q, k, v; gate, up) share ``Zλ``.  Each such group is solved
+on its own, from its statistics, and freed before the next, so the working memory is that of one
+group.  The LOBPCG path applies Ω implicitly (:mod:`.lora_da_operator`): ``O((n² + n·out)·k)`` per
+product and no per-layer ``O(n³)`` work.  The dense path materialises Ω per layer (``O(n³)``),
+which on CPU is still the faster choice for small widths.
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 
-from . import eigen, kernels, lora_da
+from . import eigen, lora_da
+from .lora_da_operator import GroupOmega
 from .stats import Statistics
 
 EIGENSOLVERS = ("auto", "lobpcg", "dense")
 # On CPU, dense eigh of the materialised Ω beat the preconditioned LOBPCG at the widths we
 # measured (SmolLM2's 576 and 1536, r = 8: 50 s vs 86 s for 210 layers on 2 cores,
-# benchmarks/results/solve_cpu.json).  Above 2048 nothing was measured on CPU and "auto" takes
-# LOBPCG, whose cost grows as n² per iteration instead of n³.  On CUDA "auto" is LOBPCG (no n³
-# work, no host synchronisation); not yet measured on a GPU.
+# benchmarks/results/solve_cpu.json, measured before Ω was applied implicitly).  Above 2048 "auto"
+# takes LOBPCG, whose cost grows as n² per iteration instead of n³; on CUDA "auto" is always LOBPCG.
 CPU_DENSE_MAX_N = 2048
-# Bytes of float64 work space per group chunk: ~5 [n, n] matrices per layer.
-DEFAULT_MEMORY_BUDGET = 2 << 30
-
-
-def _gram_factor(delta_hat: torch.Tensor, n: int) -> torch.Tensor:
-    """An ``[n, n]`` matrix F with FᵀF = Δ̂ᵀΔ̂."""
-    if delta_hat.shape[0] > n:
-        return torch.linalg.qr(delta_hat, mode="r").R
-    return torch.nn.functional.pad(delta_hat, (0, 0, 0, n - delta_hat.shape[0]))
-
-
-def _chunks(items: list, per_item_bytes: int, budget: int) -> list[list]:
-    size = max(1, budget // max(per_item_bytes, 1))
-    return [items[i:i + size] for i in range(0, len(items), size)]
+# How far above the measured rounding of the implicit Ω products LOBPCG's default tolerance sits.
+FLOOR_MARGIN = 30.0
 
 
 def solve_lora_da(
@@ -54,77 +44,172 @@ def solve_lora_da(
     gradient: str,
     residual_tol: float | None,
     eigensolver: str = "auto",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict]]:
     """``{name: (lora_A [r, in], lora_B [out, r], diagnostics)}`` for the layers in ``ranks``."""
     if eigensolver not in EIGENSOLVERS:
         raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}")
-    z_cache: dict[str, lora_da.DampedZ] = {}
-    terms: dict[str, lora_da.OmegaTerms] = {}
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, r in ranks.items():
-        s = stats.layers[name]
-        dev = torch.device(device) if device is not None else s.g_sum.device
-        z = z_cache.get(s.z_key)
-        if z is None:
-            z = z_cache[s.z_key] = lora_da.damped_z(stats.Z(name, dtype).to(dev), damping, damping_mode)
-        factors = lora_da.damped_factors(z, stats.Y(name, dtype).to(dev), damping, damping_mode)
-        terms[name] = lora_da.omega_terms(stats.G(name, dtype).to(dev), factors, beta=beta,
-                                          num_train_samples=num_train_samples, alpha_b=alpha_b, gradient=gradient)
-        groups[(s.in_features, r, dev, factors.cholesky_dtype)].append(name)
-
+    by_input: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(ranks):
+        by_input[stats.layers[name].z_key].append(name)
     out: dict[str, tuple[torch.Tensor, torch.Tensor, dict]] = {}
-    for (n, r, dev, work_dtype), names in groups.items():
+    for z_key in sorted(by_input):
+        names = by_input[z_key]
+        dev = torch.device(device) if device is not None else stats.layers[names[0]].g_sum.device
+        times: dict[str, float] = {}
+        group, factors = _group_operator(stats, names, dtype, dev, beta=beta, num_train_samples=num_train_samples,
+                                         alpha_b=alpha_b, damping=damping, damping_mode=damping_mode,
+                                         gradient=gradient, times=times)
         solver = eigensolver
         if solver == "auto":
-            solver = "lobpcg" if dev.type == "cuda" or n > CPU_DENSE_MAX_N else "dense"
-        per_layer = 5 * n * n * torch.finfo(work_dtype).bits // 8
-        for chunk in _chunks(names, per_layer, memory_budget):
-            result = _solve_group([terms[k] for k in chunk], n, r, solver, work_dtype, dev, residual_tol)
-            for i, name in enumerate(chunk):
-                t = terms[name]
-                a, b = lora_da.lora_da_factors(t, result.eigenvectors[i], gamma)
-                z_cond, y_cond = lora_da.condition_estimate(t.factors)
-                out[name] = (a, b, {
-                    "eigenvalues": result.eigenvalues[i].cpu(),
-                    "residual": float(result.residuals[i]),
-                    "omega_norm": float(result.op_norm[i]),
-                    "eigensolver": result.method,
-                    "eigensolver_iterations": result.iterations,
-                    "eigensolver_converged": bool(result.converged[i]),
-                    "eigensolver_fallback": bool(result.fallback[i]),
-                    "damping_z": t.factors.damping_z,
-                    "damping_y": t.factors.damping_y,
-                    "damping_raised": t.factors.damping_raised,
-                    "z_condition_estimate": z_cond,
-                    "y_condition_estimate": y_cond,
-                    "cholesky_dtype": str(t.factors.cholesky_dtype).replace("torch.", ""),
-                    "sigma": float(t.sigma),
-                    "variance_coef": float(t.variance_coef),
-                    "num_tokens": stats.num_tokens,
-                    "num_sequences": stats.num_sequences,
-                })
-    return out
+            solver = "lobpcg" if dev.type == "cuda" or group.n > CPU_DENSE_MAX_N else "dense"
+        solved = {}
+        for r in sorted({ranks[k] for k in names}):
+            idx = [i for i, k in enumerate(names) if ranks[k] == r]
+            with _timed(times, "eigen_s", dev):
+                solved[r] = (idx, *_eigensolve(group, _Subset(group, idx), r, solver, residual_tol))
+        rough = group.sigma.clone()
+        with _timed(times, "sigma_s", dev):
+            group.refine_sigma(_start_block(group, solved), tol=_sigma_tol(group.dtype))
+        rescale = (rough / group.sigma) ** 2  # the eigensolve saw Ω with the rough σ
+        for r, (idx, result, floor, precond_count) in solved.items():
+            result.eigenvalues = result.eigenvalues * rescale[idx, None].to(result.eigenvalues.dtype)
+            result.op_norm = result.op_norm * rescale[idx].to(result.op_norm.dtype)
+            with _timed(times, "lora_b_s", dev):
+                b_all = group.lora_b(_Subset(group, idx)._embed(result.eigenvectors.to(group.dtype)))
+            out.update(_layer_results(group, idx, [names[i] for i in idx], result, floor, precond_count, b_all,
+                                      gamma, factors, stats))
+        for name in names:  # stage times of the whole input group, shared by its layers
+            out[name][2].update(input_group=z_key, group_times_s=dict(times))
+        del group, factors  # this input's statistics in working precision, before the next group
+    return {name: out[name] for name in ranks}
 
 
-def _solve_group(terms: list[lora_da.OmegaTerms], n: int, r: int, solver: str, dtype: torch.dtype, device,
-                 residual_tol: float | None) -> eigen.EigenResult:
-    chol = torch.stack([t.factors.z_chol.to(dtype) for t in terms])
-    coef = torch.stack([t.variance_coef.to(dtype) for t in terms])
-    gram = torch.stack([_gram_factor(t.delta_hat.to(dtype), n) for t in terms])
-    alpha_b = terms[0].alpha_b
+@contextmanager
+def _timed(times: dict, stage: str, device: torch.device):
+    """Wall time of a stage, synchronised on CUDA so that queued kernels are counted."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times[stage] = times.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _group_operator(stats, names, dtype, dev, *, beta, num_train_samples, alpha_b, damping, damping_mode,
+                    gradient, times):
+    with _timed(times, "factor_s", dev):
+        group, factors = _factor_group(stats, names, dtype, dev, beta=beta, num_train_samples=num_train_samples,
+                                       alpha_b=alpha_b, damping=damping, damping_mode=damping_mode,
+                                       gradient=gradient)
+    with _timed(times, "sigma_s", dev):
+        group.estimate_sigma()
+    bad = [k for k, s in zip(names, group.sigma.tolist()) if not (s > 0 and s < float("inf"))]
+    if bad:
+        raise FloatingPointError(
+            f"the gradient estimate of {bad} is zero or not finite, so it defines no direction; the layer "
+            "does not influence the loss on these samples (exclude it, or use more samples)"
+        )
+    return group, factors
+
+
+def _factor_group(stats, names, dtype, dev, *, beta, num_train_samples, alpha_b, damping, damping_mode, gradient):
+    z_mat = stats.Z(names[0], dtype).to(dev)
+    z = lora_da.damped_z(z_mat, damping, damping_mode)
+    work = z.dtype
+    factors = [lora_da.damped_factors(z, stats.Y(k, dtype).to(dev), damping, damping_mode) for k in names]
+    if any(f.cholesky_dtype == torch.float64 for f in factors):
+        work = torch.float64  # one working precision for the group: the highest any factor needed
+    z_lambda = z_mat.to(work) + z.damping * torch.eye(z_mat.shape[-1], dtype=work, device=dev)
+    grads = [stats.G(k, dtype).to(dev) for k in names]
+    return GroupOmega(z, z_lambda, grads, factors, beta=beta, num_train_samples=num_train_samples,
+                      alpha_b=alpha_b, gradient=gradient, dtype=work), factors
+
+
+def _sigma_tol(dtype: torch.dtype) -> float:
+    # Relative residual of the top eigenpair of ΔᵀΔ.  The Ritz value's relative error is about its
+    # square over the relative gap (1e-10/gap in float64): σ only scales lora_B.
+    return 1e-5 if dtype == torch.float64 else 1e-3
+
+
+class _Subset:
+    """The layers ``idx`` of a group as an operator batch (one rank per eigensolve)."""
+
+    def __init__(self, group: GroupOmega, idx: list[int]):
+        self.group, self.idx = group, idx
+        self.all = len(idx) == group.batch
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.all:
+            return x
+        full = torch.zeros(self.group.batch, *x.shape[1:], dtype=x.dtype, device=x.device)
+        full[self.idx] = x
+        return full
+
+    def _pick(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.all else y[self.idx]
+
+    def omega(self, x):
+        return self._pick(self.group.omega(self._embed(x)))
+
+    def dense(self, layers: torch.Tensor) -> torch.Tensor:
+        return self.group.dense(torch.tensor([self.idx[int(i)] for i in layers]))
+
+
+def _start_block(group: GroupOmega, solved: dict) -> torch.Tensor:
+    """Each layer's leading eigenvectors, ``[b, n, r_min]``, to start the refinement of σ from."""
+    r0 = min(solved)
+    x0 = torch.empty(group.batch, group.n, r0, dtype=group.dtype, device=group.chol.device)
+    for idx, result, _, _ in solved.values():
+        x0[idx] = result.eigenvectors[..., :r0].to(x0.dtype)
+    return x0
+
+
+def _eigensolve(group: GroupOmega, sub: _Subset, r: int, solver: str, residual_tol):
+    n, dev, b = group.n, group.chol.device, len(sub.idx)
     if solver == "dense":
-        omega = kernels.omega_dense(chol, coef, gram, alpha_b)
-        omega = 0.5 * (omega + omega.mT)
-        return eigen.smallest_eigenpairs(omega, n, r, len(terms), dtype=dtype, device=device, tol=residual_tol,
-                                         dense_below=n)
+        result = eigen.smallest_eigenpairs(sub.dense(torch.arange(b)), n, r, b, dtype=group.dtype, device=dev,
+                                           tol=residual_tol, dense_below=n)
+        return result, torch.zeros(b), 0
+    precond, precond_count = group.preconditioner()
+    floor = group.rounding_floor()[sub.idx]
+    tol = eigen._default_tol(group.dtype) if residual_tol is None else residual_tol
+    # The implicit products carry rounding of about eps·cond(Zλ) (the dense Ω carries the same
+    # when it is formed); asking LOBPCG for less would only send converged layers to the dense
+    # fallback.  An explicit residual_tol is taken as given.
+    if residual_tol is None:
+        tol = torch.clamp(FLOOR_MARGIN * floor, min=tol)
+    result = eigen.smallest_eigenpairs(sub.omega, n, r, b, dtype=group.dtype, device=dev, tol=tol,
+                                       precond=lambda x: sub._pick(precond(sub._embed(x))), dense=sub.dense)
+    return result, floor.cpu(), precond_count
 
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        return kernels.omega_apply(x, chol, coef, gram, alpha_b)
 
-    def dense(layers: torch.Tensor) -> torch.Tensor:
-        return kernels.omega_dense(chol[layers], coef[layers], gram[layers], alpha_b)
-
-    precond = eigen.omega_preconditioner(chol @ chol.mT, coef, alpha_b, dtype=dtype)
-    return eigen.smallest_eigenpairs(apply, n, r, len(terms), dtype=dtype, device=device, tol=residual_tol,
-                                     precond=precond, dense=dense)
+def _layer_results(group, idx, names, result, floor, precond_count, b_all, gamma, factors, stats):
+    scale = gamma ** -0.5
+    out = {}
+    for j, (i, name) in enumerate(zip(idx, names)):
+        f = factors[i]
+        z_cond, y_cond = lora_da.condition_estimate(f)
+        out[name] = (result.eigenvectors[j].T.to(group.dtype) * scale, b_all[i] * scale, {
+            "eigenvalues": result.eigenvalues[j].cpu(),
+            "residual": float(result.residuals[j]),
+            "residual_floor": float(floor[j]),
+            "omega_norm": float(result.op_norm[j]),
+            "eigensolver": result.method,
+            "eigensolver_iterations": result.iterations,
+            "eigensolver_converged": bool(result.converged[j]),
+            "eigensolver_fallback": bool(result.fallback[j]),
+            "sigma_iterations": group.sigma_iterations,
+            "preconditioner_factorisations": precond_count,
+            "damping_z": f.damping_z,
+            "damping_y": f.damping_y,
+            "damping_raised": f.damping_raised,
+            "z_condition_estimate": z_cond,
+            "y_condition_estimate": y_cond,
+            "cholesky_dtype": str(group.dtype).replace("torch.", ""),
+            "sigma": float(group.sigma[i]),
+            "variance_coef": float(group.variance_coef[i]),
+            "num_tokens": stats.num_tokens,
+            "num_sequences": stats.num_sequences,
+        })
+    return out

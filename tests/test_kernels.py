@@ -28,6 +28,25 @@ from loradafast.kernels.kfac_triton import _lower_tile_coords  # noqa: E402  (af
 U32 = 2.0 ** -24
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
+# Where the Triton path runs: the GPU when there is one (CPU tensors cannot reach a compiled
+# kernel), else the interpreter on the CPU.  Results come back to the CPU, and in-place
+# accumulators are written back, so every test reads the same on both machines.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_impl(fn, *args, impl, **kwargs):
+    if impl != "triton" or TRITON_DEVICE == "cpu":
+        return fn(*args, impl=impl, **kwargs)
+    moved = [a.to(TRITON_DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    out = fn(*moved, impl=impl, **kwargs)
+    for a, m in zip(args, moved):
+        if isinstance(a, torch.Tensor):
+            a.copy_(m.cpu())  # the accumulators are updated in place
+    back = {id(m): a for a, m in zip(args, moved) if isinstance(a, torch.Tensor)}
+    if isinstance(out, tuple):
+        return tuple(back.get(id(o), o.cpu() if isinstance(o, torch.Tensor) else o) for o in out)
+    return back.get(id(out), out.cpu() if isinstance(out, torch.Tensor) else out)
+
 
 def _mask(kind: str, tokens: int, gen: torch.Generator) -> torch.Tensor | None:
     if kind == "none":
@@ -93,8 +112,8 @@ def test_masked_padding_with_nan_is_ignored():
     x[-2:] = float("nan")
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
     for impl in ("reference", "triton"):
-        acc = kernels.kfac_accumulate(torch.zeros(5, 5), x, mask, impl=impl)
-        grad = kernels.gradient_accumulate(torch.zeros(5, 5), x, x, mask, impl=impl)
+        acc = on_impl(kernels.kfac_accumulate, torch.zeros(5, 5), x, mask, impl=impl)
+        grad = on_impl(kernels.gradient_accumulate, torch.zeros(5, 5), x, x, mask, impl=impl)
         assert torch.isfinite(acc.tril()).all() and torch.isfinite(grad).all(), impl
 
 
@@ -119,7 +138,7 @@ def test_kfac_triton_matches_reference(d, tokens, dtype, mask_kind):
     gen = torch.Generator().manual_seed(d * 1000 + tokens)
     x = (torch.randn(tokens, d, generator=gen) * 3).to(dtype)
     mask = _mask(mask_kind, tokens, gen)
-    got = kernels.kfac_accumulate(torch.zeros(d, d), x, mask, impl="triton")
+    got = on_impl(kernels.kfac_accumulate, torch.zeros(d, d), x, mask, impl="triton")
     want = kernels.kfac_accumulate(torch.zeros(d, d), x, mask, impl="reference")
     xs = _keep_rows(x.float(), mask).double()
     _assert_sum_close(got, want, (xs.abs().T @ xs.abs()).float(), max(1, xs.shape[0]), where=_lower(d))
@@ -137,7 +156,7 @@ def test_kfac_accumulates_across_calls(dtype):
     for tokens in (1, 33, 100):
         x = torch.randn(tokens, d, generator=gen).to(dtype)
         mask = _mask("bool", tokens, gen)
-        kernels.kfac_accumulate(got, x, mask, impl="triton")
+        on_impl(kernels.kfac_accumulate, got, x, mask, impl="triton")
         kernels.kfac_accumulate(want, x, mask, impl="reference")
         xs = _keep_rows(x.double(), mask)
         terms += xs.abs().T @ xs.abs()
@@ -158,7 +177,8 @@ def test_kfac_skips_upper_tiles_and_split_k_atomics():
     xs = _keep_rows(x.double(), mask)
     terms = (xs.abs().T @ xs.abs()).float()
     for split in (1, 3):  # 3 slices of the tokens add into each tile with fp32 atomics
-        got = kfac_triton.kfac_accumulate(start.clone(), x, mask, split_k=split)
+        dev = TRITON_DEVICE
+        got = kfac_triton.kfac_accumulate(start.clone().to(dev), x.to(dev), mask.to(dev), split_k=split).cpu()
         _assert_sum_close(got, want, terms, xs.shape[0], base=start, where=_lower(d))
         # Tiles strictly above the diagonal are never launched: their contents are untouched.
         tile = torch.arange(d) // block
@@ -183,8 +203,10 @@ def test_lower_tile_enumeration_is_exact_for_large_grids():
     tri = rows * (rows + 1) // 2
     pid = torch.cat([tri - 1, tri, tri + 1]).clamp(min=0).to(torch.int32)
     pid = torch.nn.functional.pad(pid, (0, -pid.numel() % 1024))
+    pid = pid.to(TRITON_DEVICE)
     i, j = torch.empty_like(pid), torch.empty_like(pid)
     _tile_coords_probe[(pid.numel() // 1024,)](pid, i, j, BLOCK=1024)
+    pid, i, j = pid.cpu(), i.cpu(), j.cpu()
     i64, j64 = i.long(), j.long()
     assert ((j64 >= 0) & (j64 <= i64)).all()
     assert torch.equal(i64 * (i64 + 1) // 2 + j64, pid.long())
@@ -197,7 +219,7 @@ def test_kfac_strided_input_and_leading_dims():
     x = wide[..., 5:45]  # row stride 60, not 40
     mask = torch.ones(2, 11, dtype=torch.bool)
     mask[1, 7:] = False
-    got = kernels.kfac_accumulate(torch.zeros(40, 40), x, mask, impl="triton")
+    got = on_impl(kernels.kfac_accumulate, torch.zeros(40, 40), x, mask, impl="triton")
     want = kernels.kfac_accumulate(torch.zeros(40, 40), x.contiguous().reshape(22, 40), mask.reshape(-1),
                                    impl="reference")
     xs = _keep_rows(x.reshape(22, 40).double(), mask.reshape(-1))
@@ -210,7 +232,7 @@ def test_kfac_medium_width():
     d, tokens = 576, 40
     x = torch.randn(tokens, d, generator=gen).to(torch.bfloat16)
     mask = _mask("bool", tokens, gen)
-    got = kernels.kfac_accumulate(torch.zeros(d, d), x, mask, impl="triton")
+    got = on_impl(kernels.kfac_accumulate, torch.zeros(d, d), x, mask, impl="triton")
     want = kernels.kfac_accumulate(torch.zeros(d, d), x, mask, impl="reference")
     xs = _keep_rows(x.double(), mask)
     _assert_sum_close(got, want, (xs.abs().T @ xs.abs()).float(), xs.shape[0], where=_lower(d))
@@ -223,7 +245,7 @@ def test_kfac_pair_matches_two_references(dx, dg, tokens, dtype):
     g = (torch.randn(tokens, dg, generator=gen) * 1e-3).to(dtype)  # gradients are small
     mask = _mask("float", tokens, gen)
     ax0, ag0 = torch.randn(dx, dx, generator=gen), torch.randn(dg, dg, generator=gen) * 1e-6
-    ax, ag = kernels.kfac_accumulate_pair(ax0.clone(), x, ag0.clone(), g, mask, impl="triton")
+    ax, ag = on_impl(kernels.kfac_accumulate_pair, ax0.clone(), x, ag0.clone(), g, mask, impl="triton")
     rx, rg = kernels.kfac_accumulate_pair(ax0.clone(), x, ag0.clone(), g, mask, impl="reference")
     xs, gs = _keep_rows(x.double(), mask), _keep_rows(g.double(), mask)
     _assert_sum_close(ax, rx, (xs.abs().T @ xs.abs()).float(), xs.shape[0], base=ax0, where=_lower(dx))
@@ -246,7 +268,7 @@ def test_gradient_triton_matches_reference(out, inp, tokens, dtype, mask_kind):
     x = torch.randn(tokens, inp, generator=gen).to(dtype)
     mask = _mask(mask_kind, tokens, gen)
     start = torch.randn(out, inp, generator=gen) * 1e-2
-    got = kernels.gradient_accumulate(start.clone(), g, x, mask, impl="triton")
+    got = on_impl(kernels.gradient_accumulate, start.clone(), g, x, mask, impl="triton")
     want = kernels.gradient_accumulate(start.clone(), g, x, mask, impl="reference")
     gs, xs = _keep_rows(g.double(), mask), _keep_rows(x.double(), mask)
     _assert_sum_close(got, want, (gs.abs().T @ xs.abs()).float(), max(1, gs.shape[0]), base=start)
@@ -286,7 +308,7 @@ def test_omega_apply_matches_dense(impl, z_is_inverse):
     gen = torch.Generator().manual_seed(11 + z_is_inverse)
     X, chol, c, delta, z = _omega_problem(3, 37, [45, 20, 1], 5, gen)
     zarg = torch.linalg.inv(z).float() if z_is_inverse else chol
-    got = kernels.omega_apply(X, zarg, c, delta, 0.7, z_is_inverse=z_is_inverse, impl=impl)
+    got = on_impl(kernels.omega_apply, X, zarg, c, delta, 0.7, z_is_inverse=z_is_inverse, impl=impl)
     # Ground truth in float64 from the float32 inputs. fp32 error of a solve with cond(Zλ) ≈ 100 on
     # n = 37 is ~cond·n·u ≈ 2e-4 relative to ‖c·Zλ⁻¹X‖ in the worst case, typically far less;
     # 1e-4 of the column scale with a 1e-4 rtol separates round-off from a wrong term (O(1)).
@@ -303,7 +325,7 @@ def test_omega_zero_padded_rows_change_nothing(impl):
     gen = torch.Generator().manual_seed(12)
     ms = [45, 20, 3]
     X, chol, c, delta, _ = _omega_problem(3, 33, ms, 4, gen)
-    batched = kernels.omega_apply(X, chol, c, delta, 0.5, impl=impl)
+    batched = on_impl(kernels.omega_apply, X, chol, c, delta, 0.5, impl=impl)
     for i, mi in enumerate(ms):
         alone = kernels.omega_apply(X[i], chol[i], c[i], delta[i, :mi], 0.5, impl="reference")
         # fp32 sums of the same O(1) terms in another order (or another program): 1e-5 is
@@ -317,7 +339,7 @@ def test_omega_triton_rejects_fp64():
     gen = torch.Generator().manual_seed(13)
     X, chol, c, delta, _ = _omega_problem(1, 5, [4], 2, gen, torch.float64)
     with pytest.raises(TypeError):
-        kernels.omega_apply(X, chol, c, delta, impl="triton")
+        on_impl(kernels.omega_apply, X, chol, c, delta, impl="triton")
     kernels.omega_apply(X, chol, c, delta, impl="auto")  # fp64 runs on the reference path
 
 
@@ -414,7 +436,7 @@ def test_gpu_gradient_matches_reference(impl):
     x = torch.randn(3000, 576, device="cuda", dtype=torch.bfloat16)
     mask = torch.rand(3000, device="cuda") > 0.2
     start = torch.randn(1536, 576, device="cuda")
-    got = kernels.gradient_accumulate(start.clone(), g, x, mask, impl=impl)
+    got = on_impl(kernels.gradient_accumulate, start.clone(), g, x, mask, impl=impl)
     want = kernels.gradient_accumulate(start.clone(), g, x, mask, impl="reference")
     gs, xs = g.float() * mask[:, None], x.float() * mask[:, None]
     _assert_sum_close(got, want, gs.abs().T @ xs.abs(), 3000, base=start)
@@ -426,6 +448,6 @@ def test_gpu_omega_triton_matches_reference(z_is_inverse):
     gen = torch.Generator().manual_seed(14)
     X, chol, c, delta, z = (t.cuda() for t in _omega_problem(4, 576, [576, 1536, 100, 64], 48, gen))
     zarg = torch.linalg.inv(z).float() if z_is_inverse else chol
-    got = kernels.omega_apply(X, zarg, c, delta, z_is_inverse=z_is_inverse, impl="triton")
+    got = on_impl(kernels.omega_apply, X, zarg, c, delta, z_is_inverse=z_is_inverse, impl="triton")
     want = kernels.omega_apply(X, zarg, c, delta, z_is_inverse=z_is_inverse, impl="reference")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

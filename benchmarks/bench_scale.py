@@ -1,0 +1,194 @@
+"""The LoRA-DA solve of one Llama-2-7B-shaped block against the forward+backward of that block.
+
+    python benchmarks/bench_scale.py                       # CPU proxy: widths ×1/4, ×1/2, ×1, 1 thread
+    python benchmarks/bench_scale.py --scales 0.25 --dense # also the float64 dense solve, for sin θ
+    python benchmarks/bench_scale.py --device cuda         # the same on a GPU
+
+One block: q, k, v, o 4096×4096; gate, up 4096→11008; down 11008→4096 (×scale), rank 8.  The
+statistics are synthetic, in two spectra:
+
+* ``decay``: Z with eigenvalues decaying from 1 to 1e-6 over min(n, 2048) random directions (the
+  rest of Z is zero, as with fewer tokens than inputs); G and Y random (the issue's set-up).
+* ``tokens``: Z and G from 2,048 synthetic tokens whose inputs have that spectrum, so that G lies
+  in the row space of Z as real gradients do.
+
+Side by side in one run: ``loradafast.solve`` (per-stage times from the diagnostics) and one
+forward+backward of a transformers ``LlamaDecoderLayer`` over 2,048 tokens (input gradients
+only; what the statistics pass does per block).  The goal (issue "Large models") is a ratio
+≤ 3 with the subspace within sin θ ≤ 1e-4 of the float64 dense solve.
+Results: ``benchmarks/results/scale_<device>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import loradafast  # noqa: E402
+from loradafast.eigen import span_sine  # noqa: E402
+from loradafast.stats import LayerStats, Statistics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, device_slug  # noqa: E402
+
+HIDDEN, INTERMEDIATE, TOKENS = 4096, 11008, 2048
+# name: (in, out, input group)
+BLOCK = {"q": ("h", "h", "attn"), "k": ("h", "h", "attn"), "v": ("h", "h", "attn"), "o": ("h", "h", "o"),
+         "gate": ("h", "i", "mlp"), "up": ("h", "i", "mlp"), "down": ("i", "h", "down")}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_stats(hidden: int, inter: int, spectrum: str, device, seed: int = 0) -> Statistics:
+    """Sums over TOKENS tokens, as collect() leaves them (fp32)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dims = {"h": hidden, "i": inter}
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.float64, generator=g)
+
+    inputs, z_sums, layers = {}, {}, {}
+    for name, (fin, fout, key) in BLOCK.items():
+        n, out = dims[fin], dims[fout]
+        if key not in inputs:
+            k = min(n, 2048)
+            spec = torch.logspace(0, -6, k, device=device, dtype=torch.float64)
+            basis, _ = torch.linalg.qr(randn(n, k))
+            if spectrum == "decay":
+                z_sums[key] = (((basis * spec) @ basis.T) * TOKENS).float()
+            else:  # tokens with that covariance
+                x = (randn(TOKENS, k) * spec.sqrt()) @ basis.T
+                inputs[key] = x
+                z_sums[key] = (x.T @ x).float()
+            inputs.setdefault(key, None)
+        if spectrum == "decay":
+            g_sum = (randn(out, n) * 1e-3 * TOKENS).float()
+            y_sum = torch.rand(out, device=device, dtype=torch.float64, generator=g) * 1e-4 * TOKENS + 1e-8
+        else:
+            grads = randn(TOKENS, out) * 1e-2
+            g_sum = (grads.T @ inputs[key]).float()
+            y_sum = (grads * grads).sum(0)
+        layers[name] = LayerStats(name, n, out, g_sum, y_sum.float(), key)
+    return Statistics(layers, z_sums, TOKENS, TOKENS // 1024 * 8, "diag", {})
+
+
+def block_forward_backward(hidden: int, inter: int, device, repeats: int) -> float:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    heads = max(1, hidden // 128)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                      num_key_value_heads=heads)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layer = LlamaDecoderLayer(cfg, 0).to(device, dtype)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, TOKENS // 2, hidden, device=device, dtype=dtype, requires_grad=True)
+    pos = torch.arange(TOKENS // 2, device=device)[None].expand(2, -1)
+    pe = LlamaRotaryEmbedding(cfg).to(device)(x, pos)
+
+    def run():
+        out = layer(x, position_embeddings=pe)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        x.grad = None
+
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def solve_once(stats, device, dtype, eigensolver="auto"):
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = loradafast.solve(stats, 8, dtype=dtype, device=device, eigensolver=eigensolver)
+    _sync(device)
+    total = time.perf_counter() - t
+    stages: dict[str, float] = {}
+    groups = {layer.diagnostics.get("input_group"): layer.diagnostics.get("group_times_s", {})
+              for layer in result.layers.values()}
+    for times in groups.values():
+        for k, v in times.items():
+            stages[k] = stages.get(k, 0.0) + v
+    per_layer = {name: {k: layer.diagnostics.get(k) for k in (
+        "eigensolver", "eigensolver_iterations", "eigensolver_fallback", "residual", "residual_floor",
+        "sigma_iterations", "preconditioner_factorisations", "z_condition_estimate")}
+        for name, layer in result.layers.items()}
+    return result, {"seconds": total, "stages_s": stages, "layers": per_layer,
+                    "warnings": [str(w.message).splitlines()[0] for w in caught],
+                    "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scales", default="0.25,0.5,1")
+    ap.add_argument("--spectra", default="decay,tokens")
+    ap.add_argument("--dtypes", default="float64")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: as the issue measured)")
+    ap.add_argument("--dense", action="store_true", help="also the float64 dense solve, for sin θ (O(n³))")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    runs = []
+    for scale in [float(s) for s in args.scales.split(",")]:
+        hidden, inter = int(HIDDEN * scale), int(INTERMEDIATE * scale)
+        fb = block_forward_backward(hidden, inter, device, args.repeats)
+        print(f"scale {scale}: block fwd+bwd over {TOKENS} tokens {fb:.2f}s", flush=True)
+        for spectrum in args.spectra.split(","):
+            stats = synthetic_stats(hidden, inter, spectrum, device)
+            reference = None
+            if args.dense:
+                reference, ref_info = solve_once(stats, device, torch.float64, "dense")
+                print(f"  {spectrum} dense float64: {ref_info['seconds']:.1f}s", flush=True)
+            for dtype_name in args.dtypes.split(","):
+                dtype = getattr(torch, dtype_name)
+                result, info = solve_once(stats, device, dtype)
+                if reference is not None:
+                    info["sin_theta_vs_dense_f64"] = {n: span_sine(result.layers[n].lora_A.T, reference.layers[n].lora_A.T)
+                                                      for n in result.layers}
+                    info["dense_f64_seconds"] = ref_info["seconds"]
+                info.update(scale=scale, hidden=hidden, intermediate=inter, spectrum=spectrum, dtype=dtype_name,
+                            block_fwd_bwd_s=fb, ratio=info["seconds"] / fb)
+                sines = info.get("sin_theta_vs_dense_f64")
+                print(f"  {spectrum} {dtype_name}: solve {info['seconds']:.1f}s = {info['ratio']:.2f}× fwd+bwd; "
+                      f"stages {({k: round(v, 2) for k, v in info['stages_s'].items()})}"
+                      + (f"; max sin θ {max(sines.values()):.1e}" if sines else ""), flush=True)
+                runs.append(info)
+    record = {
+        "benchmark": "bench_scale", "date": datetime.date.today().isoformat(), "device": device_name(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "torch": torch.__version__, "python": platform.python_version(), "rank": 8, "tokens": TOKENS,
+        "runs": runs,
+    }
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"scale_{device_slug(device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
