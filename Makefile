@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loradafast-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install test demo bench clean
+.PHONY: all install test demo bench gpu-report clean
 
 all: test
 
@@ -41,6 +41,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_eigen.py
+
+# Every GPU figure in one command, on a CUDA machine that already has torch, triton and peft (no
+# venv, no network): GPU tests and the kernel, eigen, scale, solve and overhead benchmarks, each
+# capped at 10 minutes, into benchmarks/results/gpu_report/ (REPORT=dir to change).
+gpu-report:
+	bash benchmarks/gpu_report.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output

@@ -3,7 +3,8 @@
 Operators are LoRA-DA Initialization Guidance Matrices ``Ω = c·Zλ⁻¹ − Δ̂ᵀΔ̂`` built from synthetic
 statistics with a rank-deficient Z (the hard case: spread ~c/λ, most-negative wanted eigenvalues).
 
-GPU (the design target): 224 operators, 192 of width 4096 and 32 of width 11008, r ∈ {8, 64}.
+GPU (the design target): a slice of Llama-2-7B's 224 operators (24 of width 4096, 4 of width 11008;
+the whole model's float64 work space does not fit one GPU), r ∈ {8, 64}.
 CPU: 64 of width 256 and 16 of width 512, r ∈ {8, 32}.  Reported per configuration: wall time
 of ours (one batched solve per width, structured operator + :func:`omega_preconditioner`, all
 set-up included), of ``torch.linalg.eigh`` looped over the layers, and of
@@ -155,7 +156,9 @@ def main():
     device = torch.device(args.device)
 
     if device.type == "cuda":
-        groups = [(192, 4096, 4096, 2048), (32, 11008, 4096, 4096)]  # (layers, n, out, tokens < n)
+        # (layers, n, out, tokens < n).  A slice of Llama-2-7B's 192 + 32 layers: the whole model
+        # would hold four float64 [192, 4096, 4096] tensors (≈ 26 GB each); times scale per layer.
+        groups = [(24, 4096, 4096, 2048), (4, 11008, 4096, 4096)]
         ranks = (8, 64)
         rr_sizes, rr_batch = (24, 48, 96, 192, 384), 224
     else:

@@ -35,6 +35,7 @@ from .lora_da import DampedFactors, DampedZ
 
 PRECOND_SHARE_RATIO = 8.0
 PRECOND_SHIFT = 1.1  # as in eigen.omega_preconditioner
+PRECOND_SHORTCUT = 1000.0  # how far c/λ must sit from s for M to be sI or cZλ⁻¹ to 0.1 %
 
 
 def _columns(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +64,7 @@ class GroupOmega:
                  factors: list[DampedFactors], *, beta: float, num_train_samples: int, alpha_b: float,
                  gradient: str, dtype: torch.dtype):
         self.chol = z.chol.to(dtype)
+        self.z_damping = float(z.damping)
         self.z_lambda = z_lambda.to(dtype)
         self.g = [g.to(dtype) for g in gradients]
         self.factors = factors
@@ -178,28 +180,43 @@ class GroupOmega:
 
     def preconditioner(self, dtype: torch.dtype | None = None):
         """``X ↦ Zλ(sZλ + cI)⁻¹X`` with ``c`` shared by clusters of layers (module docstring).
-        Returns the callable and the number of factorisations it made."""
+
+        Where ``c/λ_min(Zλ) ≤ s/1000`` the operator ``M = cZλ⁻¹ + sI`` is ``sI`` to 0.1 %, and
+        where ``c/λ_max(Zλ) ≥ 1000·s`` it is ``cZλ⁻¹`` to 0.1 %: those clusters need no
+        factorisation (``λ ≤ λ_min`` and ``tr Zλ ≥ λ_max`` bound the spectrum).  Returns the
+        callable and the number of factorisations it made."""
         dtype = self.dtype if dtype is None else dtype
-        coef = self.variance_coef
-        clusters = _clusters(coef.tolist(), PRECOND_SHARE_RATIO)
+        coef = self.variance_coef.tolist()
         s = PRECOND_SHIFT * self.alpha
-        eye = torch.eye(self.n, dtype=dtype, device=self.chol.device)
         z = self.z_lambda.to(dtype)
-        factors = []
-        for members in clusters:
-            c = _geometric_mean([float(coef[i]) for i in members])
-            chol, _ = torch.linalg.cholesky_ex(s * z + c * eye)
-            factors.append((members, chol))
+        lam_min, lam_max = self.z_damping, float(z.diagonal().sum())
+        parts = []
+        for members in _clusters(coef, PRECOND_SHARE_RATIO):
+            cs = [coef[i] for i in members]
+            if max(cs) <= s * lam_min / PRECOND_SHORTCUT:
+                parts.append((members, "identity", None))
+            elif min(cs) >= PRECOND_SHORTCUT * s * lam_max:
+                parts.append((members, "scaled", torch.tensor(cs, dtype=dtype, device=z.device).reshape(-1, 1, 1)))
+            else:
+                eye = torch.eye(self.n, dtype=dtype, device=z.device)
+                chol, _ = torch.linalg.cholesky_ex(s * z + _geometric_mean(cs) * eye)
+                parts.append((members, "factor", chol))
+        self.preconditioner_kinds = [kind for _, kind, _ in parts]
 
         def apply(x: torch.Tensor) -> torch.Tensor:
             out = torch.empty_like(x)
-            for members, chol in factors:
+            for members, kind, data in parts:
                 idx = torch.tensor(members, device=x.device)
                 part = x[idx].to(dtype)
-                solved = _batches(cholesky_solve(chol, _columns(part)), len(members))
-                out[idx] = (z @ solved).to(x.dtype)
+                if kind == "identity":
+                    out[idx] = (part / s).to(x.dtype)
+                elif kind == "scaled":
+                    out[idx] = (z @ part / data).to(x.dtype)
+                else:
+                    solved = _batches(cholesky_solve(data, _columns(part)), len(members))
+                    out[idx] = (z @ solved).to(x.dtype)
             return out
-        return apply, len(factors)
+        return apply, sum(kind == "factor" for _, kind, _ in parts)
 
     def lora_b(self, a0: torch.Tensor) -> torch.Tensor:
         """``Δ̂ᵢ A0ᵢ`` for every layer, ``a0`` ``[b, n, r]``; a list (output sizes differ)."""
