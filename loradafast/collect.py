@@ -10,9 +10,10 @@ token loss of sequence n), accumulate in fp32
 over the valid tokens (attention mask, sequences that have at least one label).
 
 The pass leaves the model as it found it: parameters' ``requires_grad``, train/eval modes and
-hooks are restored even when it fails.  It never needs a parameter to require grad: the first
-target output on the gradient path becomes a leaf that does, which is all autograd needs to
-reach every target (nothing upstream of it contains a target).
+hooks are restored even when it fails.  It never needs a parameter to require grad: every target
+output passes through an identity Function that also takes a leaf requiring grad (the anchor), so
+autograd reaches every target however frozen the model is, and the Function's backward records
+the output gradient (see ``_CaptureGrad`` for why that is a copy).
 """
 from __future__ import annotations
 
@@ -64,11 +65,34 @@ def preserved_model_state(model: nn.Module):
             m.training = mode
 
 
+class _CaptureGrad(torch.autograd.Function):
+    """Identity on a target's output whose backward hands ``∂loss/∂output`` to ``record``.
+
+    The output gradient cannot be taken from a tensor hook on the output itself: the next op may
+    modify the output in place (``nn.ReLU(inplace=True)``), which moves the hook off the gradient
+    path, or fails outright when the output was made a leaf.  The identity returns a copy, since
+    autograd forbids in-place ops on a view returned by a custom Function.  The copy adds no saved
+    activation (the layer's own output is not kept for backward) and costs one memcpy per target.
+    """
+
+    @staticmethod
+    def forward(ctx, output, anchor, record):
+        ctx.record = record
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.record(grad)
+        return grad, None, None
+
+
 class _Accumulator:
     """Hook state for one pass."""
 
     def __init__(self, targets: list[Target], y_factor: str, device: torch.device):
         self.targets = targets
+        # Makes every captured output require grad, even in a model whose parameters are all frozen.
+        self.anchor = torch.zeros(0, device=device, requires_grad=True)
         self.y_factor = y_factor
         self.device = device
         self.g_sum: dict[str, torch.Tensor] = {}
@@ -129,11 +153,7 @@ class _Accumulator:
                     acc = self.z_sum[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32,
                                                          device=rows.device)
                 kernels.kfac_accumulate(acc, rows, self.mask)
-            replaced = None
-            if not output.requires_grad:
-                output = replaced = output.detach().requires_grad_(True)
-            output.register_hook(self._grad_hook(target))
-            return replaced
+            return _CaptureGrad.apply(output, self.anchor, self._grad_hook(target))
 
         return hook
 

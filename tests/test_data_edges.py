@@ -1,0 +1,124 @@
+"""Data at the edges (issue 10, items 4-8): the padding side, in-place ops on a target's output,
+ambiguous tuple batches and masks, empty distributed shards, inference mode, per-sample dicts,
+sequence-classification labels and labels on padding."""
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import loradafast
+from test_robustness import ModelState
+from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama, toy_sequence_losses
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, type_vocab_size=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    return BertForMaskedLM(config).eval()
+
+
+def token_losses(outputs, batch):
+    """Masked-LM style: each unmasked token predicts its own label (no shift), mean per sequence."""
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs
+    tok = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, ignore_index=-100, reduction="none")
+    return tok.sum(1) / (batch.labels != -100).sum(1).clamp(min=1)
+
+
+def pad(seqs, batch_size, side, *, segments=False, labels=None, pad_id=0):
+    """Dict batches padded on ``side``; ``segments`` adds token_type_ids (0 for the first half of
+    each sequence, 1 for the rest); ``labels="ids"`` adds labels = input_ids, pads included."""
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        length = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        types = torch.zeros_like(ids)
+        for j, s in enumerate(chunk):
+            cols = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
+            ids[j, cols] = s
+            mask[j, cols] = 1
+            types[j, cols] = (torch.arange(len(s)) >= len(s) // 2).long()
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if segments:
+            batch["token_type_ids"] = types
+        if labels == "ids":
+            batch["labels"] = ids.clone()
+        out.append(batch)
+    return out
+
+
+def assert_stats_close(a, b, rel=2e-6):
+    # 2e-6: fp32 sums in another order (other batch shapes) reach ~7e-7 on these models.
+    assert (a.num_tokens, a.num_sequences) == (b.num_tokens, b.num_sequences)
+    assert a.layers.keys() == b.layers.keys()
+    for name in a.layers:
+        for getter in ("G", "Y", "Z"):
+            x, y = getattr(a, getter)(name), getattr(b, getter)(name)
+            err = float((x - y).abs().max() / y.abs().max())
+            assert err < rel, (name, getter, err)
+
+
+# ---- item 5: in-place ops on a target layer's output --------------------------------------------
+
+class InplaceToy(nn.Module):
+    """embedding → proj → ReLU → proj2 → ReLU → head, with the ReLUs in place or not."""
+
+    def __init__(self, inplace: bool, first: bool = True, later: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(11, 6)
+        self.proj = nn.Linear(6, 5)
+        self.act = nn.ReLU(inplace=inplace and first)
+        self.proj2 = nn.Linear(5, 4)
+        self.act2 = nn.ReLU(inplace=inplace and later)
+        self.head = nn.Linear(4, 11)
+        self.double()
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.act2(self.proj2(self.act(self.proj(self.embed(input_ids))))))
+
+
+@pytest.mark.parametrize("first, later", [(True, False), (False, True), (True, True)])
+def test_inplace_op_on_target_output(first, later):
+    ids = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(0))
+    options = dict(target_modules=["proj", "proj2"], loss_fn=toy_sequence_losses, y_factor="full", progress=False)
+    inplace = InplaceToy(True, first, later)
+    state = ModelState(inplace)
+    got = loradafast.collect(inplace, [ids], **options)
+    state.assert_unchanged()
+    expected = loradafast.collect(InplaceToy(False), [ids], **options)
+    assert_stats_close(got, expected, 1e-12)
+
+
+class ScaleInPlaceThen(nn.Module):
+    """An in-place op that changes nothing numerically, then ``act``."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.inner = act
+
+    def forward(self, x):
+        return self.inner(x.mul_(1.0))
+
+
+def test_inplace_op_after_hf_target():
+    """An in-place op on a transformers layer's output (a GPT-2 Conv1D, whose output is a view)."""
+    model = tiny_gpt2()
+    batches = padded_batches(random_sequences(4), 2)
+    expected = loradafast.collect(model, batches, progress=False)
+    mlp = model.transformer.h[0].mlp
+    original = mlp.act
+    mlp.act = ScaleInPlaceThen(original)
+    try:
+        got = loradafast.collect(model, batches, progress=False)
+    finally:
+        mlp.act = original
+    assert_stats_close(got, expected)
