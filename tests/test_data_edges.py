@@ -122,3 +122,62 @@ def test_inplace_op_after_hf_target():
     finally:
         mlp.act = original
     assert_stats_close(got, expected)
+
+
+# ---- item 6: ambiguous tuples and masks that are not 0/1 ----------------------------------------
+
+def test_tensor_dataset_pair_is_refused():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (4, 6))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    loader = DataLoader(TensorDataset(ids, labels), batch_size=2)
+    state = ModelState(model)
+    with pytest.raises(TypeError, match=r"dict.*'input_ids'.*'attention_mask'.*'labels'"):
+        loradafast.collect(model, loader, progress=False)
+    state.assert_unchanged()
+    for raw in ([ids, torch.ones_like(ids)], (ids, torch.ones_like(ids), ids)):
+        with pytest.raises(TypeError, match="ambiguous"):
+            loradafast.collect(model, [raw], progress=False)
+
+
+def test_one_tuple_is_input_ids():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 6))
+    assert_stats_close(loradafast.collect(model, [(ids,)], progress=False),
+                       loradafast.collect(model, [{"input_ids": ids}], progress=False), 1e-7)
+
+
+@pytest.mark.parametrize("bad", [-100, 2, 0.5])
+def test_mask_must_be_zero_or_one(bad):
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 6))
+    mask = torch.ones(2, 6)
+    mask[1, 0] = bad
+    state = ModelState(model)
+    with pytest.raises(ValueError, match="attention_mask.*0 and 1"):
+        loradafast.collect(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    state.assert_unchanged()
+
+
+def test_bool_float_and_int_masks_agree():
+    model = tiny_llama()
+    batch = padded_batches(random_sequences(3), 3)[0]
+    as_int = loradafast.collect(model, [batch], progress=False)
+    for dtype in (torch.bool, torch.float32):
+        other = dict(batch, attention_mask=batch["attention_mask"].to(dtype))
+        assert_stats_close(loradafast.collect(model, [other], progress=False), as_int, 1e-7)
+
+
+# ---- item 8: smaller ones ------------------------------------------------------------------------
+
+def test_list_of_per_sample_dicts():
+    model = tiny_llama()
+    samples = [{"input_ids": torch.randint(0, 97, (6,)), "attention_mask": torch.ones(6, dtype=torch.long)}
+               for _ in range(2)]
+    state = ModelState(model)
+    with pytest.raises(TypeError, match="collate"):
+        loradafast.collect(model, [samples], progress=False)
+    state.assert_unchanged()
