@@ -34,9 +34,13 @@ def _is_batched(value, size: int) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size
 
 
-def normalize_batch(raw, *, index: int) -> Batch:
+def normalize_batch(raw, *, index: int, token_labels: bool = True) -> Batch:
     """Accept a dict (``input_ids``, optional ``attention_mask`` and ``labels``, other model
-    keyword arguments passed through), a 1-tuple ``(input_ids,)`` or a bare ``input_ids`` tensor."""
+    keyword arguments passed through), a 1-tuple ``(input_ids,)`` or a bare ``input_ids`` tensor.
+
+    ``token_labels``: labels are one per token, shaped like ``input_ids`` (the built-in causal-LM
+    loss); otherwise (a user ``loss_fn``) they only need one row per sequence, e.g. class ids [B].
+    """
     data = _as_dict(raw, index)
     input_ids = data.get("input_ids")
     if not torch.is_tensor(input_ids):
@@ -53,7 +57,7 @@ def normalize_batch(raw, *, index: int) -> Batch:
             f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
         )
     mask = _attention_mask(data.get("attention_mask"), input_ids, index)
-    labels = _labels(data.pop("labels", None), input_ids, mask, index)
+    labels = _labels(data.pop("labels", None), input_ids, mask, index, token_labels)
     data["attention_mask"] = mask
     return Batch(data, labels, mask, input_ids.shape[0])
 
@@ -104,13 +108,23 @@ def _attention_mask(mask, input_ids: torch.Tensor, index: int) -> torch.Tensor:
     return mask
 
 
-def _labels(labels, input_ids: torch.Tensor, mask: torch.Tensor, index: int):
+def _labels(labels, input_ids: torch.Tensor, mask: torch.Tensor, index: int, token_labels: bool):
     if labels is None:
-        # Causal-LM convention: predict the input itself, padding excluded.
-        return input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-    if not torch.is_tensor(labels) or labels.shape != input_ids.shape:
-        raise ValueError(
-            f"batch {index}: labels must be a tensor shaped like input_ids {tuple(input_ids.shape)} "
-            f"(use {IGNORE_INDEX} for tokens without a loss)"
-        )
-    return labels
+        labels = input_ids  # causal-LM convention: predict the input itself
+    elif not torch.is_tensor(labels) or labels.shape != input_ids.shape:
+        if token_labels:
+            raise ValueError(
+                f"batch {index}: labels must be a tensor shaped like input_ids {tuple(input_ids.shape)} "
+                f"(use {IGNORE_INDEX} for tokens without a loss); labels of another shape, such as one class "
+                "per sequence, need a loss_fn that reads them"
+            )
+        if not torch.is_tensor(labels) or labels.dim() == 0 or labels.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"batch {index}: labels must be a tensor with one row per sequence ({input_ids.shape[0]}), "
+                f"got {getattr(labels, 'shape', type(labels).__name__)}"
+            )
+        return labels  # per-sequence labels: the user's loss_fn reads them as they are
+    if labels.is_floating_point():
+        return labels  # soft or multi-label targets that happen to have the shape of input_ids
+    # A label on padding would add a loss term that depends on how much padding the batch has.
+    return labels.masked_fill(mask == 0, IGNORE_INDEX)

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .batches import Batch, normalize_batch
-from .losses import causal_lm_sequence_losses
+from .batches import IGNORE_INDEX, Batch, normalize_batch
+from .losses import causal_lm_sequence_losses, next_token_labels
 from .stats import LayerStats, Statistics
 from .targets import Target, base_model_of, find_targets
 
@@ -219,7 +219,9 @@ def collect(
     """Run ``loader`` once through ``model`` and return the per-layer statistics (DESIGN §3).
 
     ``loss_fn(outputs, batch) -> per-sequence losses [B]`` replaces the causal-LM loss for other
-    models; it must return, for each sequence, the mean loss over its tokens.
+    models; it must return, for each sequence, the mean loss over its tokens.  It reads
+    ``batch.labels``: token labels shaped like ``input_ids`` (-100 where ``attention_mask`` is 0),
+    or labels of any other shape with one row per sequence, such as class ids ``[B]``.
     ``max_samples`` caps the number of sequences (None: the whole loader).
     """
     if y_factor not in Y_FACTORS:
@@ -273,7 +275,7 @@ def collect(
                     raw = next(batches)
                 except StopIteration:
                     break
-                batch = normalize_batch(raw, index=index)
+                batch = normalize_batch(raw, index=index, token_labels=loss_fn is None)
                 if max_samples is not None:
                     batch = batch.take(max_samples - num_sequences)
                 batch = batch.to(device)
@@ -353,7 +355,7 @@ def _run_batch(model: nn.Module, batch: Batch, acc: _Accumulator, loss_fn) -> tu
         if loss_fn is None:
             # The mask is only known after the loss tells which sequences have labels; the
             # labels alone decide that, so compute it before the forward.
-            has_labels = (batch.labels[:, 1:] != -100).any(1)
+            has_labels = (next_token_labels(batch) != IGNORE_INDEX).any(1)
         else:
             has_labels = torch.ones(batch.size, dtype=torch.bool, device=batch.attention_mask.device)
         mask = (batch.attention_mask != 0) & has_labels[:, None]

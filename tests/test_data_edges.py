@@ -181,3 +181,43 @@ def test_list_of_per_sample_dicts():
     with pytest.raises(TypeError, match="collate"):
         loradafast.collect(model, [samples], progress=False)
     state.assert_unchanged()
+
+
+def test_sequence_classification_labels_with_loss_fn():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         num_labels=3, pad_token_id=0, attn_implementation="eager")
+    model = LlamaForSequenceClassification(config).eval()
+    seqs = [s.clamp(min=1) for s in random_sequences(4, lengths=(4, 9))]  # no pad id inside
+    classes = torch.tensor([0, 2, 1, 2])
+    batches = [dict(b, labels=classes[i * 2:i * 2 + 2]) for i, b in enumerate(padded_batches(seqs, 2))]
+
+    def per_sequence_ce(outputs, batch):
+        return F.cross_entropy(outputs.logits.float(), batch.labels, reduction="none")
+
+    stats = loradafast.collect(model, batches, loss_fn=per_sequence_ce, progress=False)
+    assert stats.num_sequences == 4
+    # G is the gradient of the mean per-sequence loss.
+    ref = __import__("copy").deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    for s, c in zip(seqs, classes):
+        (F.cross_entropy(ref(input_ids=s[None]).logits, c[None]) / 4).backward()
+    modules = dict(ref.named_modules())
+    for name in stats.layers:
+        expected = modules[name].weight.grad
+        err = (stats.G(name, torch.float32) - expected).abs().max() / expected.abs().max()
+        assert err < 1e-4, (name, float(err))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_labels_on_padding_are_ignored(side):
+    model = tiny_llama()
+    seqs = random_sequences(8, lengths=(3, 14), seed=3)
+    one = loradafast.collect(model, pad(seqs, 1, side, labels="ids"), progress=False)
+    four = loradafast.collect(model, pad(seqs, 4, side, labels="ids"), progress=False)
+    assert_stats_close(four, one)
+    assert one.num_tokens == sum(len(s) for s in seqs)
