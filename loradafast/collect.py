@@ -18,6 +18,7 @@ the output gradient (see ``_CaptureGrad`` for why that is a copy).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import time
 from collections.abc import Callable, Iterable
@@ -338,6 +339,33 @@ def _context_length(config) -> int | None:
     return None
 
 
+def _takes_position_ids(model: nn.Module) -> bool:
+    base = base_model_of(model)
+    try:
+        parameters = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if "position_ids" not in parameters:
+        return False
+    # The RoBERTa family numbers positions from input_ids itself, skipping pads and starting after
+    # padding_idx: already independent of the padding, and 0-based ids would be wrong for it.
+    return not any(hasattr(m, "create_position_ids_from_input_ids") for m in base.modules())
+
+
+def _derived_position_ids(model: nn.Module, batch: Batch) -> torch.Tensor | None:
+    """Position ids counted over the real tokens, as generation derives them, for a batch that has
+    padding before a token (left padding).  A model with absolute positions numbers such a
+    sequence from its first pad, so the statistics would depend on the padding.  Right-padded
+    batches, batches that bring position_ids and models whose forward takes none are left as they are.
+    """
+    if "position_ids" in batch.inputs:
+        return None
+    real = (batch.attention_mask != 0).long()
+    if not (real[:, 1:] > real[:, :-1]).any() or not _takes_position_ids(model):
+        return None
+    return (real.cumsum(-1) - 1).clamp(min=0)
+
+
 def _run_batch(model: nn.Module, batch: Batch, acc: _Accumulator, loss_fn) -> tuple[int, int]:
     """Forward and backward one batch; returns (sequences used, tokens used)."""
     inputs = dict(batch.inputs)
@@ -351,6 +379,9 @@ def _run_batch(model: nn.Module, batch: Batch, acc: _Accumulator, loss_fn) -> tu
         )
     if config is not None and hasattr(config, "use_cache"):
         inputs.setdefault("use_cache", False)  # a KV cache is dead weight in this pass
+    position_ids = _derived_position_ids(model, batch)
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     with torch.enable_grad():
         if loss_fn is None:
             # The mask is only known after the loss tells which sequences have labels; the

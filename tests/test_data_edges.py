@@ -66,6 +66,65 @@ def assert_stats_close(a, b, rel=2e-6):
             assert err < rel, (name, getter, err)
 
 
+# ---- item 4: left and right padding give the same statistics ------------------------------------
+
+MODELS = {
+    "gpt2": (tiny_gpt2, {}),
+    "llama": (tiny_llama, {}),
+    "bert": (tiny_bert, {"loss_fn": token_losses}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_left_and_right_padding_agree(arch):
+    factory, options = MODELS[arch]
+    model = factory()
+    seqs = random_sequences(7, lengths=(3, 14), seed=4)
+    segments = arch == "bert"  # BERT also gets token_type_ids, padded like the ids
+
+    def stats(side, batch_size):
+        batches = pad(seqs, batch_size, side, segments=segments)
+        return loradafast.collect(model, batches, y_factor="full", progress=False, **options)
+
+    reference = stats("right", 1)  # one sequence per batch: no padding at all
+    for batch_size in (2, 3, 7):
+        assert_stats_close(stats("right", batch_size), reference)
+        assert_stats_close(stats("left", batch_size), reference)
+
+
+def test_roberta_positions_are_left_to_the_model():
+    """RoBERTa numbers positions from input_ids, after padding_idx and skipping pads: already
+    independent of the padding side, and 0-based derived ids would be wrong for it."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=97, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64, pad_token_id=1,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    model = RobertaForMaskedLM(config).eval()
+    seqs = [s.clamp(min=2) for s in random_sequences(5, lengths=(3, 14), seed=4)]  # no pad id inside
+
+    def stats(side, batch_size):
+        return loradafast.collect(model, pad(seqs, batch_size, side, pad_id=1), loss_fn=token_losses,
+                                  progress=False)
+
+    reference = stats("right", 1)
+    assert_stats_close(stats("left", 5), reference)
+    assert_stats_close(stats("right", 5), reference)
+
+
+def test_user_position_ids_are_kept():
+    """Position ids the batch brings are the user's choice: not replaced by derived ones."""
+    model = tiny_gpt2()
+    seqs = random_sequences(3, lengths=(4, 9), seed=2)
+    left = pad(seqs, 3, "left")[0]
+    shifted = dict(left, position_ids=torch.arange(left["input_ids"].shape[1]).expand_as(left["input_ids"]))
+    derived = loradafast.collect(model, [left], progress=False)
+    kept = loradafast.collect(model, [shifted], progress=False)
+    name = "transformer.h.0.attn.c_attn"
+    assert not torch.allclose(kept.G(name), derived.G(name), rtol=1e-3, atol=0)
+
+
 # ---- item 5: in-place ops on a target layer's output --------------------------------------------
 
 class InplaceToy(nn.Module):
