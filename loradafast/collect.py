@@ -198,11 +198,65 @@ class _Accumulator:
         return hook
 
 
-def _all_reduce(tensors: Iterable[torch.Tensor]) -> None:
+def _all_reduce(acc: _Accumulator, targets: list[Target], counts: torch.Tensor) -> None:
+    """Sum the statistics and ``counts`` over the ranks, in place.
+
+    Every rank takes part in the same collectives in the same order (sorted layer names), also a
+    rank whose shard was empty or on which a layer never ran: it first learns from the others which
+    layers got a gradient and which layers share an input, then contributes zeros shaped by the
+    target layers.
+    """
     import torch.distributed as dist
 
-    for t in tensors:
-        dist.all_reduce(t)
+    dist.all_reduce(counts)
+    names = sorted(t.name for t in targets)
+    _agree_on_layers(acc, names, counts.device)
+    for name in names:
+        if name not in acc.g_sum:
+            continue
+        dist.all_reduce(acc.g_sum[name])
+        dist.all_reduce(acc.y_sum[name])
+    for leader in sorted(acc.z_sum):
+        dist.all_reduce(acc.z_sum[leader])
+
+
+def _agree_on_layers(acc: _Accumulator, names: list[str], device: torch.device) -> None:
+    """Make ``acc`` hold the same layers and input groups on every rank, zeros where it saw none."""
+    import torch.distributed as dist
+
+    n = len(names)
+    index = {name: i for i, name in enumerate(names)}
+    leader = [index[acc.z_key[name]] if name in acc.z_key else None for name in names]
+    # One MAX reduction gives, per layer, the highest and (negated) lowest index of its input group's
+    # leader over the ranks that ran it, and whether any rank got a gradient for it.
+    flags = torch.tensor([-1 if i is None else i for i in leader]
+                         + [-n if i is None else -i for i in leader]
+                         + [int(name in acc.g_sum) for name in names], dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    highest, lowest, got_grad = flags[:n].tolist(), (-flags[n:2 * n]).tolist(), flags[2 * n:].tolist()
+    by_name = {t.name: t for t in acc.targets}
+    for i, name in enumerate(names):
+        if highest[i] < 0:
+            continue  # the layer ran on no rank: reported as receiving no gradient
+        if highest[i] != lowest[i]:
+            raise RuntimeError(
+                f"layer {name!r} shares its input with different layers on different ranks; the ranks must "
+                "run the same model"
+            )
+        acc.z_key[name] = names[highest[i]]
+        target = by_name[name]
+        if got_grad[i] and name not in acc.g_sum:
+            _zero_sums(acc, target)
+        if highest[i] == i and name not in acc.z_sum:
+            acc.z_sum[name] = torch.zeros(target.in_features, target.in_features, dtype=torch.float32,
+                                          device=target.module.weight.device)
+
+
+def _zero_sums(acc: _Accumulator, target: Target) -> None:
+    out, inp, device = target.out_features, target.in_features, target.module.weight.device
+    acc.g_sum[target.name] = torch.zeros(out, inp, dtype=torch.float32, device=device)
+    y_shape = (out,) if acc.y_factor == "diag" else (out, out)
+    acc.y_sum[target.name] = torch.zeros(y_shape, dtype=torch.float32, device=device)
 
 
 def collect(
@@ -291,16 +345,18 @@ def collect(
             if bar is not None:
                 bar.close()
 
-    if num_sequences == 0:
-        raise ValueError(
-            "the loader yielded no sequence with a label to learn from (empty loader, or every token "
-            "masked with -100); pass samples with at least two unmasked tokens each"
-        )
     counts = torch.tensor([num_tokens, num_sequences], dtype=torch.float64, device=device)
-    sums = [*acc.g_sum.values(), *acc.y_sum.values(), *acc.z_sum.values()]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        _all_reduce([*sums, counts])
-    for t in sums:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        # Before any check that could raise on one rank only: every rank must join every collective.
+        _all_reduce(acc, targets, counts)
+    if counts[1].item() == 0:
+        raise ValueError(
+            f"the loader yielded no sequence with a label to learn from{' on any rank' if distributed else ''} "
+            "(empty loader, or every token masked with -100); pass samples with at least two unmasked "
+            "tokens each"
+        )
+    for t in [*acc.g_sum.values(), *acc.y_sum.values(), *acc.z_sum.values()]:
         if not torch.isfinite(t).all():
             raise FloatingPointError(
                 "non-finite values in the statistics (NaN/Inf activations or gradients); check the model "

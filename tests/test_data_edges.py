@@ -230,6 +230,73 @@ def test_bool_float_and_int_masks_agree():
         assert_stats_close(loradafast.collect(model, [other], progress=False), as_int, 1e-7)
 
 
+# ---- item 7: an empty shard in a distributed pass -----------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank, world, port, scenarios, out_dir):
+    """Run ``collect`` once per scenario (one shard per rank each) and save what each run gave."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results = []
+    try:
+        for shards in scenarios:
+            try:
+                results.append({"stats": loradafast.collect(tiny_llama(), shards[rank], y_factor="full",
+                                                            progress=False)})
+            except Exception as e:  # noqa: BLE001 - the parent checks the message
+                results.append({"error": f"{type(e).__name__}: {e}"})
+    finally:
+        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _run_distributed(scenarios, world, out_dir):
+    """Per scenario, the list of what each rank got; fails (after killing them) if a rank hangs."""
+    ctx = torch.multiprocessing.get_context("spawn")  # fork is unsafe once torch has started threads
+    port = _free_port()
+    procs = [ctx.Process(target=_distributed_worker, args=(r, world, port, scenarios, str(out_dir)))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank hung"
+    per_rank = [torch.load(out_dir / f"{r}.pt", weights_only=False) for r in range(world)]
+    return list(zip(*per_rank))
+
+
+def test_distributed_empty_shard(tmp_path):
+    batches = padded_batches(random_sequences(5, lengths=(3, 12), seed=7), 2)
+    # Rank 1 empty; then every rank empty.
+    some, none = _run_distributed([[batches, []], [[], []]], 2, tmp_path)
+    assert all("error" not in r for r in some), [r.get("error") for r in some]
+    union = loradafast.collect(tiny_llama(), batches, y_factor="full", progress=False)
+    a, b = (r["stats"] for r in some)
+    assert_stats_close(a, union)
+    assert a.num_tokens == b.num_tokens and a.num_sequences == b.num_sequences
+    for name in a.layers:
+        assert a.layers[name].z_key == b.layers[name].z_key
+        assert torch.equal(a.layers[name].g_sum, b.layers[name].g_sum)
+        assert torch.equal(a.layers[name].y_sum, b.layers[name].y_sum)
+    assert a.z_sums.keys() == b.z_sums.keys() and all(torch.equal(a.z_sums[k], b.z_sums[k]) for k in a.z_sums)
+    # Every rank empty: the same clear error on every rank, and no hang.
+    for r in none:
+        assert "no sequence" in r.get("error", "") and "on any rank" in r["error"], r
+
+
 # ---- item 8: smaller ones ------------------------------------------------------------------------
 
 def test_list_of_per_sample_dicts():
