@@ -44,6 +44,21 @@ def is_causal_lm(model: nn.Module) -> bool:
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
+def _check_autograd_available(model: nn.Module) -> None:
+    # enable_grad() in the pass overrides no_grad() but not inference_mode(), whose tensors
+    # cannot take part in a backward at all.
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "torch.inference_mode() is on, and the statistics pass needs gradients; call loradafast outside "
+            "the `with torch.inference_mode():` block (torch.no_grad() is fine: the pass turns gradients on)"
+        )
+    if any(p.is_inference() for p in model.parameters()):
+        raise RuntimeError(
+            "the model's parameters were created under torch.inference_mode() (inference tensors), which "
+            "cannot take part in a backward; load or build the model outside inference_mode"
+        )
+
+
 def _uses_activation_checkpointing(model: nn.Module) -> bool:
     base = base_model_of(model)
     for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer name first
@@ -290,6 +305,7 @@ def collect(
             f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "
             f"{type(model).__name__}; check the module names with model.named_modules()"
         )
+    _check_autograd_available(model)
     if _uses_activation_checkpointing(model):
         raise ValueError(
             "the model recomputes activations during backward (gradient checkpointing), which would run the "

@@ -299,6 +299,21 @@ def test_distributed_empty_shard(tmp_path):
 
 # ---- item 8: smaller ones ------------------------------------------------------------------------
 
+def test_inference_mode_is_named():
+    model = tiny_llama()
+    state = ModelState(model)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            loradafast.collect(model, padded_batches(random_sequences(2), 2), progress=False)
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            loradafast.initialize(model, padded_batches(random_sequences(2), 2), rank=2, progress=False)
+    state.assert_unchanged()
+    with torch.inference_mode():
+        built_there = tiny_llama()
+    with pytest.raises(RuntimeError, match="created under torch.inference_mode"):
+        loradafast.collect(built_there, padded_batches(random_sequences(2), 2), progress=False)
+
+
 def test_list_of_per_sample_dicts():
     model = tiny_llama()
     samples = [{"input_ids": torch.randint(0, 97, (6,)), "attention_mask": torch.ones(6, dtype=torch.long)}
