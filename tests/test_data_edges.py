@@ -157,6 +157,28 @@ def test_inplace_op_on_target_output(first, later):
     assert_stats_close(got, expected, 1e-12)
 
 
+class DetachingToy(InplaceToy):
+    """proj2 sees a detached input: no gradient reaches proj, proj2 still gets its own."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.act2(self.proj2(self.act(self.proj(self.embed(input_ids))).detach())))
+
+
+def test_under_no_grad_and_after_a_detach():
+    ids = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(0))
+    options = dict(loss_fn=toy_sequence_losses, progress=False)
+    model = InplaceToy(True)
+    expected = loradafast.collect(model, [ids], target_modules=["proj", "proj2"], **options)
+    with torch.no_grad():  # the pass turns gradients on itself
+        assert_stats_close(loradafast.collect(model, [ids], target_modules=["proj", "proj2"], **options),
+                           expected, 1e-12)
+    detaching = DetachingToy(True)
+    with pytest.raises(RuntimeError, match="'proj' received no gradient"):
+        loradafast.collect(detaching, [ids], target_modules=["proj", "proj2"], **options)
+    only = loradafast.collect(detaching, [ids], target_modules=["proj2"], **options)
+    torch.testing.assert_close(only.G("proj2"), expected.G("proj2"), rtol=1e-12, atol=0)
+
+
 class ScaleInPlaceThen(nn.Module):
     """An in-place op that changes nothing numerically, then ``act``."""
 
