@@ -10,13 +10,15 @@ token loss of sequence n), accumulate in fp32
 over the valid tokens (attention mask, sequences that have at least one label).
 
 The pass leaves the model as it found it: parameters' ``requires_grad``, train/eval modes and
-hooks are restored even when it fails.  It never needs a parameter to require grad: the first
-target output on the gradient path becomes a leaf that does, which is all autograd needs to
-reach every target (nothing upstream of it contains a target).
+hooks are restored even when it fails.  It never needs a parameter to require grad: every target
+output passes through an identity Function that also takes a leaf requiring grad (the anchor), so
+autograd reaches every target however frozen the model is, and the Function's backward records
+the output gradient (see ``_CaptureGrad`` for why that is a copy).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import time
 from collections.abc import Callable, Iterable
@@ -25,8 +27,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .batches import Batch, normalize_batch
-from .losses import causal_lm_sequence_losses
+from .batches import IGNORE_INDEX, Batch, normalize_batch
+from .losses import causal_lm_sequence_losses, next_token_labels
 from .stats import LayerStats, Statistics
 from .targets import Target, base_model_of, find_targets
 
@@ -40,6 +42,21 @@ def is_causal_lm(model: nn.Module) -> bool:
         return False
     name = type(base).__name__
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def _check_autograd_available(model: nn.Module) -> None:
+    # enable_grad() in the pass overrides no_grad() but not inference_mode(), whose tensors
+    # cannot take part in a backward at all.
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "torch.inference_mode() is on, and the statistics pass needs gradients; call loradafast outside "
+            "the `with torch.inference_mode():` block (torch.no_grad() is fine: the pass turns gradients on)"
+        )
+    if any(p.is_inference() for p in model.parameters()):
+        raise RuntimeError(
+            "the model's parameters were created under torch.inference_mode() (inference tensors), which "
+            "cannot take part in a backward; load or build the model outside inference_mode"
+        )
 
 
 def _uses_activation_checkpointing(model: nn.Module) -> bool:
@@ -64,11 +81,34 @@ def preserved_model_state(model: nn.Module):
             m.training = mode
 
 
+class _CaptureGrad(torch.autograd.Function):
+    """Identity on a target's output whose backward hands ``∂loss/∂output`` to ``record``.
+
+    The output gradient cannot be taken from a tensor hook on the output itself: the next op may
+    modify the output in place (``nn.ReLU(inplace=True)``), which moves the hook off the gradient
+    path, or fails outright when the output was made a leaf.  The identity returns a copy, since
+    autograd forbids in-place ops on a view returned by a custom Function.  The copy adds no saved
+    activation (the layer's own output is not kept for backward) and costs one memcpy per target.
+    """
+
+    @staticmethod
+    def forward(ctx, output, anchor, record):
+        ctx.record = record
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.record(grad)
+        return grad, None, None
+
+
 class _Accumulator:
     """Hook state for one pass."""
 
     def __init__(self, targets: list[Target], y_factor: str, device: torch.device):
         self.targets = targets
+        # Makes every captured output require grad, even in a model whose parameters are all frozen.
+        self.anchor = torch.zeros(0, device=device, requires_grad=True)
         self.y_factor = y_factor
         self.device = device
         self.g_sum: dict[str, torch.Tensor] = {}
@@ -129,11 +169,7 @@ class _Accumulator:
                     acc = self.z_sum[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32,
                                                          device=rows.device)
                 kernels.kfac_accumulate(acc, rows, self.mask)
-            replaced = None
-            if not output.requires_grad:
-                output = replaced = output.detach().requires_grad_(True)
-            output.register_hook(self._grad_hook(target))
-            return replaced
+            return _CaptureGrad.apply(output, self.anchor, self._grad_hook(target))
 
         return hook
 
@@ -177,11 +213,65 @@ class _Accumulator:
         return hook
 
 
-def _all_reduce(tensors: Iterable[torch.Tensor]) -> None:
+def _all_reduce(acc: _Accumulator, targets: list[Target], counts: torch.Tensor) -> None:
+    """Sum the statistics and ``counts`` over the ranks, in place.
+
+    Every rank takes part in the same collectives in the same order (sorted layer names), also a
+    rank whose shard was empty or on which a layer never ran: it first learns from the others which
+    layers got a gradient and which layers share an input, then contributes zeros shaped by the
+    target layers.
+    """
     import torch.distributed as dist
 
-    for t in tensors:
-        dist.all_reduce(t)
+    dist.all_reduce(counts)
+    names = sorted(t.name for t in targets)
+    _agree_on_layers(acc, names, counts.device)
+    for name in names:
+        if name not in acc.g_sum:
+            continue
+        dist.all_reduce(acc.g_sum[name])
+        dist.all_reduce(acc.y_sum[name])
+    for leader in sorted(acc.z_sum):
+        dist.all_reduce(acc.z_sum[leader])
+
+
+def _agree_on_layers(acc: _Accumulator, names: list[str], device: torch.device) -> None:
+    """Make ``acc`` hold the same layers and input groups on every rank, zeros where it saw none."""
+    import torch.distributed as dist
+
+    n = len(names)
+    index = {name: i for i, name in enumerate(names)}
+    leader = [index[acc.z_key[name]] if name in acc.z_key else None for name in names]
+    # One MAX reduction gives, per layer, the highest and (negated) lowest index of its input group's
+    # leader over the ranks that ran it, and whether any rank got a gradient for it.
+    flags = torch.tensor([-1 if i is None else i for i in leader]
+                         + [-n if i is None else -i for i in leader]
+                         + [int(name in acc.g_sum) for name in names], dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    highest, lowest, got_grad = flags[:n].tolist(), (-flags[n:2 * n]).tolist(), flags[2 * n:].tolist()
+    by_name = {t.name: t for t in acc.targets}
+    for i, name in enumerate(names):
+        if highest[i] < 0:
+            continue  # the layer ran on no rank: reported as receiving no gradient
+        if highest[i] != lowest[i]:
+            raise RuntimeError(
+                f"layer {name!r} shares its input with different layers on different ranks; the ranks must "
+                "run the same model"
+            )
+        acc.z_key[name] = names[highest[i]]
+        target = by_name[name]
+        if got_grad[i] and name not in acc.g_sum:
+            _zero_sums(acc, target)
+        if highest[i] == i and name not in acc.z_sum:
+            acc.z_sum[name] = torch.zeros(target.in_features, target.in_features, dtype=torch.float32,
+                                          device=target.module.weight.device)
+
+
+def _zero_sums(acc: _Accumulator, target: Target) -> None:
+    out, inp, device = target.out_features, target.in_features, target.module.weight.device
+    acc.g_sum[target.name] = torch.zeros(out, inp, dtype=torch.float32, device=device)
+    y_shape = (out,) if acc.y_factor == "diag" else (out, out)
+    acc.y_sum[target.name] = torch.zeros(y_shape, dtype=torch.float32, device=device)
 
 
 def collect(
@@ -199,7 +289,9 @@ def collect(
     """Run ``loader`` once through ``model`` and return the per-layer statistics (DESIGN §3).
 
     ``loss_fn(outputs, batch) -> per-sequence losses [B]`` replaces the causal-LM loss for other
-    models; it must return, for each sequence, the mean loss over its tokens.
+    models; it must return, for each sequence, the mean loss over its tokens.  It reads
+    ``batch.labels``: token labels shaped like ``input_ids`` (-100 where ``attention_mask`` is 0),
+    or labels of any other shape with one row per sequence, such as class ids ``[B]``.
     ``max_samples`` caps the number of sequences (None: the whole loader).
     """
     if y_factor not in Y_FACTORS:
@@ -213,6 +305,7 @@ def collect(
             f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "
             f"{type(model).__name__}; check the module names with model.named_modules()"
         )
+    _check_autograd_available(model)
     if _uses_activation_checkpointing(model):
         raise ValueError(
             "the model recomputes activations during backward (gradient checkpointing), which would run the "
@@ -253,7 +346,7 @@ def collect(
                     raw = next(batches)
                 except StopIteration:
                     break
-                batch = normalize_batch(raw, index=index)
+                batch = normalize_batch(raw, index=index, token_labels=loss_fn is None)
                 if max_samples is not None:
                     batch = batch.take(max_samples - num_sequences)
                 batch = batch.to(device)
@@ -268,16 +361,18 @@ def collect(
             if bar is not None:
                 bar.close()
 
-    if num_sequences == 0:
-        raise ValueError(
-            "the loader yielded no sequence with a label to learn from (empty loader, or every token "
-            "masked with -100); pass samples with at least two unmasked tokens each"
-        )
     counts = torch.tensor([num_tokens, num_sequences], dtype=torch.float64, device=device)
-    sums = [*acc.g_sum.values(), *acc.y_sum.values(), *acc.z_sum.values()]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        _all_reduce([*sums, counts])
-    for t in sums:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        # Before any check that could raise on one rank only: every rank must join every collective.
+        _all_reduce(acc, targets, counts)
+    if counts[1].item() == 0:
+        raise ValueError(
+            f"the loader yielded no sequence with a label to learn from{' on any rank' if distributed else ''} "
+            "(empty loader, or every token masked with -100); pass samples with at least two unmasked "
+            "tokens each"
+        )
+    for t in [*acc.g_sum.values(), *acc.y_sum.values(), *acc.z_sum.values()]:
         if not torch.isfinite(t).all():
             raise FloatingPointError(
                 "non-finite values in the statistics (NaN/Inf activations or gradients); check the model "
@@ -316,6 +411,33 @@ def _context_length(config) -> int | None:
     return None
 
 
+def _takes_position_ids(model: nn.Module) -> bool:
+    base = base_model_of(model)
+    try:
+        parameters = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if "position_ids" not in parameters:
+        return False
+    # The RoBERTa family numbers positions from input_ids itself, skipping pads and starting after
+    # padding_idx: already independent of the padding, and 0-based ids would be wrong for it.
+    return not any(hasattr(m, "create_position_ids_from_input_ids") for m in base.modules())
+
+
+def _derived_position_ids(model: nn.Module, batch: Batch) -> torch.Tensor | None:
+    """Position ids counted over the real tokens, as generation derives them, for a batch that has
+    padding before a token (left padding).  A model with absolute positions numbers such a
+    sequence from its first pad, so the statistics would depend on the padding.  Right-padded
+    batches, batches that bring position_ids and models whose forward takes none are left as they are.
+    """
+    if "position_ids" in batch.inputs:
+        return None
+    real = (batch.attention_mask != 0).long()
+    if not (real[:, 1:] > real[:, :-1]).any() or not _takes_position_ids(model):
+        return None
+    return (real.cumsum(-1) - 1).clamp(min=0)
+
+
 def _run_batch(model: nn.Module, batch: Batch, acc: _Accumulator, loss_fn) -> tuple[int, int]:
     """Forward and backward one batch; returns (sequences used, tokens used)."""
     inputs = dict(batch.inputs)
@@ -329,11 +451,14 @@ def _run_batch(model: nn.Module, batch: Batch, acc: _Accumulator, loss_fn) -> tu
         )
     if config is not None and hasattr(config, "use_cache"):
         inputs.setdefault("use_cache", False)  # a KV cache is dead weight in this pass
+    position_ids = _derived_position_ids(model, batch)
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     with torch.enable_grad():
         if loss_fn is None:
             # The mask is only known after the loss tells which sequences have labels; the
             # labels alone decide that, so compute it before the forward.
-            has_labels = (batch.labels[:, 1:] != -100).any(1)
+            has_labels = (next_token_labels(batch) != IGNORE_INDEX).any(1)
         else:
             has_labels = torch.ones(batch.size, dtype=torch.bool, device=batch.attention_mask.device)
         mask = (batch.attention_mask != 0) & has_labels[:, None]

@@ -22,6 +22,13 @@ def logits_of(outputs) -> torch.Tensor:
     return logits
 
 
+def next_token_labels(batch: Batch) -> torch.Tensor:
+    """The label each position predicts, ``labels[:, 1:]``, ignored where the predicting position is
+    padding: with left padding the first token would otherwise be "predicted" from a pad, a term
+    that the same sequence without padding does not have."""
+    return batch.labels[:, 1:].masked_fill(batch.attention_mask[:, :-1] == 0, IGNORE_INDEX)
+
+
 def causal_lm_sequence_losses(outputs, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy of each sequence, and which sequences have any label.
 
@@ -33,7 +40,7 @@ def causal_lm_sequence_losses(outputs, batch: Batch) -> tuple[torch.Tensor, torc
             f"logits of shape {tuple(logits.shape)} do not match labels {tuple(batch.labels.shape)}; "
             "for a model that is not a causal LM pass loss_fn"
         )
-    labels = batch.labels[:, 1:]
+    labels = next_token_labels(batch)
     # fp32 log-softmax: bf16 cross-entropy over a large vocabulary loses the gradient's small entries.
     token_loss = F.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
