@@ -28,7 +28,7 @@ from . import kernels
 from .batches import Batch, normalize_batch
 from .losses import causal_lm_sequence_losses
 from .stats import LayerStats, Statistics
-from .targets import Target, base_model_of, find_targets
+from .targets import Target, base_model_of, base_model_only, find_targets
 
 Y_FACTORS = ("diag", "full")
 
@@ -235,7 +235,7 @@ def collect(
     started = time.perf_counter()
     handles = []
     bar = None
-    with preserved_model_state(model):
+    with preserved_model_state(model), base_model_only(model):  # PEFT adapters off: the base model's statistics
         try:
             model.eval()  # dropout off: statistics must not depend on the batching
             for p in model.parameters():

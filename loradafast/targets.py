@@ -6,6 +6,7 @@ passed a plain model or a ``PeftModel``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -181,3 +182,39 @@ def short_target_modules(model: nn.Module, targets: list[Target]) -> list[str]:
         if name and _kind(module) is not None and bool(check_target_module_exists(config, name))
     }
     return leaves if chosen == wanted else sorted(wanted)
+
+
+# ---- PEFT models: the base model only ------------------------------------------------------------
+
+def _adapter_switches(model: nn.Module) -> list[nn.Module]:
+    # PEFT's tuner layers (LoRA and the other methods) and its modules_to_save / trainable-token
+    # wrappers all gate their adapters on this one flag.
+    return [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "enable_adapters")]
+
+
+def check_not_merged(model: nn.Module) -> None:
+    merged = [name for name, m in model.named_modules() if getattr(m, "merged", False) is True]
+    if merged:
+        raise ValueError(
+            f"{len(merged)} PEFT layer(s) have adapters merged into their base weights (e.g. {merged[0]!r}), so the "
+            "base model is not available; call peft_model.unmerge_adapter() first"
+        )
+
+
+@contextlib.contextmanager
+def base_model_only(model: nn.Module):
+    """Run ``model`` as its base model: every PEFT adapter layer, active or not, and every
+    ``modules_to_save`` copy switched off, then switched back exactly as they were.
+
+    The flag is set directly: PEFT's ``enable_adapters``/``disable_adapter()`` would also change
+    the adapters' ``requires_grad`` and, on exit, enable adapters that the user had disabled.
+    """
+    check_not_merged(model)
+    switches = [(m, m._disable_adapters) for m in _adapter_switches(model)]
+    try:
+        for m, _ in switches:
+            m._disable_adapters = True
+        yield model
+    finally:
+        for m, flag in switches:
+            m._disable_adapters = flag

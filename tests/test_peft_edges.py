@@ -1,0 +1,101 @@
+"""PEFT at the edges (issue 10, items 1-3, 8 and 9): configs kept whole on save, a statistics pass
+that sees the base model only, PEFT's own choice of layers, per-layer rank typos, provenance
+carried by the statistics, tied weights, and the README run top to bottom."""
+import copy
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from peft import get_peft_model as peft_get_peft_model
+from peft.tuners.lora import LoraLayer
+
+import loradafast
+from test_robustness import ModelState
+from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
+
+IDS = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(9))
+
+
+def _loader(n=6, bs=3):
+    return padded_batches(random_sequences(n), bs)
+
+
+def _never():
+    raise AssertionError("the loader must not be touched: the call should fail before the statistics pass")
+    yield
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _wrapped(peft_model):
+    """Names (relative to the base model) of the layers PEFT wrapped."""
+    return {n[len("base_model.model."):] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+
+
+# ---- 2. the statistics pass sees the base model only ---------------------------------------------
+
+def _peft_model_with_another_active_adapter(pristine):
+    """Adapter "fill" (to initialise) and adapter "other", active, which changes the output."""
+    peft_model = peft_get_peft_model(copy.deepcopy(pristine), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+                                     adapter_name="fill")
+    peft_model.add_adapter("other", LoraConfig(r=3, target_modules=["q_proj", "up_proj"],
+                                               modules_to_save=["lm_head"]))
+    peft_model.set_adapter("other")
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".other." in name:
+                p.add_(torch.randn_like(p))  # B ≠ 0 and a trained head copy
+    assert not torch.allclose(_logits(peft_model), _logits(pristine))
+    return peft_model
+
+
+def test_statistics_of_a_peft_model_are_those_of_its_base():
+    pristine = tiny_llama()
+    peft_model = _peft_model_with_another_active_adapter(pristine)
+    state = ModelState(peft_model)
+    ours = loradafast.collect(peft_model, _loader(), adapter_name="fill", progress=False)
+    state.assert_unchanged()
+    base = loradafast.collect(pristine, _loader(), target_modules=["q_proj", "v_proj"], progress=False)
+    assert set(ours.layers) == set(base.layers)
+    for name in base.layers:
+        for stat in ("G", "Y", "Z"):
+            want = getattr(base, stat)(name)
+            torch.testing.assert_close(getattr(ours, stat)(name), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert peft_model.active_adapters == ["other"]
+
+
+def test_initialize_a_peft_model_twice_gives_the_same_adapter():
+    peft_model = peft_get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj", "up_proj"]))
+    first = loradafast.initialize(peft_model, _loader(), progress=False)
+    second = loradafast.initialize(peft_model, _loader(), progress=False)
+    for name, layer in first.layers.items():
+        torch.testing.assert_close(second.layers[name].lora_A, layer.lora_A, rtol=0, atol=1e-6)
+        torch.testing.assert_close(second.layers[name].lora_B, layer.lora_B, rtol=0, atol=1e-6)
+
+
+def test_adapters_are_enabled_again_after_a_failed_pass():
+    peft_model = _peft_model_with_another_active_adapter(tiny_llama())
+
+    def loader():
+        yield from _loader(2, 2)
+        raise RuntimeError("disk on fire")
+
+    state = ModelState(peft_model)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        loradafast.initialize(peft_model, loader(), adapter_name="fill", progress=False)
+    state.assert_unchanged()
+
+
+def test_merged_adapters_are_refused():
+    peft_model = peft_get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.merge_adapter()
+    state = ModelState(peft_model)
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        loradafast.initialize(peft_model, _never(), progress=False)
+    state.assert_unchanged()
