@@ -10,34 +10,7 @@ from torch import nn
 from .collect import Y_FACTORS, collect, is_causal_lm
 from .result import InitResult
 from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, solve
-from .targets import base_model_of, find_targets, is_peft_model, short_target_modules
-
-
-def _peft_config_of(model: nn.Module, adapter_name: str | None):
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict) or not configs:
-        return None
-    name = adapter_name or getattr(model, "active_adapter", None) or next(iter(configs))
-    if isinstance(name, (list, tuple)):
-        name = name[0]
-    return configs.get(name)
-
-
-def _model_meta(model: nn.Module, targets, *, causal: bool, peft_config) -> dict:
-    base = base_model_of(model)
-    config = getattr(base, "config", None)
-    name_or_path = getattr(config, "_name_or_path", None) or getattr(base, "name_or_path", None) or None
-    if peft_config is not None:
-        target_modules = peft_config.target_modules
-        if isinstance(target_modules, set):
-            target_modules = sorted(target_modules)
-    else:
-        target_modules = short_target_modules(model, targets)
-    return {
-        "base_model_name_or_path": name_or_path,
-        "task_type": "CAUSAL_LM" if causal else None,
-        "target_modules": target_modules,
-    }
+from .targets import base_model_of, find_targets, is_peft_model, model_meta, peft_config_of
 
 
 def initialize(
@@ -110,7 +83,7 @@ def initialize(
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
         raise ValueError(f"max_samples must be a positive number of sequences or None, got {max_samples!r}")
     wrapped = is_peft_model(model)
-    peft_config = _peft_config_of(model, adapter_name) if wrapped else None
+    peft_config = peft_config_of(model, adapter_name) if wrapped else None
     targets = find_targets(model, target_modules, adapter_name=adapter_name)
     if not targets:
         raise ValueError(
@@ -133,12 +106,10 @@ def initialize(
     for t in targets:  # fail before the pass, not after it
         check_rank(t.name, ranks.get(t.name, rank), t.in_features, t.out_features, method)
 
-    meta = _model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), peft_config=peft_config)
     stats = None
     if data_aware:
         stats = collect(model, loader, y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn,
                         progress=progress, adapter_name=adapter_name, targets=targets)
-        stats.meta.update(meta)
     pass_s = time.perf_counter() - started
     # Weight-only methods read the layer shapes from the weights too; .detach() views, no copies.
     needs_weights = stats is None or method in NEEDS_WEIGHTS
@@ -148,7 +119,8 @@ def initialize(
                    num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
                    damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
                    pissa_niter=pissa_niter, seed=seed, freeze_a=freeze_a, dtype=solve_dtype, eigensolver=eigensolver)
-    if stats is None:
+    if stats is None:  # collect() records these in the statistics otherwise
+        meta = model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name)
         result.target_modules = meta["target_modules"]
         result.base_model_name_or_path = meta["base_model_name_or_path"]
         result.task_type = meta["task_type"]

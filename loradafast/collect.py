@@ -28,7 +28,7 @@ from . import kernels
 from .batches import Batch, normalize_batch
 from .losses import causal_lm_sequence_losses
 from .stats import LayerStats, Statistics
-from .targets import Target, base_model_of, base_model_only, find_targets
+from .targets import Target, base_model_of, base_model_only, find_targets, model_meta
 
 Y_FACTORS = ("diag", "full")
 
@@ -304,6 +304,7 @@ def collect(
         "model_class": type(base_model_of(model)).__name__,
         "loradafast_version": __version__,
         "pass_seconds": time.perf_counter() - started,
+        **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
     }
     return Statistics(layers, z_sums, int(counts[0].item()), int(counts[1].item()), y_factor, meta)
 

@@ -184,6 +184,36 @@ def short_target_modules(model: nn.Module, targets: list[Target]) -> list[str]:
     return leaves if chosen == wanted else sorted(wanted)
 
 
+def peft_config_of(model: nn.Module, adapter_name: str | None):
+    """The LoraConfig of ``adapter_name`` (the active adapter) of a PEFT model, or None."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    name = adapter_name or getattr(model, "active_adapter", None) or next(iter(configs))
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    return configs.get(name)
+
+
+def model_meta(model: nn.Module, targets: list[Target], *, causal: bool, adapter_name: str | None = None) -> dict:
+    """What an adapter config records about the model: its name, task type and targets."""
+    base = base_model_of(model)
+    config = getattr(base, "config", None)
+    name_or_path = getattr(config, "_name_or_path", None) or getattr(base, "name_or_path", None) or None
+    peft_config = peft_config_of(model, adapter_name) if is_peft_model(model) else None
+    if peft_config is not None:
+        target_modules = peft_config.target_modules
+        if isinstance(target_modules, set):
+            target_modules = sorted(target_modules)
+    else:
+        target_modules = short_target_modules(model, targets)
+    return {
+        "base_model_name_or_path": name_or_path,
+        "task_type": "CAUSAL_LM" if causal else None,
+        "target_modules": target_modules,
+    }
+
+
 # ---- PEFT models: the base model only ------------------------------------------------------------
 
 def _adapter_switches(model: nn.Module) -> list[nn.Module]:

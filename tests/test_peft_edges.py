@@ -99,3 +99,26 @@ def test_merged_adapters_are_refused():
     with pytest.raises(ValueError, match="unmerge_adapter"):
         loradafast.initialize(peft_model, _never(), progress=False)
     state.assert_unchanged()
+
+
+# ---- 8. smaller ones -------------------------------------------------------------------------------
+
+def test_collect_solve_save_writes_task_type_and_base_model(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # its name_or_path is the directory
+    loradafast.collect(model, _loader(), progress=False).save(tmp_path / "stats.safetensors")
+    stats = loradafast.Statistics.load(tmp_path / "stats.safetensors")
+    assert stats.meta["task_type"] == "CAUSAL_LM" and stats.meta["base_model_name_or_path"] == str(tmp_path / "base")
+    result = loradafast.solve(stats, 2)
+    result.save(tmp_path / "adapter")
+    via_initialize = loradafast.initialize(model, _loader(), 2, progress=False)
+    via_initialize.save(tmp_path / "reference")
+    for directory in ("adapter", "reference"):
+        config = LoraConfig.from_pretrained(tmp_path / directory)
+        assert (config.task_type, config.base_model_name_or_path) == ("CAUSAL_LM", str(tmp_path / "base"))
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    in_memory = result.apply_to(peft_get_peft_model(copy.deepcopy(model), result.lora_config))
+    torch.testing.assert_close(_logits(loaded), _logits(in_memory), rtol=0, atol=1e-6)
