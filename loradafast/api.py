@@ -9,7 +9,7 @@ from torch import nn
 
 from .collect import Y_FACTORS, collect, is_causal_lm
 from .result import InitResult
-from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, solve
+from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, check_ranks, solve
 from .targets import base_model_of, find_targets, is_peft_model, model_meta, peft_config_of
 
 
@@ -91,6 +91,7 @@ def initialize(
             f"{type(base_model_of(model)).__name__}; check the names with model.named_modules()"
         )
     ranks = dict(ranks or {})
+    check_ranks(ranks, [t.name for t in targets])
     if wrapped:
         default_rank = peft_config.r if peft_config is not None else targets[0].rank
         if rank is not None and rank != default_rank:
@@ -99,7 +100,16 @@ def initialize(
                 "pass rank=None (or the same rank), or wrap the base model with a new LoraConfig"
             )
         rank = default_rank
-        ranks = {t.name: t.rank for t in targets if t.rank != default_rank}
+        layer_ranks = {t.name: t.rank for t in targets}
+        differing = {name: r for name, r in ranks.items() if layer_ranks[name] != r}
+        if differing:
+            name, r = next(iter(differing.items()))
+            raise ValueError(
+                f"ranks asks rank {r} for {name!r}, whose LoRA layer has rank {layer_ranks[name]}: a PEFT model's "
+                "ranks come from its LoraConfig (r, rank_pattern); pass ranks=None, or wrap the base model with a "
+                "new LoraConfig"
+            )
+        ranks = {name: r for name, r in layer_ranks.items() if r != default_rank}
         if peft_config is not None:
             lora_alpha, use_rslora = peft_config.lora_alpha, peft_config.use_rslora
     rank = 8 if rank is None else rank

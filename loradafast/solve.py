@@ -79,6 +79,26 @@ def check_rank(name: str, rank: int, in_features: int, out_features: int, method
         )
 
 
+def check_ranks(ranks: dict | None, names, label: str = "ranks") -> None:
+    """Every key of a per-layer ``ranks`` (or ``alphas``) dict must name a target layer: a typo
+    would silently leave that layer at the default."""
+    import difflib
+
+    names = list(names)
+    unknown = [key for key in (ranks or {}) if key not in names]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown[:3]:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    shown = ", ".join(repr(n) for n in names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    raise ValueError(
+        f"{label} has {len(unknown)} key(s) that name no target layer: {', '.join(hints)}; the keys are layer paths "
+        f"relative to the base model, one of: {shown}"
+    )
+
+
 def solve(
     stats: Statistics | None,
     rank: int | None = None,
@@ -143,6 +163,7 @@ def solve(
     shapes = _layer_shapes(stats, weights, kinds)
     rank = 8 if rank is None else rank
     ranks = ranks or {}
+    check_ranks(ranks, shapes)
     for name, (fin, fout, _) in shapes.items():
         check_rank(name, ranks.get(name, rank), fin, fout, method)
     lora_alpha = PEFT_DEFAULT_ALPHA if lora_alpha is None else lora_alpha

@@ -103,6 +103,18 @@ def test_merged_adapters_are_refused():
 
 # ---- 8. smaller ones -------------------------------------------------------------------------------
 
+def test_ranks_key_matching_no_layer_is_refused_before_the_pass():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_prj.*did you mean.*"
+                                         r"model\.layers\.0\.self_attn\.q_proj"):
+        loradafast.initialize(model, _never(), 2, ranks={"model.layers.0.self_attn.q_prj": 4}, progress=False)
+    stats = loradafast.collect(model, _loader(), target_modules=["q_proj"], progress=False)
+    with pytest.raises(ValueError, match="ranks.*no_such_layer"):
+        loradafast.solve(stats, 2, ranks={"no_such_layer": 3})
+    peft_model = peft_get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="ranks"):  # a PeftModel's ranks come from its layers
+        loradafast.initialize(peft_model, _never(), ranks={"model.layers.0.self_attn.q_proj": 4}, progress=False)
+
 def test_collect_solve_save_writes_task_type_and_base_model(tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
