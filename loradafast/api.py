@@ -1,6 +1,7 @@
 """The public entry points: ``initialize`` and ``get_peft_model``."""
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable
 
@@ -8,9 +9,15 @@ import torch
 from torch import nn
 
 from .collect import Y_FACTORS, collect, is_causal_lm
-from .result import InitResult
-from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, check_ranks, solve
-from .targets import base_model_of, find_targets, is_peft_model, model_meta, peft_config_of
+from .result import InitResult, dora_refusal, peft_extra_state
+from .solve import (MOVES_BASE, NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, check_ranks,
+                    solve)
+from .targets import (_active_adapter, base_model_of, check_not_merged, find_targets, is_peft_model, model_meta,
+                      peft_config_of)
+
+# PEFT initialisations that are not plain LoRA's: they ran when the PEFT model was created, and
+# pissa, olora, corda, loftq and lora_ga moved its base weight then.
+_PEFT_OWN_INIT = "init_lora_weights={init!r} asks PEFT to initialise the adapter; loradafast does that"
 
 
 def initialize(
@@ -46,8 +53,11 @@ def initialize(
 
     A plain model is left unchanged and the result carries the adapter (``result.state_dict()``,
     ``result.lora_config``, ``result.save(dir)``).  A ``PeftModel`` has its LoRA layers filled in
-    place (and, for methods that move the base weight, its base weights updated), its rank, alpha
-    and targets taken from its config; the result is returned as well.
+    place (and, for methods that move the base weight, its base weights updated), its ranks,
+    alphas and targets taken from its layers; the statistics pass sees its base model only (every
+    adapter off), and ``result.save`` writes its own LoraConfig, changed only where the method
+    requires it.  Options a method cannot honour (DoRA with a base-moving method, merged
+    adapters, LoRA variants other than DoRA) are refused before the pass.
     ``rank`` defaults to 8 (or the PEFT model's rank); ``ranks`` maps layer names to other ranks.
 
     ``method`` (DESIGN §5; formulas and sources in :mod:`loradafast.methods`):
@@ -72,46 +82,21 @@ def initialize(
     check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
                   damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
                   pissa_niter=pissa_niter, eigensolver=eigensolver)
-    data_aware = method not in WEIGHT_ONLY_METHODS
-    if data_aware and loader is None:
-        raise ValueError(
-            f"method {method!r} is data-aware and needs a loader of training samples; the weight-only methods "
-            f"{', '.join(WEIGHT_ONLY_METHODS)} run without one"
-        )
-    if y_factor not in Y_FACTORS:
-        raise ValueError(f"y_factor must be one of {Y_FACTORS}, got {y_factor!r}")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
-        raise ValueError(f"max_samples must be a positive number of sequences or None, got {max_samples!r}")
-    wrapped = is_peft_model(model)
-    peft_config = peft_config_of(model, adapter_name) if wrapped else None
+    data_aware = _check_pass_options(method, loader, y_factor, max_samples)
     targets = find_targets(model, target_modules, adapter_name=adapter_name)
     if not targets:
         raise ValueError(
             f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "
             f"{type(base_model_of(model)).__name__}; check the names with model.named_modules()"
         )
-    ranks = dict(ranks or {})
-    check_ranks(ranks, [t.name for t in targets])
+    wrapped = is_peft_model(model)
+    peft_config, alphas = None, None
     if wrapped:
-        default_rank = peft_config.r if peft_config is not None else targets[0].rank
-        if rank is not None and rank != default_rank:
-            raise ValueError(
-                f"rank={rank} was requested but the PEFT model's LoRA layers have rank {default_rank}; "
-                "pass rank=None (or the same rank), or wrap the base model with a new LoraConfig"
-            )
-        rank = default_rank
-        layer_ranks = {t.name: t.rank for t in targets}
-        differing = {name: r for name, r in ranks.items() if layer_ranks[name] != r}
-        if differing:
-            name, r = next(iter(differing.items()))
-            raise ValueError(
-                f"ranks asks rank {r} for {name!r}, whose LoRA layer has rank {layer_ranks[name]}: a PEFT model's "
-                "ranks come from its LoraConfig (r, rank_pattern); pass ranks=None, or wrap the base model with a "
-                "new LoraConfig"
-            )
-        ranks = {name: r for name, r in layer_ranks.items() if r != default_rank}
-        if peft_config is not None:
-            lora_alpha, use_rslora = peft_config.lora_alpha, peft_config.use_rslora
+        peft_config, rank, ranks, lora_alpha, alphas, use_rslora = _peft_layout(
+            model, targets, adapter_name=adapter_name, method=method, rank=rank, ranks=ranks)
+    else:
+        ranks = dict(ranks or {})
+        check_ranks(ranks, [t.name for t in targets])
     rank = 8 if rank is None else rank
     for t in targets:  # fail before the pass, not after it
         check_rank(t.name, ranks.get(t.name, rank), t.in_features, t.out_features, method)
@@ -125,7 +110,7 @@ def initialize(
     needs_weights = stats is None or method in NEEDS_WEIGHTS
     weights = {t.name: t.weight_out_in().detach() for t in targets} if needs_weights else None
     result = solve(stats, rank, method=method, weights=weights, kinds={t.name: t.kind for t in targets},
-                   ranks=ranks, lora_alpha=lora_alpha, use_rslora=use_rslora,
+                   ranks=ranks, lora_alpha=lora_alpha, use_rslora=use_rslora, alphas=alphas,
                    num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
                    damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
                    pissa_niter=pissa_niter, seed=seed, freeze_a=freeze_a, dtype=solve_dtype, eigensolver=eigensolver)
@@ -137,6 +122,9 @@ def initialize(
     apply_started = time.perf_counter()
     if wrapped:
         result.apply_to(model, adapter_name)
+        result.peft_config = copy.deepcopy(peft_config)
+        adapter = adapter_name or _active_adapter(targets[0].lora_layer)
+        result.extra_state = peft_extra_state(model, adapter, result.layers)
     result.timings = {
         "pass_s": pass_s,
         "solve_s": result.timings["solve_s"],
@@ -144,6 +132,75 @@ def initialize(
         "total_s": time.perf_counter() - started,
     }
     return result
+
+
+def _check_pass_options(method: str, loader, y_factor: str, max_samples) -> bool:
+    """The statistics pass's own options; returns whether ``method`` needs the pass."""
+    data_aware = method not in WEIGHT_ONLY_METHODS
+    if data_aware and loader is None:
+        raise ValueError(
+            f"method {method!r} is data-aware and needs a loader of training samples; the weight-only methods "
+            f"{', '.join(WEIGHT_ONLY_METHODS)} run without one"
+        )
+    if y_factor not in Y_FACTORS:
+        raise ValueError(f"y_factor must be one of {Y_FACTORS}, got {y_factor!r}")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
+        raise ValueError(f"max_samples must be a positive number of sequences or None, got {max_samples!r}")
+    return data_aware
+
+
+def _peft_layout(model: nn.Module, targets, *, adapter_name: str | None, method: str, rank: int | None,
+                 ranks: dict | None):
+    """A PEFT model's adapter as its layers define it: (LoraConfig, rank, per-layer ranks that
+    differ, lora_alpha, per-layer alphas that differ, use_rslora).  ``rank`` and ``ranks``, if
+    given, must agree with the layers."""
+    peft_config = peft_config_of(model, adapter_name)
+    _check_peft_adapter(model, targets, peft_config, adapter_name=adapter_name, method=method)
+    first = targets[0]
+    default_rank = peft_config.r if peft_config is not None else first.rank
+    default_alpha = peft_config.lora_alpha if peft_config is not None else first.alpha
+    use_rslora = peft_config.use_rslora if peft_config is not None else first.use_rslora
+    if rank is not None and rank != default_rank:
+        raise ValueError(
+            f"rank={rank} was requested but the PEFT model's LoRA layers have rank {default_rank}; "
+            "pass rank=None (or the same rank), or wrap the base model with a new LoraConfig"
+        )
+    layer_ranks = {t.name: t.rank for t in targets}
+    check_ranks(ranks, layer_ranks)
+    differing = {name: r for name, r in (ranks or {}).items() if layer_ranks[name] != r}
+    if differing:
+        name, r = next(iter(differing.items()))
+        raise ValueError(
+            f"ranks asks rank {r} for {name!r}, whose LoRA layer has rank {layer_ranks[name]}: a PEFT model's ranks "
+            "come from its LoraConfig (r, rank_pattern); pass ranks=None, or wrap the base model with a new LoraConfig"
+        )
+    ranks = {name: r for name, r in layer_ranks.items() if r != default_rank}
+    alphas = {t.name: t.alpha for t in targets if t.alpha != default_alpha}
+    return peft_config, default_rank, ranks, default_alpha, alphas, use_rslora
+
+
+def _check_peft_adapter(model: nn.Module, targets, peft_config, *, adapter_name: str | None, method: str) -> None:
+    """Refuse, before the pass, a PEFT adapter that this initialisation cannot honour."""
+    check_not_merged(model)
+    init = getattr(peft_config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower() != "gaussian":
+        raise ValueError(
+            _PEFT_OWN_INIT.format(init=init) + ", and PEFT already did it when it created this model (pissa, olora, "
+            "corda, loftq and lora_ga also moved the base weights, which the statistics would see); create the "
+            "PeftModel with init_lora_weights=True and choose the method with method=..."
+        )
+    for t in targets:
+        adapter = adapter_name or _active_adapter(t.lora_layer)
+        dora = bool(getattr(t.lora_layer, "use_dora", {}).get(adapter, False))
+        variant = getattr(t.lora_layer, "lora_variant", {}).get(adapter)
+        if variant is not None and not dora:
+            raise ValueError(
+                f"layer {t.name!r} uses the LoRA variant {type(variant).__name__}, which changes how lora_A and "
+                "lora_B act; loradafast initialises plain LoRA and DoRA adapters: remove that option from the "
+                "LoraConfig"
+            )
+        if dora and method in MOVES_BASE:
+            raise ValueError(dora_refusal(method))
 
 
 def get_peft_model(model: nn.Module, loader: Iterable | None, lora_config, *, adapter_name: str = "default",

@@ -34,6 +34,8 @@ class Target:
     kind: str  # "linear" or "conv1d"
     lora_layer: nn.Module | None = None  # the PEFT LoraLayer wrapping ``module``, if any
     rank: int | None = None  # set by the PEFT layer when there is one
+    alpha: float | None = None  # the PEFT layer's lora_alpha (alpha_pattern applied)
+    use_rslora: bool = False  # the PEFT layer's
 
     @property
     def in_features(self) -> int:
@@ -120,7 +122,8 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
                 )
             _check_real_weight(name, base)
             targets.append(Target(_relative_name(model, name), base, kind, lora_layer=module,
-                                  rank=module.r[adapter]))
+                                  rank=module.r[adapter], alpha=module.lora_alpha[adapter],
+                                  use_rslora=bool(module.use_rslora.get(adapter, False))))
         return targets
 
     base = base_model_of(model)

@@ -2,9 +2,6 @@
 that sees the base model only, PEFT's own choice of layers, per-layer rank typos, provenance
 carried by the statistics, tied weights, and the README run top to bottom."""
 import copy
-import re
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +33,84 @@ def _logits(model, ids=IDS):
 def _wrapped(peft_model):
     """Names (relative to the base model) of the layers PEFT wrapped."""
     return {n[len("base_model.model."):] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+
+
+# ---- 1. save() keeps the PeftModel's LoraConfig whole ---------------------------------------------
+
+KEPT_FIELDS = ("alpha_pattern", "rank_pattern", "use_dora", "layers_to_transform", "layers_pattern", "lora_dropout",
+               "modules_to_save", "exclude_modules", "task_type", "target_modules", "use_rslora", "lora_bias")
+
+CONFIGS = {
+    "patterns": dict(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], alpha_pattern={"v_proj": 32},
+                     rank_pattern={"up_proj": 3}, layers_to_transform=[1], layers_pattern="layers",
+                     lora_dropout=0.1, modules_to_save=["lm_head"], exclude_modules=["model.layers.1.self_attn.q_proj"],
+                     task_type="CAUSAL_LM"),
+    "dora": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_save_keeps_the_peft_config_and_reloads_with_the_same_logits(kind, tmp_path):
+    pristine = tiny_llama()
+    config = LoraConfig(**CONFIGS[kind])
+    peft_model = peft_get_peft_model(copy.deepcopy(pristine), copy.deepcopy(config))
+    if kind == "patterns":  # a trained head (modules_to_save): saved as it is
+        head = peft_model.base_model.model.lm_head.modules_to_save["default"]
+        with torch.no_grad():
+            head.weight.add_(torch.randn_like(head.weight))
+    result = loradafast.initialize(peft_model, _loader(), progress=False)
+    result.save(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "a")
+    saved, ours = loaded.peft_config["default"], peft_model.peft_config["default"]
+    for field in KEPT_FIELDS:
+        assert getattr(saved, field) == getattr(ours, field), field
+    assert saved.init_lora_weights is True
+    assert _wrapped(loaded) == _wrapped(peft_model) == set(result.layers)
+    peft_model.eval(), loaded.eval()
+    torch.testing.assert_close(_logits(loaded), _logits(peft_model), rtol=0, atol=1e-6)
+    assert not torch.allclose(_logits(loaded), _logits(pristine))  # B ≠ 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_magnitude_is_computed_from_the_new_factors(arch):
+    """As PEFT's own DoRA init: m = ‖W + s·B·A‖ per output row, so the layer's output at
+    initialisation is (W + s·B·A)·x, the same as plain LoRA with these factors."""
+    pristine = tiny_llama() if arch == "llama" else tiny_gpt2()
+    options = dict(r=2, target_modules=["q_proj", "v_proj"]) if arch == "llama" else \
+        dict(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    dora = peft_get_peft_model(copy.deepcopy(pristine), LoraConfig(**options, use_dora=True))
+    plain = peft_get_peft_model(copy.deepcopy(pristine), LoraConfig(**options))
+    loradafast.initialize(dora, _loader(), progress=False)
+    loradafast.initialize(plain, _loader(), progress=False)
+    torch.testing.assert_close(_logits(dora), _logits(plain), rtol=0, atol=1e-5)
+
+
+def test_converted_pissa_keeps_alpha_and_rank_patterns(tmp_path):
+    pristine = tiny_llama()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], alpha_pattern={"up_proj": 16},
+                        rank_pattern={"q_proj": 3})
+    peft_model = peft_get_peft_model(copy.deepcopy(pristine), config)
+    result = loradafast.initialize(peft_model, None, method="pissa", progress=False)
+    torch.testing.assert_close(_logits(peft_model), _logits(pristine), rtol=0, atol=1e-5)
+    result.save(tmp_path / "c", convert_to_lora=True)
+    converted = PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "c")
+    saved = converted.peft_config["default"]
+    assert (saved.r, saved.lora_alpha, saved.alpha_pattern, saved.rank_pattern) == (4, 8, {"up_proj": 32},
+                                                                                    {"q_proj": 6})
+    torch.testing.assert_close(_logits(converted), _logits(pristine), rtol=0, atol=1e-5)
+    result.save(tmp_path / "r", convert_to_lora=False)
+    residual = PeftModel.from_pretrained(loradafast.apply_base_update(copy.deepcopy(pristine), tmp_path / "r"),
+                                         tmp_path / "r")
+    torch.testing.assert_close(_logits(residual), _logits(peft_model), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora", "lora-ga", "fisher-subspace"])
+def test_dora_with_a_base_moving_method_is_refused_before_the_pass(method):
+    peft_model = peft_get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    state = ModelState(peft_model)
+    with pytest.raises(ValueError, match="use_dora.*lora-da"):
+        loradafast.initialize(peft_model, _never(), method=method, progress=False)
+    state.assert_unchanged()
 
 
 # ---- 2. the statistics pass sees the base model only ---------------------------------------------
@@ -114,6 +189,7 @@ def test_ranks_key_matching_no_layer_is_refused_before_the_pass():
     peft_model = peft_get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="ranks"):  # a PeftModel's ranks come from its layers
         loradafast.initialize(peft_model, _never(), ranks={"model.layers.0.self_attn.q_proj": 4}, progress=False)
+
 
 def test_collect_solve_save_writes_task_type_and_base_model(tmp_path):
     from peft import AutoPeftModelForCausalLM
