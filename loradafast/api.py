@@ -13,7 +13,7 @@ from .result import InitResult, dora_refusal, peft_extra_state
 from .solve import (MOVES_BASE, NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, check_ranks,
                     solve)
 from .targets import (_active_adapter, base_model_of, check_not_merged, find_targets, is_peft_model, model_meta,
-                      peft_config_of)
+                      peft_config_of, undone_on_failure)
 
 # PEFT initialisations that are not plain LoRA's: they ran when the PEFT model was created, and
 # pissa, olora, corda, loftq and lora_ga moved its base weight then.
@@ -203,47 +203,41 @@ def _check_peft_adapter(model: nn.Module, targets, peft_config, *, adapter_name:
             raise ValueError(dora_refusal(method))
 
 
+# initialize's options that the LoraConfig holds when get_peft_model builds the adapter.
+_CONFIG_OPTIONS = {"rank": "r", "ranks": "rank_pattern", "target_modules": "target_modules",
+                   "lora_alpha": "lora_alpha", "use_rslora": "use_rslora"}
+
+
 def get_peft_model(model: nn.Module, loader: Iterable | None, lora_config, *, adapter_name: str = "default",
                    **options):
     """``peft.get_peft_model`` with the LoRA layers initialised by loradafast.
 
-    The statistics pass and the solve run on the unwrapped model first, so a failure there leaves
-    ``model`` untouched; only then is it wrapped and filled (and, for methods that move the base
-    weight, its base weights updated, as PEFT's own PiSSA does).  ``options`` go to
+    PEFT wraps ``model`` first, so the layers initialised are exactly those PEFT chooses from
+    ``lora_config`` (its per-architecture default targets, ``layers_to_transform``,
+    ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ...).  The PEFT model is then
+    filled as by ``initialize(peft_model, loader, **options)``, whose statistics pass sees the
+    base model only (and, for methods that move the base weight, its base weights are updated, as
+    PEFT's own PiSSA does).  On any failure the wrapping is undone: ``model`` is left exactly as
+    it was (modules, parameters, flags, modes, hooks, attributes).  ``options`` go to
     :func:`initialize` (``method=...``; ``loader`` may be None for weight-only methods).
     The :class:`InitResult` is attached as ``peft_model.loradafast_result``.
     """
-    import copy
-
     import peft
-    from peft.utils.other import get_pattern_key
 
     if is_peft_model(model):
         raise ValueError("the model already carries LoRA layers; call loradafast.initialize(peft_model, loader)")
+    owned = [name for name in options if name in _CONFIG_OPTIONS]
+    if owned:
+        fields = ", ".join(f"{name} → lora_config.{_CONFIG_OPTIONS[name]}" for name in owned)
+        raise ValueError(f"{', '.join(owned)} belong to lora_config here; set them there ({fields})")
     init = lora_config.init_lora_weights
     if isinstance(init, str) and init.lower() != "gaussian":
         # PEFT would run its own init first, and pissa/olora/corda/lora_ga would move the base
         # weights before ours is applied on top.
-        raise ValueError(
-            f"lora_config.init_lora_weights={init!r} asks PEFT to initialise the adapter; loradafast does that: "
-            "leave init_lora_weights=True and choose the method with method=..."
-        )
-    target_modules = lora_config.target_modules
-    if isinstance(target_modules, set):
-        target_modules = sorted(target_modules)
-    ranks = None
-    if lora_config.rank_pattern:
-        keys = list(lora_config.rank_pattern)
-        ranks = {t.name: lora_config.rank_pattern.get(get_pattern_key(keys, t.name), lora_config.r)
-                 for t in find_targets(model, target_modules)}
-    result = initialize(model, loader, lora_config.r, target_modules=target_modules,
-                        lora_alpha=lora_config.lora_alpha, use_rslora=lora_config.use_rslora, ranks=ranks,
-                        **options)
-    peft_model = peft.get_peft_model(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
-    try:
-        result.apply_to(peft_model, adapter_name)
-    except BaseException:
-        peft_model.unload()  # puts the original modules back
-        raise
+        raise ValueError(_PEFT_OWN_INIT.format(init=init) + ": leave init_lora_weights=True and choose the method "
+                         "with method=...")
+    with undone_on_failure(model):
+        peft_model = peft.get_peft_model(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
+        result = initialize(peft_model, loader, adapter_name=adapter_name, **options)
     peft_model.loradafast_result = result
     return peft_model

@@ -7,6 +7,7 @@ passed a plain model or a ``PeftModel``.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -217,7 +218,7 @@ def model_meta(model: nn.Module, targets: list[Target], *, causal: bool, adapter
     }
 
 
-# ---- PEFT models: the base model only ------------------------------------------------------------
+# ---- PEFT models: the base model only, and undoing a wrapping ------------------------------------
 
 def _adapter_switches(model: nn.Module) -> list[nn.Module]:
     # PEFT's tuner layers (LoRA and the other methods) and its modules_to_save / trainable-token
@@ -251,3 +252,43 @@ def base_model_only(model: nn.Module):
     finally:
         for m, flag in switches:
             m._disable_adapters = flag
+
+
+@contextlib.contextmanager
+def undone_on_failure(model: nn.Module):
+    """On any exception, put ``model`` back as it was on entry: its module tree (children,
+    parameters, buffers and hooks: the containers are refilled, so the original objects come
+    back), every other module attribute (``peft_config`` and the like are removed), the
+    ``requires_grad`` flags and the config's attributes.
+
+    Parameter *values* are not saved: what runs inside must not write them before it can no
+    longer fail (``InitResult.apply_to`` checks every layer before it writes the first).
+    """
+    modules = list(model.modules())
+    saved = []
+    for m in modules:
+        attrs = dict(vars(m))
+        contents = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, set))}
+        saved.append((m, attrs, contents))
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters(recurse=False)]
+    configs = {}  # PeftModel sets config.pretraining_tp, for one
+    for m in modules:
+        config = getattr(m, "config", None)
+        if config is not None and not isinstance(config, nn.Module) and hasattr(config, "__dict__"):
+            configs[id(config)] = config
+    config_attrs = [(c, dict(vars(c))) for c in configs.values()]
+    try:
+        yield model
+    except BaseException:
+        for m, attrs, contents in saved:
+            vars(m).clear()
+            vars(m).update(attrs)
+            for key, content in contents.items():
+                attrs[key].clear()
+                attrs[key].update(content)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for c, attrs in config_attrs:
+            vars(c).clear()
+            vars(c).update(attrs)
+        raise

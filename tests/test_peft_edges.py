@@ -176,6 +176,81 @@ def test_merged_adapters_are_refused():
     state.assert_unchanged()
 
 
+# ---- 3. get_peft_model: PEFT chooses the layers ----------------------------------------------------
+
+PEFT_CHOICES = {
+    "default-targets": (dict(r=2), "lora-da"),
+    "layers_to_transform": (dict(r=2, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1]),
+                            "lora-da"),
+    "exclude_modules": (dict(r=2, target_modules="all-linear", exclude_modules=["o_proj", "down_proj"]), "lora-one"),
+    "all-linear": (dict(r=2, target_modules="all-linear"), "lora-da"),
+    "patterns-pissa": (dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                            alpha_pattern={"v_proj": 16}, rank_pattern={"up_proj": 3}), "pissa"),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CHOICES))
+def test_get_peft_model_initialises_exactly_the_layers_peft_wraps(case):
+    options, method = PEFT_CHOICES[case]
+    pristine = tiny_llama()
+    theirs = peft_get_peft_model(copy.deepcopy(pristine), LoraConfig(**options))
+    ours = loradafast.get_peft_model(copy.deepcopy(pristine), _loader(), LoraConfig(**options), method=method,
+                                     progress=False)
+    assert set(ours.loradafast_result.layers) == _wrapped(ours) == _wrapped(theirs)
+    for name, layer in ours.loradafast_result.layers.items():
+        lora = ours.base_model.model.get_submodule(name)
+        assert torch.equal(lora.lora_A["default"].weight, layer.lora_A), name
+        assert lora.r["default"] == theirs.base_model.model.get_submodule(name).r["default"]
+    if method == "pissa":  # the residual base and the adapter's scaling match per layer
+        torch.testing.assert_close(_logits(ours), _logits(pristine), rtol=0, atol=1e-5)
+
+
+def _all_masked_loader():
+    ids = torch.randint(0, 97, (2, 6))
+    return [{"input_ids": ids, "labels": torch.full_like(ids, -100)}]
+
+
+def _failing_calls():
+    return {
+        "all labels -100": (ValueError, "-100", lambda m: loradafast.get_peft_model(
+            m, _all_masked_loader(), LoraConfig(r=2), progress=False)),
+        "dora with pissa": (ValueError, "use_dora", lambda m: loradafast.get_peft_model(
+            m, None, LoraConfig(r=2, use_dora=True), method="pissa", progress=False)),
+        "ranks typo": (ValueError, "ranks", lambda m: loradafast.get_peft_model(
+            m, _loader(), LoraConfig(r=2), ranks={"q_prj": 3}, progress=False)),
+        "interrupted pass": (KeyboardInterrupt, None, lambda m: loradafast.get_peft_model(
+            m, _interrupted(), LoraConfig(r=2, modules_to_save=["lm_head"]), progress=False)),
+    }
+
+
+def _interrupted():
+    yield from _loader(2, 2)
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("case", list(_failing_calls()))
+def test_get_peft_model_failure_leaves_the_model_as_it_was(case):
+    model = tiny_llama()
+    model.train()
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 3 != 0)
+    exc, match, call = _failing_calls()[case]
+    state = ModelState(model)
+    with pytest.raises(exc, match=match):
+        call(model)
+    state.assert_unchanged()
+    assert "peft_config" not in vars(model) and "_hf_peft_config_loaded" not in vars(model)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_get_peft_model_refuses_options_that_belong_to_the_config():
+    model = tiny_llama()
+    state = ModelState(model)
+    with pytest.raises(ValueError, match="lora_config"):
+        loradafast.get_peft_model(model, _never(), LoraConfig(r=2), rank=4, progress=False)
+    state.assert_unchanged()
+
+
 # ---- 8. smaller ones -------------------------------------------------------------------------------
 
 def test_ranks_key_matching_no_layer_is_refused_before_the_pass():

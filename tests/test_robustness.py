@@ -313,7 +313,7 @@ def test_statistics_of_another_version_or_model(tmp_path):
 
 
 def test_get_peft_model_failure_leaves_model_unwrapped(llama):
-    expect_error(llama, ValueError, "matches no", lambda: loradafast.get_peft_model(
+    expect_error(llama, ValueError, "not found in the base model", lambda: loradafast.get_peft_model(
         llama, batches(), LoraConfig(r=2, target_modules=["nothing_here"]), progress=False))
 
 
