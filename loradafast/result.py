@@ -25,6 +25,8 @@ import copy
 import json
 import math
 import re
+import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,12 +222,15 @@ class InitResult:
         Every layer is checked (presence, rank, shapes) before the first one is written, so a
         mismatch leaves the model untouched.  For a method that moves the base weight, the base
         layer's weight becomes ``W − s·B·A`` (computed in float32 from the factors as stored in
-        the adapter's dtype, as PEFT's PiSSA/LoRA-GA init does), once per model.
+        the adapter's dtype, as PEFT's PiSSA/LoRA-GA init does), once per model; a warning says
+        so when that weight is tied to another (an output embedding tied to the input one).
         A DoRA layer's magnitude is recomputed from the new factors, as PEFT's DoRA init does.
         With ``freeze_a`` the ``lora_A`` weights stop requiring grad (PEFT's ``set_adapter`` and
         ``add_adapter`` make them trainable again; call :func:`freeze_lora_a` after those).
         """
         plan = self._plan(peft_model, adapter_name)
+        _warn_if_tied(peft_model, [(name, target.module.weight) for name, target, adapter in plan
+                                   if self.layers[name].subtract_scaling is not None], f"method {self.method!r}")
         with torch.no_grad():
             for name, target, adapter in plan:
                 layer = self.layers[name]
@@ -330,6 +335,28 @@ def _refresh_dora_magnitude(lora_layer: nn.Module, adapter: str) -> None:
         dora._cache_clear()
 
 
+def _warn_if_tied(model: nn.Module, moved: list[tuple[str, torch.Tensor]], who: str) -> None:
+    """One warning for every moved weight that other modules share (tied embeddings)."""
+    owners = defaultdict(list)
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)].append(pname.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."))
+    tied = []
+    for name, weight in moved:
+        others = [o for o in owners.get(id(weight), []) if o != f"{name}.weight"]
+        if others:
+            tied.append(f"{name!r} is tied to {', '.join(repr(o) for o in others)}")
+    if tied:
+        warnings.warn(
+            f"loradafast: {who} moves the base weight of layers whose weight is tied to another: "
+            f"{'; '.join(tied)}. The tied weight moves too, so the model's logits at initialisation change "
+            "(PEFT's own PiSSA does the same, silently). To keep them, give each layer its own copy of the weight "
+            "before initialising (layer.weight = torch.nn.Parameter(layer.weight.detach().clone()), and "
+            "model.config.tie_word_embeddings = False so that transformers does not tie it again), or exclude "
+            "these layers from target_modules",
+            UserWarning, stacklevel=3,
+        )
+
+
 def peft_extra_state(peft_model: nn.Module, adapter_name: str, layers) -> dict[str, torch.Tensor]:
     """Copies of the adapter's tensors other than the factors of ``layers`` (DoRA magnitudes,
     modules_to_save copies, LoRA biases, trainable tokens), keyed as ``save_pretrained`` writes
@@ -388,6 +415,7 @@ def apply_base_update(model: nn.Module, directory) -> nn.Module:
             if config.alpha_pattern else config.lora_alpha
         scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         plan.append((target, a, b, scaling))
+    _warn_if_tied(base, [(target.name, target.module.weight) for target, *_ in plan], f"the adapter in {directory}")
     with torch.no_grad():
         for target, a, b, scaling in plan:
             _subtract_(target, a, b, scaling)

@@ -2,6 +2,7 @@
 that sees the base model only, PEFT's own choice of layers, per-layer rank typos, provenance
 carried by the statistics, tied weights, and the README run top to bottom."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -285,3 +286,18 @@ def test_collect_solve_save_writes_task_type_and_base_model(tmp_path):
     loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     in_memory = result.apply_to(peft_get_peft_model(copy.deepcopy(model), result.lora_config))
     torch.testing.assert_close(_logits(loaded), _logits(in_memory), rtol=0, atol=1e-6)
+
+
+def test_moving_a_tied_weight_warns(tmp_path):
+    config = LoraConfig(r=2, target_modules=["q_proj", "lm_head"])
+    with pytest.warns(UserWarning, match=r"loradafast.*lm_head.*tied.*embed_tokens.*logits.*(untie|exclude)"):
+        loradafast.get_peft_model(tiny_llama(tie_word_embeddings=True), None, config, method="pissa", progress=False)
+    result = loradafast.initialize(tiny_llama(tie_word_embeddings=True), None, 2, method="pissa",
+                                   target_modules=["q_proj", "lm_head"], progress=False)
+    result.save(tmp_path / "r", convert_to_lora=False)
+    with pytest.warns(UserWarning, match="loradafast.*tied"):
+        loradafast.apply_base_update(tiny_llama(tie_word_embeddings=True), tmp_path / "r")
+    with warnings.catch_warnings():  # untied, or the base kept: nothing to say
+        warnings.filterwarnings("error", message="loradafast.*tied")
+        loradafast.get_peft_model(tiny_llama(), None, config, method="pissa", progress=False)
+        loradafast.get_peft_model(tiny_llama(tie_word_embeddings=True), _loader(), config, progress=False)
