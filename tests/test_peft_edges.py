@@ -2,7 +2,9 @@
 that sees the base model only, PEFT's own choice of layers, per-layer rank typos, provenance
 carried by the statistics, tied weights, and the README run top to bottom."""
 import copy
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,3 +303,21 @@ def test_moving_a_tied_weight_warns(tmp_path):
         warnings.filterwarnings("error", message="loradafast.*tied")
         loradafast.get_peft_model(tiny_llama(), None, config, method="pissa", progress=False)
         loradafast.get_peft_model(tiny_llama(tie_word_embeddings=True), _loader(), config, progress=False)
+
+
+# ---- 9. the README runs top to bottom --------------------------------------------------------------
+
+def _readme_blocks():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_python_blocks_run_top_to_bottom(tmp_path, monkeypatch):
+    blocks = _readme_blocks()
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    # Wide enough for the README's rank 16 on every layer.
+    model = tiny_llama(hidden_size=64, intermediate_size=96, num_key_value_heads=4)
+    namespace = {"model": model, "loader": padded_batches(random_sequences(8), 4)}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {i}", "exec"), namespace)
