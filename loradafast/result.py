@@ -367,7 +367,9 @@ def peft_extra_state(peft_model: nn.Module, adapter_name: str, layers) -> dict[s
     if not isinstance(peft_model, PeftModel):
         return {}
     factors = {f"{PEFT_PREFIX}{name}.lora_{ab}.weight" for name in layers for ab in "AB"}
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    # Base weights stay out: for a targeted embedding PEFT would add the embedding matrices (meant
+    # for resized vocabularies), which after a base-moving method hold the residual base.
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
     return {k: v.detach().clone() for k, v in state.items() if k not in factors}
 
 

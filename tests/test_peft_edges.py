@@ -305,6 +305,21 @@ def test_moving_a_tied_weight_warns(tmp_path):
         loradafast.get_peft_model(tiny_llama(tie_word_embeddings=True), _loader(), config, progress=False)
 
 
+def test_converted_adapter_of_a_tied_peft_model_holds_no_base_weight(tmp_path):
+    """PEFT's state dict adds the embedding matrices when an embedding layer is targeted; here they
+    hold the residual base, which the rank-2r adapter for the unmodified base must not carry."""
+    pristine = tiny_llama(tie_word_embeddings=True)
+    config = LoraConfig(r=2, target_modules=["q_proj", "lm_head"])
+    with pytest.warns(UserWarning, match="loradafast.*tied"):
+        peft_model = loradafast.get_peft_model(copy.deepcopy(pristine), None, config, method="pissa", progress=False)
+    peft_model.loradafast_result.save(tmp_path / "c", convert_to_lora=True)
+    from safetensors.torch import load_file
+
+    assert all(".lora_" in key for key in load_file(tmp_path / "c" / "adapter_model.safetensors"))
+    converted = PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "c")
+    torch.testing.assert_close(_logits(converted), _logits(pristine), rtol=0, atol=1e-5)
+
+
 # ---- 9. the README runs top to bottom --------------------------------------------------------------
 
 def _readme_blocks():
