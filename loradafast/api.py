@@ -1,6 +1,7 @@
 """The public entry points: ``initialize`` and ``get_peft_model``."""
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable
 
@@ -8,36 +9,15 @@ import torch
 from torch import nn
 
 from .collect import Y_FACTORS, collect, is_causal_lm
-from .result import InitResult
-from .solve import NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, solve
-from .targets import base_model_of, find_targets, is_peft_model, short_target_modules
+from .result import InitResult, dora_refusal, peft_extra_state
+from .solve import (MOVES_BASE, NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, check_ranks,
+                    solve)
+from .targets import (_active_adapter, base_model_of, check_not_merged, find_targets, is_peft_model, model_meta,
+                      peft_config_of, undone_on_failure)
 
-
-def _peft_config_of(model: nn.Module, adapter_name: str | None):
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict) or not configs:
-        return None
-    name = adapter_name or getattr(model, "active_adapter", None) or next(iter(configs))
-    if isinstance(name, (list, tuple)):
-        name = name[0]
-    return configs.get(name)
-
-
-def _model_meta(model: nn.Module, targets, *, causal: bool, peft_config) -> dict:
-    base = base_model_of(model)
-    config = getattr(base, "config", None)
-    name_or_path = getattr(config, "_name_or_path", None) or getattr(base, "name_or_path", None) or None
-    if peft_config is not None:
-        target_modules = peft_config.target_modules
-        if isinstance(target_modules, set):
-            target_modules = sorted(target_modules)
-    else:
-        target_modules = short_target_modules(model, targets)
-    return {
-        "base_model_name_or_path": name_or_path,
-        "task_type": "CAUSAL_LM" if causal else None,
-        "target_modules": target_modules,
-    }
+# PEFT initialisations that are not plain LoRA's: they ran when the PEFT model was created, and
+# pissa, olora, corda, loftq and lora_ga moved its base weight then.
+_PEFT_OWN_INIT = "init_lora_weights={init!r} asks PEFT to initialise the adapter; loradafast does that"
 
 
 def initialize(
@@ -73,8 +53,11 @@ def initialize(
 
     A plain model is left unchanged and the result carries the adapter (``result.state_dict()``,
     ``result.lora_config``, ``result.save(dir)``).  A ``PeftModel`` has its LoRA layers filled in
-    place (and, for methods that move the base weight, its base weights updated), its rank, alpha
-    and targets taken from its config; the result is returned as well.
+    place (and, for methods that move the base weight, its base weights updated), its ranks,
+    alphas and targets taken from its layers; the statistics pass sees its base model only (every
+    adapter off), and ``result.save`` writes its own LoraConfig, changed only where the method
+    requires it.  Options a method cannot honour (DoRA with a base-moving method, merged
+    adapters, LoRA variants other than DoRA) are refused before the pass.
     ``rank`` defaults to 8 (or the PEFT model's rank); ``ranks`` maps layer names to other ranks.
 
     ``method`` (DESIGN §5; formulas and sources in :mod:`loradafast.methods`):
@@ -99,6 +82,60 @@ def initialize(
     check_options(method=method, num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
                   damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
                   pissa_niter=pissa_niter, eigensolver=eigensolver)
+    data_aware = _check_pass_options(method, loader, y_factor, max_samples)
+    targets = find_targets(model, target_modules, adapter_name=adapter_name)
+    if not targets:
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "
+            f"{type(base_model_of(model)).__name__}; check the names with model.named_modules()"
+        )
+    wrapped = is_peft_model(model)
+    peft_config, alphas = None, None
+    if wrapped:
+        peft_config, rank, ranks, lora_alpha, alphas, use_rslora = _peft_layout(
+            model, targets, adapter_name=adapter_name, method=method, rank=rank, ranks=ranks)
+    else:
+        ranks = dict(ranks or {})
+        check_ranks(ranks, [t.name for t in targets])
+    rank = 8 if rank is None else rank
+    for t in targets:  # fail before the pass, not after it
+        check_rank(t.name, ranks.get(t.name, rank), t.in_features, t.out_features, method)
+
+    stats = None
+    if data_aware:
+        stats = collect(model, loader, y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn,
+                        progress=progress, adapter_name=adapter_name, targets=targets)
+    pass_s = time.perf_counter() - started
+    # Weight-only methods read the layer shapes from the weights too; .detach() views, no copies.
+    needs_weights = stats is None or method in NEEDS_WEIGHTS
+    weights = {t.name: t.weight_out_in().detach() for t in targets} if needs_weights else None
+    result = solve(stats, rank, method=method, weights=weights, kinds={t.name: t.kind for t in targets},
+                   ranks=ranks, lora_alpha=lora_alpha, use_rslora=use_rslora, alphas=alphas,
+                   num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
+                   damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
+                   pissa_niter=pissa_niter, seed=seed, freeze_a=freeze_a, dtype=solve_dtype, eigensolver=eigensolver)
+    if stats is None:  # collect() records these in the statistics otherwise
+        meta = model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name)
+        result.target_modules = meta["target_modules"]
+        result.base_model_name_or_path = meta["base_model_name_or_path"]
+        result.task_type = meta["task_type"]
+    apply_started = time.perf_counter()
+    if wrapped:
+        result.apply_to(model, adapter_name)
+        result.peft_config = copy.deepcopy(peft_config)
+        adapter = adapter_name or _active_adapter(targets[0].lora_layer)
+        result.extra_state = peft_extra_state(model, adapter, result.layers)
+    result.timings = {
+        "pass_s": pass_s,
+        "solve_s": result.timings["solve_s"],
+        "apply_s": time.perf_counter() - apply_started,
+        "total_s": time.perf_counter() - started,
+    }
+    return result
+
+
+def _check_pass_options(method: str, loader, y_factor: str, max_samples) -> bool:
+    """The statistics pass's own options; returns whether ``method`` needs the pass."""
     data_aware = method not in WEIGHT_ONLY_METHODS
     if data_aware and loader is None:
         raise ValueError(
@@ -109,102 +146,98 @@ def initialize(
         raise ValueError(f"y_factor must be one of {Y_FACTORS}, got {y_factor!r}")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
         raise ValueError(f"max_samples must be a positive number of sequences or None, got {max_samples!r}")
-    wrapped = is_peft_model(model)
-    peft_config = _peft_config_of(model, adapter_name) if wrapped else None
-    targets = find_targets(model, target_modules, adapter_name=adapter_name)
-    if not targets:
-        raise ValueError(
-            f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "
-            f"{type(base_model_of(model)).__name__}; check the names with model.named_modules()"
-        )
-    ranks = dict(ranks or {})
-    if wrapped:
-        default_rank = peft_config.r if peft_config is not None else targets[0].rank
-        if rank is not None and rank != default_rank:
-            raise ValueError(
-                f"rank={rank} was requested but the PEFT model's LoRA layers have rank {default_rank}; "
-                "pass rank=None (or the same rank), or wrap the base model with a new LoraConfig"
-            )
-        rank = default_rank
-        ranks = {t.name: t.rank for t in targets if t.rank != default_rank}
-        if peft_config is not None:
-            lora_alpha, use_rslora = peft_config.lora_alpha, peft_config.use_rslora
-    rank = 8 if rank is None else rank
-    for t in targets:  # fail before the pass, not after it
-        check_rank(t.name, ranks.get(t.name, rank), t.in_features, t.out_features, method)
+    return data_aware
 
-    meta = _model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), peft_config=peft_config)
-    stats = None
-    if data_aware:
-        stats = collect(model, loader, y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn,
-                        progress=progress, adapter_name=adapter_name, targets=targets)
-        stats.meta.update(meta)
-    pass_s = time.perf_counter() - started
-    # Weight-only methods read the layer shapes from the weights too; .detach() views, no copies.
-    needs_weights = stats is None or method in NEEDS_WEIGHTS
-    weights = {t.name: t.weight_out_in().detach() for t in targets} if needs_weights else None
-    result = solve(stats, rank, method=method, weights=weights, kinds={t.name: t.kind for t in targets},
-                   ranks=ranks, lora_alpha=lora_alpha, use_rslora=use_rslora,
-                   num_train_samples=num_train_samples, beta=beta, alpha_b=alpha_b, gamma=gamma,
-                   damping=damping, damping_mode=damping_mode, gradient=gradient, loraga_variant=loraga_variant,
-                   pissa_niter=pissa_niter, seed=seed, freeze_a=freeze_a, dtype=solve_dtype, eigensolver=eigensolver)
-    if stats is None:
-        result.target_modules = meta["target_modules"]
-        result.base_model_name_or_path = meta["base_model_name_or_path"]
-        result.task_type = meta["task_type"]
-    apply_started = time.perf_counter()
-    if wrapped:
-        result.apply_to(model, adapter_name)
-    result.timings = {
-        "pass_s": pass_s,
-        "solve_s": result.timings["solve_s"],
-        "apply_s": time.perf_counter() - apply_started,
-        "total_s": time.perf_counter() - started,
-    }
-    return result
+
+def _peft_layout(model: nn.Module, targets, *, adapter_name: str | None, method: str, rank: int | None,
+                 ranks: dict | None):
+    """A PEFT model's adapter as its layers define it: (LoraConfig, rank, per-layer ranks that
+    differ, lora_alpha, per-layer alphas that differ, use_rslora).  ``rank`` and ``ranks``, if
+    given, must agree with the layers."""
+    peft_config = peft_config_of(model, adapter_name)
+    _check_peft_adapter(model, targets, peft_config, adapter_name=adapter_name, method=method)
+    first = targets[0]
+    default_rank = peft_config.r if peft_config is not None else first.rank
+    default_alpha = peft_config.lora_alpha if peft_config is not None else first.alpha
+    use_rslora = peft_config.use_rslora if peft_config is not None else first.use_rslora
+    if rank is not None and rank != default_rank:
+        raise ValueError(
+            f"rank={rank} was requested but the PEFT model's LoRA layers have rank {default_rank}; "
+            "pass rank=None (or the same rank), or wrap the base model with a new LoraConfig"
+        )
+    layer_ranks = {t.name: t.rank for t in targets}
+    check_ranks(ranks, layer_ranks)
+    differing = {name: r for name, r in (ranks or {}).items() if layer_ranks[name] != r}
+    if differing:
+        name, r = next(iter(differing.items()))
+        raise ValueError(
+            f"ranks asks rank {r} for {name!r}, whose LoRA layer has rank {layer_ranks[name]}: a PEFT model's ranks "
+            "come from its LoraConfig (r, rank_pattern); pass ranks=None, or wrap the base model with a new LoraConfig"
+        )
+    ranks = {name: r for name, r in layer_ranks.items() if r != default_rank}
+    alphas = {t.name: t.alpha for t in targets if t.alpha != default_alpha}
+    return peft_config, default_rank, ranks, default_alpha, alphas, use_rslora
+
+
+def _check_peft_adapter(model: nn.Module, targets, peft_config, *, adapter_name: str | None, method: str) -> None:
+    """Refuse, before the pass, a PEFT adapter that this initialisation cannot honour."""
+    check_not_merged(model)
+    init = getattr(peft_config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower() != "gaussian":
+        raise ValueError(
+            _PEFT_OWN_INIT.format(init=init) + ", and PEFT already did it when it created this model (pissa, olora, "
+            "corda, loftq and lora_ga also moved the base weights, which the statistics would see); create the "
+            "PeftModel with init_lora_weights=True and choose the method with method=..."
+        )
+    for t in targets:
+        adapter = adapter_name or _active_adapter(t.lora_layer)
+        dora = bool(getattr(t.lora_layer, "use_dora", {}).get(adapter, False))
+        variant = getattr(t.lora_layer, "lora_variant", {}).get(adapter)
+        if variant is not None and not dora:
+            raise ValueError(
+                f"layer {t.name!r} uses the LoRA variant {type(variant).__name__}, which changes how lora_A and "
+                "lora_B act; loradafast initialises plain LoRA and DoRA adapters: remove that option from the "
+                "LoraConfig"
+            )
+        if dora and method in MOVES_BASE:
+            raise ValueError(dora_refusal(method))
+
+
+# initialize's options that the LoraConfig holds when get_peft_model builds the adapter.
+_CONFIG_OPTIONS = {"rank": "r", "ranks": "rank_pattern", "target_modules": "target_modules",
+                   "lora_alpha": "lora_alpha", "use_rslora": "use_rslora"}
 
 
 def get_peft_model(model: nn.Module, loader: Iterable | None, lora_config, *, adapter_name: str = "default",
                    **options):
     """``peft.get_peft_model`` with the LoRA layers initialised by loradafast.
 
-    The statistics pass and the solve run on the unwrapped model first, so a failure there leaves
-    ``model`` untouched; only then is it wrapped and filled (and, for methods that move the base
-    weight, its base weights updated, as PEFT's own PiSSA does).  ``options`` go to
+    PEFT wraps ``model`` first, so the layers initialised are exactly those PEFT chooses from
+    ``lora_config`` (its per-architecture default targets, ``layers_to_transform``,
+    ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ...).  The PEFT model is then
+    filled as by ``initialize(peft_model, loader, **options)``, whose statistics pass sees the
+    base model only (and, for methods that move the base weight, its base weights are updated, as
+    PEFT's own PiSSA does).  On any failure the wrapping is undone: ``model`` is left exactly as
+    it was (modules, parameters, flags, modes, hooks, attributes).  ``options`` go to
     :func:`initialize` (``method=...``; ``loader`` may be None for weight-only methods).
     The :class:`InitResult` is attached as ``peft_model.loradafast_result``.
     """
-    import copy
-
     import peft
-    from peft.utils.other import get_pattern_key
 
     if is_peft_model(model):
         raise ValueError("the model already carries LoRA layers; call loradafast.initialize(peft_model, loader)")
+    owned = [name for name in options if name in _CONFIG_OPTIONS]
+    if owned:
+        fields = ", ".join(f"{name} → lora_config.{_CONFIG_OPTIONS[name]}" for name in owned)
+        raise ValueError(f"{', '.join(owned)} belong to lora_config here; set them there ({fields})")
     init = lora_config.init_lora_weights
     if isinstance(init, str) and init.lower() != "gaussian":
         # PEFT would run its own init first, and pissa/olora/corda/lora_ga would move the base
         # weights before ours is applied on top.
-        raise ValueError(
-            f"lora_config.init_lora_weights={init!r} asks PEFT to initialise the adapter; loradafast does that: "
-            "leave init_lora_weights=True and choose the method with method=..."
-        )
-    target_modules = lora_config.target_modules
-    if isinstance(target_modules, set):
-        target_modules = sorted(target_modules)
-    ranks = None
-    if lora_config.rank_pattern:
-        keys = list(lora_config.rank_pattern)
-        ranks = {t.name: lora_config.rank_pattern.get(get_pattern_key(keys, t.name), lora_config.r)
-                 for t in find_targets(model, target_modules)}
-    result = initialize(model, loader, lora_config.r, target_modules=target_modules,
-                        lora_alpha=lora_config.lora_alpha, use_rslora=lora_config.use_rslora, ranks=ranks,
-                        **options)
-    peft_model = peft.get_peft_model(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
-    try:
-        result.apply_to(peft_model, adapter_name)
-    except BaseException:
-        peft_model.unload()  # puts the original modules back
-        raise
+        raise ValueError(_PEFT_OWN_INIT.format(init=init) + ": leave init_lora_weights=True and choose the method "
+                         "with method=...")
+    with undone_on_failure(model):
+        peft_model = peft.get_peft_model(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
+        result = initialize(peft_model, loader, adapter_name=adapter_name, **options)
     peft_model.loradafast_result = result
     return peft_model

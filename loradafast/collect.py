@@ -30,7 +30,7 @@ from . import kernels
 from .batches import IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
 from .stats import LayerStats, Statistics
-from .targets import Target, base_model_of, find_targets
+from .targets import Target, base_model_of, base_model_only, find_targets, model_meta
 
 Y_FACTORS = ("diag", "full")
 
@@ -328,7 +328,7 @@ def collect(
     started = time.perf_counter()
     handles = []
     bar = None
-    with preserved_model_state(model):
+    with preserved_model_state(model), base_model_only(model):  # PEFT adapters off: the base model's statistics
         try:
             model.eval()  # dropout off: statistics must not depend on the batching
             for p in model.parameters():
@@ -399,6 +399,7 @@ def collect(
         "model_class": type(base_model_of(model)).__name__,
         "loradafast_version": __version__,
         "pass_seconds": time.perf_counter() - started,
+        **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
     }
     return Statistics(layers, z_sums, int(counts[0].item()), int(counts[1].item()), y_factor, meta)
 

@@ -21,9 +21,12 @@ path_initial_model_for_weight_conversion=...)``):
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
+import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +78,7 @@ class InitResult:
     rank: int
     lora_alpha: float
     use_rslora: bool = False
+    alphas: dict[str, float] = field(default_factory=dict)  # per-layer lora_alpha ≠ lora_alpha
     target_modules: list[str] | str | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
@@ -83,6 +87,12 @@ class InitResult:
     # LoRA-FA: lora_A stays at its initialisation, only lora_B trains.  apply_to (hence
     # get_peft_model) sets requires_grad=False on lora_A; a saved adapter cannot carry it.
     freeze_a: bool = False
+    # The LoraConfig of the PeftModel this result was made for (initialize(peft_model)): saved as
+    # it is, with only what the method changes, so that no option of the user's is lost.
+    peft_config: object | None = None
+    # That PeftModel's other adapter tensors after the initialisation (DoRA magnitudes,
+    # modules_to_save copies, LoRA biases), in PEFT's keys: saved with the factors.
+    extra_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def moves_base(self) -> bool:
@@ -92,7 +102,7 @@ class InitResult:
     # ---- PEFT views -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """PEFT-format keys, as ``PeftModel.save_pretrained`` writes them (no adapter name)."""
-        out = {}
+        out = dict(self.extra_state)
         for name, layer in self.layers.items():
             out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
             out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B
@@ -100,7 +110,7 @@ class InitResult:
 
     def converted_state_dict(self) -> dict[str, torch.Tensor]:
         """The rank-2r adapter for the unmodified base (PEFT's ``subtract_mutated_init``)."""
-        out = {}
+        out = dict(self.extra_state)
         for name, layer in self.layers.items():
             a, b = layer.lora_A, layer.lora_B
             if layer.subtract_scaling is not None:
@@ -117,28 +127,48 @@ class InitResult:
     def _lora_config(self, converted: bool):
         from peft import LoraConfig
 
+        if self.peft_config is not None:
+            return self._kept_peft_config(converted)
         factor = 2 if converted and self.moves_base else 1
         ranks = {name: layer.rank * factor for name, layer in self.layers.items()}
         rank = self.rank * factor
-        alpha = self.lora_alpha
-        if factor == 2:
-            # Keep the scaling alpha/r (alpha/√r with rsLoRA) as PEFT's conversion does; with a
-            # single alpha this also holds for every rank_pattern entry.
-            alpha = alpha * (math.sqrt(2) if self.use_rslora else 2)
-        # Per-layer ranks that differ from the default go to rank_pattern, keyed by full path
-        # (PEFT matches rank_pattern keys as regexes anchored at a path boundary).
+        alpha_factor = (math.sqrt(2) if self.use_rslora else 2) if factor == 2 else 1
+        # Per-layer ranks and alphas that differ from the defaults go to rank_pattern and
+        # alpha_pattern, keyed by full path (PEFT matches their keys as regexes anchored at a
+        # path boundary).
         rank_pattern = {re.escape(name): r for name, r in ranks.items() if r != rank}
+        alpha_pattern = {re.escape(name): a * alpha_factor for name, a in self.alphas.items()}
         return LoraConfig(
             r=rank,
-            lora_alpha=alpha,
+            # Keep the scaling alpha/r (alpha/√r with rsLoRA) as PEFT's conversion does.
+            lora_alpha=self.lora_alpha * alpha_factor,
             use_rslora=self.use_rslora,
             target_modules=self.target_modules if self.target_modules is not None else sorted(self.layers),
             rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
             fan_in_fan_out=any(layer.kind == "conv1d" for layer in self.layers.values()),
             base_model_name_or_path=self.base_model_name_or_path,
             task_type=self.task_type,
             lora_dropout=0.0,
         )
+
+    def _kept_peft_config(self, converted: bool):
+        """The PeftModel's own LoraConfig, changed only where the saved adapter requires it."""
+        config = copy.deepcopy(self.peft_config)
+        # The factors are in the file; a PEFT init such as "pissa" would run again on loading and
+        # move the base weight a second time.
+        config.init_lora_weights = True
+        if config.base_model_name_or_path is None:  # as PeftModel.save_pretrained fills it
+            config.base_model_name_or_path = self.base_model_name_or_path
+        if converted and self.moves_base:
+            # r → 2r with the scaling kept, per layer as well (PEFT's conversion, with √2 for
+            # rsLoRA's alpha/√r applied to alpha_pattern too).
+            alpha_factor = math.sqrt(2) if config.use_rslora else 2
+            config.r *= 2
+            config.lora_alpha *= alpha_factor
+            config.rank_pattern = {key: 2 * r for key, r in (config.rank_pattern or {}).items()}
+            config.alpha_pattern = {key: a * alpha_factor for key, a in (config.alpha_pattern or {}).items()}
+        return config
 
     def save(self, directory, *, convert_to_lora: bool | None = None) -> Path:
         """A PEFT adapter directory that vanilla ``PeftModel.from_pretrained`` loads.
@@ -192,10 +222,32 @@ class InitResult:
         Every layer is checked (presence, rank, shapes) before the first one is written, so a
         mismatch leaves the model untouched.  For a method that moves the base weight, the base
         layer's weight becomes ``W − s·B·A`` (computed in float32 from the factors as stored in
-        the adapter's dtype, as PEFT's PiSSA/LoRA-GA init does), once per model.  With
-        ``freeze_a`` the ``lora_A`` weights stop requiring grad (PEFT's ``set_adapter`` and
+        the adapter's dtype, as PEFT's PiSSA/LoRA-GA init does), once per model; a warning says
+        so when that weight is tied to another (an output embedding tied to the input one).
+        A DoRA layer's magnitude is recomputed from the new factors, as PEFT's DoRA init does.
+        With ``freeze_a`` the ``lora_A`` weights stop requiring grad (PEFT's ``set_adapter`` and
         ``add_adapter`` make them trainable again; call :func:`freeze_lora_a` after those).
         """
+        plan = self._plan(peft_model, adapter_name)
+        _warn_if_tied(peft_model, [(name, target.module.weight) for name, target, adapter in plan
+                                   if self.layers[name].subtract_scaling is not None], f"method {self.method!r}")
+        with torch.no_grad():
+            for name, target, adapter in plan:
+                layer = self.layers[name]
+                a = target.lora_layer.lora_A[adapter].weight
+                b = target.lora_layer.lora_B[adapter].weight
+                a.copy_(layer.lora_A.to(device=a.device, dtype=a.dtype))
+                b.copy_(layer.lora_B.to(device=b.device, dtype=b.dtype))
+                if layer.subtract_scaling is not None:
+                    _subtract_(target, a, b, layer.subtract_scaling)
+                if adapter in getattr(target.lora_layer, "lora_magnitude_vector", {}):
+                    _refresh_dora_magnitude(target.lora_layer, adapter)
+                if self.freeze_a:
+                    a.requires_grad_(False)
+        return peft_model
+
+    def _plan(self, peft_model: nn.Module, adapter_name: str | None) -> list[tuple[str, Target, str]]:
+        """(layer, target, adapter) for every layer, after checking that each can be written."""
         targets = {t.name: t for t in find_targets(peft_model, adapter_name=adapter_name)}
         missing = sorted(set(self.layers) - set(targets))
         if missing:
@@ -215,27 +267,9 @@ class InitResult:
                     f"initialisation has {tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}; use the same rank"
                 )
             if layer.subtract_scaling is not None:
-                scaling = target.lora_layer.scaling[adapter]
-                if not math.isclose(scaling, layer.subtract_scaling, rel_tol=1e-6):
-                    raise ValueError(
-                        f"layer {name!r}: the PEFT model's LoRA scaling is {scaling}, the initialisation was solved "
-                        f"for {layer.subtract_scaling}; use the same lora_alpha, rank and use_rslora"
-                    )
-                if getattr(target.module, _MOVED_FLAG, False):
-                    raise ValueError(
-                        f"the base weight of layer {name!r} was already moved by a loradafast initialisation; moving "
-                        "it again would change the model's output. Start from the original model"
-                    )
-            plan.append((layer, target, a, b))
-        with torch.no_grad():
-            for layer, target, a, b in plan:
-                a.copy_(layer.lora_A.to(device=a.device, dtype=a.dtype))
-                b.copy_(layer.lora_B.to(device=b.device, dtype=b.dtype))
-                if layer.subtract_scaling is not None:
-                    _subtract_(target, a, b, layer.subtract_scaling)
-                if self.freeze_a:
-                    a.requires_grad_(False)
-        return peft_model
+                _check_movable(name, target, adapter, layer.subtract_scaling, self.method)
+            plan.append((name, target, adapter))
+        return plan
 
     def summary(self) -> str:
         """One line per layer: shapes, the extreme kept eigenvalue, residual, damping."""
@@ -259,6 +293,84 @@ def _subtract_(target: Target, a: torch.Tensor, b: torch.Tensor, scaling: float)
     update = scaling * (b.to(device=w.device, dtype=torch.float32) @ a.to(device=w.device, dtype=torch.float32))
     w.copy_((w.float() - update).to(w.dtype))
     setattr(target.module, _MOVED_FLAG, True)
+
+
+def _check_movable(name: str, target: Target, adapter: str, subtract_scaling: float, method: str) -> None:
+    scaling = target.lora_layer.scaling[adapter]
+    if not math.isclose(scaling, subtract_scaling, rel_tol=1e-6):
+        raise ValueError(
+            f"layer {name!r}: the PEFT model's LoRA scaling is {scaling}, the initialisation was solved "
+            f"for {subtract_scaling}; use the same lora_alpha, rank and use_rslora"
+        )
+    if adapter in getattr(target.lora_layer, "lora_magnitude_vector", {}):
+        raise ValueError(dora_refusal(method))
+    if getattr(target.module, _MOVED_FLAG, False):
+        raise ValueError(
+            f"the base weight of layer {name!r} was already moved by a loradafast initialisation; moving "
+            "it again would change the model's output. Start from the original model"
+        )
+
+
+def dora_refusal(method: str) -> str:
+    return (
+        f"use_dora=True cannot be combined with method {method!r}, which moves the base weight: DoRA's magnitude "
+        "is the norm of the base weight plus the adapter, and loradafast does not carry it through the residual "
+        "base and the rank-2r conversion. Use DoRA with a method that keeps the base weight (lora-da, lora-one, "
+        "lora), or set use_dora=False"
+    )
+
+
+def _refresh_dora_magnitude(lora_layer: nn.Module, adapter: str) -> None:
+    """DoRA's magnitude ``‖W + s·B·A‖`` (per output row), computed by PEFT's own code from the
+    factors just written.  PEFT computed it when the layer was created, from the factors of its
+    own init; written into the existing parameter so that references to it stay valid."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    dora = lora_layer.lora_magnitude_vector[adapter]
+    fresh = DoraLinearLayer(fan_in_fan_out=getattr(dora, "fan_in_fan_out", False))
+    fresh.update_layer(base_layer=lora_layer.get_base_layer(), lora_A=lora_layer.lora_A[adapter].weight,
+                       lora_B=lora_layer.lora_B[adapter].weight, scaling=lora_layer.scaling[adapter])
+    dora.weight.copy_(fresh.weight.to(device=dora.weight.device, dtype=dora.weight.dtype))
+    if hasattr(dora, "_cache_clear"):  # a weight norm cached in eval mode is stale now
+        dora._cache_clear()
+
+
+def _warn_if_tied(model: nn.Module, moved: list[tuple[str, torch.Tensor]], who: str) -> None:
+    """One warning for every moved weight that other modules share (tied embeddings)."""
+    owners = defaultdict(list)
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)].append(pname.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."))
+    tied = []
+    for name, weight in moved:
+        others = [o for o in owners.get(id(weight), []) if o != f"{name}.weight"]
+        if others:
+            tied.append(f"{name!r} is tied to {', '.join(repr(o) for o in others)}")
+    if tied:
+        warnings.warn(
+            f"loradafast: {who} moves the base weight of layers whose weight is tied to another: "
+            f"{'; '.join(tied)}. The tied weight moves too, so the model's logits at initialisation change "
+            "(PEFT's own PiSSA does the same, silently). To keep them, give each layer its own copy of the weight "
+            "before initialising (layer.weight = torch.nn.Parameter(layer.weight.detach().clone()), and "
+            "model.config.tie_word_embeddings = False so that transformers does not tie it again), or exclude "
+            "these layers from target_modules",
+            UserWarning, stacklevel=3,
+        )
+
+
+def peft_extra_state(peft_model: nn.Module, adapter_name: str, layers) -> dict[str, torch.Tensor]:
+    """Copies of the adapter's tensors other than the factors of ``layers`` (DoRA magnitudes,
+    modules_to_save copies, LoRA biases, trainable tokens), keyed as ``save_pretrained`` writes
+    them; empty for a model that is not a PeftModel."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    if not isinstance(peft_model, PeftModel):
+        return {}
+    factors = {f"{PEFT_PREFIX}{name}.lora_{ab}.weight" for name in layers for ab in "AB"}
+    # Base weights stay out: for a targeted embedding PEFT would add the embedding matrices (meant
+    # for resized vocabularies), which after a base-moving method hold the residual base.
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+    return {k: v.detach().clone() for k, v in state.items() if k not in factors}
 
 
 def apply_base_update(model: nn.Module, directory) -> nn.Module:
@@ -305,6 +417,7 @@ def apply_base_update(model: nn.Module, directory) -> nn.Module:
             if config.alpha_pattern else config.lora_alpha
         scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         plan.append((target, a, b, scaling))
+    _warn_if_tied(base, [(target.name, target.module.weight) for target, *_ in plan], f"the adapter in {directory}")
     with torch.no_grad():
         for target, a, b, scaling in plan:
             _subtract_(target, a, b, scaling)

@@ -20,6 +20,7 @@ from .stats import Statistics
 METHODS = ("lora-da", "lora", "pissa", "milora", "lora-ga", "lora-one", "fisher-subspace")
 WEIGHT_ONLY_METHODS = ("lora", "pissa", "milora")  # no statistics pass
 NEEDS_WEIGHTS = ("pissa", "milora", "fisher-subspace")
+MOVES_BASE = ("pissa", "milora", "lora-ga", "fisher-subspace")  # the base weight becomes W − s·B·A
 DEFAULT_GAMMA = {"lora-da": 1024.0, "lora-ga": 16.0, "lora-one": 128.0}
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's own default
 
@@ -79,6 +80,26 @@ def check_rank(name: str, rank: int, in_features: int, out_features: int, method
         )
 
 
+def check_ranks(ranks: dict | None, names, label: str = "ranks") -> None:
+    """Every key of a per-layer ``ranks`` (or ``alphas``) dict must name a target layer: a typo
+    would silently leave that layer at the default."""
+    import difflib
+
+    names = list(names)
+    unknown = [key for key in (ranks or {}) if key not in names]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown[:3]:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    shown = ", ".join(repr(n) for n in names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    raise ValueError(
+        f"{label} has {len(unknown)} key(s) that name no target layer: {', '.join(hints)}; the keys are layer paths "
+        f"relative to the base model, one of: {shown}"
+    )
+
+
 def solve(
     stats: Statistics | None,
     rank: int | None = None,
@@ -89,6 +110,7 @@ def solve(
     ranks: dict[str, int] | None = None,
     lora_alpha: float | None = None,
     use_rslora: bool = False,
+    alphas: dict[str, float] | None = None,
     num_train_samples: int = 100_000,
     beta: float = 0.03,
     alpha_b: float = 1.0,
@@ -115,7 +137,8 @@ def solve(
       giving the layers and their shapes when there are no statistics.  ``kinds`` gives the
       storage of each layer ("linear" or "conv1d") in that case.
     * ``rank`` is the default rank (8), ``ranks`` overrides it per layer; ``lora_alpha`` and
-      ``use_rslora`` give PEFT's scaling ``s`` used by the methods that move the base weight.
+      ``use_rslora`` give PEFT's scaling ``s`` used by the methods that move the base weight,
+      ``alphas`` overrides ``lora_alpha`` per layer (PEFT's ``alpha_pattern``).
     * LoRA-DA: ``num_train_samples``, ``beta`` (0: no variance term), ``alpha_b``, ``damping``,
       ``damping_mode``, ``gradient`` ("fisher", or "raw": Δ = −G, no preconditioning).
     * ``gamma``: the scale denominator of ``lora-da`` (1024), ``lora-ga`` (16), ``lora-one``
@@ -143,6 +166,9 @@ def solve(
     shapes = _layer_shapes(stats, weights, kinds)
     rank = 8 if rank is None else rank
     ranks = ranks or {}
+    alphas = alphas or {}
+    check_ranks(ranks, shapes)
+    check_ranks(alphas, shapes, "alphas")
     for name, (fin, fout, _) in shapes.items():
         check_rank(name, ranks.get(name, rank), fin, fout, method)
     lora_alpha = PEFT_DEFAULT_ALPHA if lora_alpha is None else lora_alpha
@@ -163,7 +189,7 @@ def solve(
     else:
         for name, (fin, fout, kind) in shapes.items():
             r = ranks.get(name, rank)
-            scaling = methods.lora_scaling(lora_alpha, r, use_rslora)
+            scaling = methods.lora_scaling(alphas.get(name, lora_alpha), r, use_rslora)
             if method == "lora":
                 f = methods.lora(fout, fin, r, generator=generator)
             else:
@@ -207,6 +233,7 @@ def solve(
         rank=rank,
         lora_alpha=lora_alpha,
         use_rslora=use_rslora,
+        alphas={name: a for name, a in alphas.items() if a != lora_alpha},
         target_modules=meta.get("target_modules"),
         base_model_name_or_path=meta.get("base_model_name_or_path"),
         task_type=meta.get("task_type"),

@@ -6,6 +6,8 @@ passed a plain model or a ``PeftModel``.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,8 @@ class Target:
     kind: str  # "linear" or "conv1d"
     lora_layer: nn.Module | None = None  # the PEFT LoraLayer wrapping ``module``, if any
     rank: int | None = None  # set by the PEFT layer when there is one
+    alpha: float | None = None  # the PEFT layer's lora_alpha (alpha_pattern applied)
+    use_rslora: bool = False  # the PEFT layer's
 
     @property
     def in_features(self) -> int:
@@ -119,7 +123,8 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
                 )
             _check_real_weight(name, base)
             targets.append(Target(_relative_name(model, name), base, kind, lora_layer=module,
-                                  rank=module.r[adapter]))
+                                  rank=module.r[adapter], alpha=module.lora_alpha[adapter],
+                                  use_rslora=bool(module.use_rslora.get(adapter, False))))
         return targets
 
     base = base_model_of(model)
@@ -181,3 +186,109 @@ def short_target_modules(model: nn.Module, targets: list[Target]) -> list[str]:
         if name and _kind(module) is not None and bool(check_target_module_exists(config, name))
     }
     return leaves if chosen == wanted else sorted(wanted)
+
+
+def peft_config_of(model: nn.Module, adapter_name: str | None):
+    """The LoraConfig of ``adapter_name`` (the active adapter) of a PEFT model, or None."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    name = adapter_name or getattr(model, "active_adapter", None) or next(iter(configs))
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    return configs.get(name)
+
+
+def model_meta(model: nn.Module, targets: list[Target], *, causal: bool, adapter_name: str | None = None) -> dict:
+    """What an adapter config records about the model: its name, task type and targets."""
+    base = base_model_of(model)
+    config = getattr(base, "config", None)
+    name_or_path = getattr(config, "_name_or_path", None) or getattr(base, "name_or_path", None) or None
+    peft_config = peft_config_of(model, adapter_name) if is_peft_model(model) else None
+    if peft_config is not None:
+        target_modules = peft_config.target_modules
+        if isinstance(target_modules, set):
+            target_modules = sorted(target_modules)
+    else:
+        target_modules = short_target_modules(model, targets)
+    return {
+        "base_model_name_or_path": name_or_path,
+        "task_type": "CAUSAL_LM" if causal else None,
+        "target_modules": target_modules,
+    }
+
+
+# ---- PEFT models: the base model only, and undoing a wrapping ------------------------------------
+
+def _adapter_switches(model: nn.Module) -> list[nn.Module]:
+    # PEFT's tuner layers (LoRA and the other methods) and its modules_to_save / trainable-token
+    # wrappers all gate their adapters on this one flag.
+    return [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "enable_adapters")]
+
+
+def check_not_merged(model: nn.Module) -> None:
+    merged = [name for name, m in model.named_modules() if getattr(m, "merged", False) is True]
+    if merged:
+        raise ValueError(
+            f"{len(merged)} PEFT layer(s) have adapters merged into their base weights (e.g. {merged[0]!r}), so the "
+            "base model is not available; call peft_model.unmerge_adapter() first"
+        )
+
+
+@contextlib.contextmanager
+def base_model_only(model: nn.Module):
+    """Run ``model`` as its base model: every PEFT adapter layer, active or not, and every
+    ``modules_to_save`` copy switched off, then switched back exactly as they were.
+
+    The flag is set directly: PEFT's ``enable_adapters``/``disable_adapter()`` would also change
+    the adapters' ``requires_grad`` and, on exit, enable adapters that the user had disabled.
+    """
+    check_not_merged(model)
+    switches = [(m, m._disable_adapters) for m in _adapter_switches(model)]
+    try:
+        for m, _ in switches:
+            m._disable_adapters = True
+        yield model
+    finally:
+        for m, flag in switches:
+            m._disable_adapters = flag
+
+
+@contextlib.contextmanager
+def undone_on_failure(model: nn.Module):
+    """On any exception, put ``model`` back as it was on entry: its module tree (children,
+    parameters, buffers and hooks: the containers are refilled, so the original objects come
+    back), every other module attribute (``peft_config`` and the like are removed), the
+    ``requires_grad`` flags and the config's attributes.
+
+    Parameter *values* are not saved: what runs inside must not write them before it can no
+    longer fail (``InitResult.apply_to`` checks every layer before it writes the first).
+    """
+    modules = list(model.modules())
+    saved = []
+    for m in modules:
+        attrs = dict(vars(m))
+        contents = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, set))}
+        saved.append((m, attrs, contents))
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters(recurse=False)]
+    configs = {}  # PeftModel sets config.pretraining_tp, for one
+    for m in modules:
+        config = getattr(m, "config", None)
+        if config is not None and not isinstance(config, nn.Module) and hasattr(config, "__dict__"):
+            configs[id(config)] = config
+    config_attrs = [(c, dict(vars(c))) for c in configs.values()]
+    try:
+        yield model
+    except BaseException:
+        for m, attrs, contents in saved:
+            vars(m).clear()
+            vars(m).update(attrs)
+            for key, content in contents.items():
+                attrs[key].clear()
+                attrs[key].update(content)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for c, attrs in config_attrs:
+            vars(c).clear()
+            vars(c).update(attrs)
+        raise

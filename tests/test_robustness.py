@@ -32,6 +32,13 @@ class ModelState:
         self.modules = {n: type(m) for n, m in model.named_modules()}
         self.hooks = {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
                           len(m._backward_pre_hooks)) for n, m in model.named_modules()}
+        # Attributes set on modules (peft_config, _hf_peft_config_loaded, PEFT's adapter switches):
+        # which exist, and the value of the plain ones.
+        self.attrs = {n: set(vars(m)) for n, m in model.named_modules()}
+        self.values = {n: {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None)))}
+                       for n, m in model.named_modules()}
+        config = getattr(model, "config", None)
+        self.config = config.to_dict() if hasattr(config, "to_dict") else None
 
     def assert_unchanged(self):
         now = ModelState(self.model)
@@ -45,6 +52,9 @@ class ModelState:
         assert all(now.grads[n] is self.grads[n] for n in self.grads)
         assert now.modes == self.modes
         assert now.hooks == self.hooks
+        assert now.attrs == self.attrs
+        assert now.values == self.values
+        assert now.config == self.config
 
 
 @pytest.fixture
@@ -303,7 +313,7 @@ def test_statistics_of_another_version_or_model(tmp_path):
 
 
 def test_get_peft_model_failure_leaves_model_unwrapped(llama):
-    expect_error(llama, ValueError, "matches no", lambda: loradafast.get_peft_model(
+    expect_error(llama, ValueError, "not found in the base model", lambda: loradafast.get_peft_model(
         llama, batches(), LoraConfig(r=2, target_modules=["nothing_here"]), progress=False))
 
 
