@@ -334,7 +334,7 @@ def _lobpcg(apply, precond, n, r, m, batch, dtype, device, max_iter, tol, seed, 
     tau = 100.0 * eps * m
 
     if x0 is not None:
-        x = x0.to(dtype=dtype, device=device)
+        x = x0.to(dtype=dtype, device=device)[..., :m]  # a wider start block keeps its leading columns
         if x.shape[-1] < m:  # fill the oversampled columns at random
             gen = torch.Generator(device=device).manual_seed(seed)
             fill = torch.randn(batch, n, m - x.shape[-1], dtype=dtype, device=device, generator=gen)

@@ -53,6 +53,15 @@ def test_products_match_dense_reference(y_factor, gradient):
         assert (b - ref).norm() <= 1e-7 * ref.norm()
 
 
+def test_refinement_from_a_start_block_wider_than_its_own():
+    """σ is refined from the eigenvectors of the rank solve, which may have more columns (r = 16)
+    than the single-vector LOBPCG's block."""
+    group, terms = _group(_stats("diag"))
+    x0 = torch.linalg.qr(torch.randn(group.batch, N_IN, 16, dtype=torch.float64)).Q
+    group.refine_sigma(x0, tol=1e-10)
+    torch.testing.assert_close(group.sigma, torch.stack([t.sigma for t in terms]), rtol=1e-10, atol=0)
+
+
 def test_rough_sigma_is_a_lower_bound_and_refinement_is_exact():
     group, terms = _group(_stats("diag"))
     exact = torch.stack([t.sigma for t in terms])
