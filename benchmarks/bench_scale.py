@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
+from loradafast import lora_da_solve  # noqa: E402
 from loradafast.eigen import span_sine  # noqa: E402
 from loradafast.stats import LayerStats, Statistics  # noqa: E402
 
@@ -144,13 +146,17 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--scales", default="0.25,0.5,1")
     ap.add_argument("--spectra", default="decay,tokens")
-    ap.add_argument("--dtypes", default="float64")
+    ap.add_argument("--dtypes", default="float64",
+                    help="working dtypes; 'mixed' is float64 with float32 products with G and preconditioner")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: as the issue measured)")
     ap.add_argument("--dense", action="store_true", help="also the float64 dense solve, for sin θ (O(n³))")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dense-max-n", type=int, default=None, help="override lora_da_solve.CPU_DENSE_MAX_N")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.dense_max_n is not None:
+        lora_da_solve.CPU_DENSE_MAX_N = args.dense_max_n
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     runs = []
@@ -165,8 +171,10 @@ def main(argv=None):
                 reference, ref_info = solve_once(stats, device, torch.float64, "dense")
                 print(f"  {spectrum} dense float64: {ref_info['seconds']:.1f}s", flush=True)
             for dtype_name in args.dtypes.split(","):
-                dtype = getattr(torch, dtype_name)
+                dtype = torch.float64 if dtype_name == "mixed" else getattr(torch, dtype_name)
+                lora_da_solve.MIXED_DTYPE = torch.float32 if dtype_name == "mixed" else None
                 result, info = solve_once(stats, device, dtype)
+                lora_da_solve.MIXED_DTYPE = None
                 if reference is not None:
                     info["sin_theta_vs_dense_f64"] = {n: span_sine(result.layers[n].lora_A.T, reference.layers[n].lora_A.T)
                                                       for n in result.layers}
@@ -182,6 +190,7 @@ def main(argv=None):
         "benchmark": "bench_scale", "date": datetime.date.today().isoformat(), "device": device_name(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "torch": torch.__version__, "python": platform.python_version(), "rank": 8, "tokens": TOKENS,
+        "cpu_dense_max_n": lora_da_solve.CPU_DENSE_MAX_N, "load_average": list(os.getloadavg()),
         "runs": runs,
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"scale_{device_slug(device)}.json"

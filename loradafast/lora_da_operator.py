@@ -62,11 +62,14 @@ class GroupOmega:
 
     def __init__(self, z: DampedZ, z_lambda: torch.Tensor, gradients: list[torch.Tensor],
                  factors: list[DampedFactors], *, beta: float, num_train_samples: int, alpha_b: float,
-                 gradient: str, dtype: torch.dtype):
+                 gradient: str, dtype: torch.dtype, gradient_dtype: torch.dtype | None = None):
         self.chol = z.chol.to(dtype)
         self.z_damping = float(z.damping)
         self.z_lambda = z_lambda.to(dtype)
-        self.g = [g.to(dtype) for g in gradients]
+        # G is an fp32 sum: holding it in float64 adds no information, only twice the memory
+        # traffic of the bandwidth-bound skinny products (gradient_dtype=float32: mixed precision).
+        self.gradient_dtype = dtype if gradient_dtype is None else gradient_dtype
+        self.g = [g.to(self.gradient_dtype) for g in gradients]
         self.factors = factors
         self.fisher = gradient == "fisher"
         self.alpha = float(alpha_b)
@@ -90,15 +93,18 @@ class GroupOmega:
     def delta(self, x: torch.Tensor, wx: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``[Δᵢ xᵢ]`` ``[out_i, k]`` for ``x`` ``[b, n, k]``; ``wx = Zλ⁻¹x`` if already known."""
         if not self.fisher:
-            return [-(g @ x[i]) for i, g in enumerate(self.g)]
+            return [-self._g_times(g, x[i]) for i, g in enumerate(self.g)]
         wx = self.z_solve(x) if wx is None else wx
-        return [-self._y_solve(i, g @ wx[i]) for i, g in enumerate(self.g)]
+        return [-self._y_solve(i, self._g_times(g, wx[i])) for i, g in enumerate(self.g)]
+
+    def _g_times(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (g @ x.to(self.gradient_dtype)).to(self.dtype)
 
     def delta_t(self, v: list[torch.Tensor]) -> torch.Tensor:
         """``[Δᵢᵀ vᵢ]`` stacked ``[b, n, k]``."""
         if not self.fisher:
-            return torch.stack([-(g.T @ vi) for g, vi in zip(self.g, v)])
-        u = torch.stack([g.T @ self._y_solve(i, vi) for i, (g, vi) in enumerate(zip(self.g, v))])
+            return torch.stack([-self._g_times(g.T, vi) for g, vi in zip(self.g, v)])
+        u = torch.stack([self._g_times(g.T, self._y_solve(i, vi)) for i, (g, vi) in enumerate(zip(self.g, v))])
         return -self.z_solve(u)
 
     def gram(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,9 +168,10 @@ class GroupOmega:
 
     def _dense_delta(self, i: int) -> torch.Tensor:
         """``Δᵢ`` ``[out, n]``: for the dense path and the fallback only (``O(n²·out)``)."""
+        g = self.g[i].to(self.dtype)
         if not self.fisher:
-            return -self.g[i]
-        return -self._y_solve(i, cholesky_solve(self.chol, self.g[i].T).T)
+            return -g
+        return -self._y_solve(i, cholesky_solve(self.chol, g.T).T)
 
     def dense(self, layers: torch.Tensor) -> torch.Tensor:
         """The matrices ``Ωᵢ`` of the given layers, ``[len(layers), n, n]``."""

@@ -25,6 +25,13 @@ EIGENSOLVERS = ("auto", "lobpcg", "dense")
 # benchmarks/results/solve_cpu.json, measured before Ω was applied implicitly).  Above 2048 "auto"
 # takes LOBPCG, whose cost grows as n² per iteration instead of n³; on CUDA "auto" is always LOBPCG.
 CPU_DENSE_MAX_N = 2048
+# Mixed precision of the float64 solve: the products with G (an fp32 sum) and the preconditioner
+# (an approximation anyway) in this dtype, the solves with Zλ, whose conditioning needs float64,
+# in float64.  None: everything in the working dtype.  Measured (bench_scale --dtypes
+# float64,mixed,float32, 7B block ×1/4, "tokens" spectrum, CPU): subspace sin θ against dense
+# float64 5.7e-9 (float64), 5.2e-4 (mixed: misses the 1e-4 goal, and σ's LOBPCG stalls on the
+# noise), 3.5e-1 (float32); so the default stays float64 throughout.
+MIXED_DTYPE: torch.dtype | None = None
 # How far above the measured rounding of the implicit Ω products LOBPCG's default tolerance sits.
 FLOOR_MARGIN = 30.0
 
@@ -123,7 +130,8 @@ def _factor_group(stats, names, dtype, dev, *, beta, num_train_samples, alpha_b,
     z_lambda = z_mat.to(work) + z.damping * torch.eye(z_mat.shape[-1], dtype=work, device=dev)
     grads = [stats.G(k, dtype).to(dev) for k in names]
     return GroupOmega(z, z_lambda, grads, factors, beta=beta, num_train_samples=num_train_samples,
-                      alpha_b=alpha_b, gradient=gradient, dtype=work), factors
+                      alpha_b=alpha_b, gradient=gradient, dtype=work,
+                      gradient_dtype=MIXED_DTYPE if work == torch.float64 else None), factors
 
 
 def _sigma_tol(dtype: torch.dtype) -> float:
@@ -171,7 +179,7 @@ def _eigensolve(group: GroupOmega, sub: _Subset, r: int, solver: str, residual_t
         result = eigen.smallest_eigenpairs(sub.dense(torch.arange(b)), n, r, b, dtype=group.dtype, device=dev,
                                            tol=residual_tol, dense_below=n)
         return result, torch.zeros(b), 0
-    precond, precond_count = group.preconditioner()
+    precond, precond_count = group.preconditioner(MIXED_DTYPE if group.dtype == torch.float64 else None)
     floor = group.rounding_floor()[sub.idx]
     tol = eigen._default_tol(group.dtype) if residual_tol is None else residual_tol
     # The implicit products carry rounding of about eps·cond(Zλ) (the dense Ω carries the same
