@@ -51,6 +51,7 @@ bench: $(STAMP)
 	@dev=$$($(PY) -c "import sys; sys.path.insert(0, 'benchmarks'); from _common import default_device, device_slug; print(device_slug(default_device()))"); \
 	mkdir -p benchmarks/results; \
 	$(PY) -m pytest tests/benchmarks -q -p no:cacheprovider -o python_files='bench_*.py' \
+		--benchmark-min-rounds=3 --benchmark-max-time=0.5 --benchmark-columns=min,median,iqr,rounds \
 		--benchmark-json=benchmarks/results/micro_$$dev.json $(BENCH_ARGS)
 
 # Every GPU figure in one command, on a CUDA machine that already has torch, triton and peft (no

@@ -1,0 +1,42 @@
+"""The micro-benchmark suite (pytest-benchmark): kernels, eigensolver, solve stages.
+
+Not part of ``make test``: the files are named ``bench_*.py``, which pytest collects only when
+asked to (``make bench`` passes ``-o python_files=bench_*.py``).  Run it with::
+
+    make bench                                  # writes benchmarks/results/micro_<device>.json
+    make bench BENCH_ARGS="-k kfac"             # a subset
+
+Sizes are small on CPU (a few minutes in all) and model-sized on CUDA.  This conftest must not
+import pytest-benchmark: pytest loads it during the normal suite too.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from _micro import DEVICE, environment, sync
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The harness's device and versions in the JSON's ``machine_info``, as every results file has."""
+    machine_info["loradafast_environment"] = environment(DEVICE)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture
+def run(benchmark, device):
+    """``run(fn, group=..., **extra)``: time ``fn`` (synchronised on CUDA) and record ``extra``
+    (sizes, provider) in the JSON's ``extra_info``."""
+    def go(fn, *, group: str, **extra):
+        benchmark.group = group
+        benchmark.extra_info.update(extra)
+
+        def call():
+            out = fn()
+            sync(device)
+            return out
+        return benchmark(call)
+    return go
