@@ -16,6 +16,7 @@ import torch
 from _micro import DEVICE, environment, sync
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-benchmark's hook; absent without the plugin
 def pytest_benchmark_update_machine_info(config, machine_info):
     """The harness's device and versions in the JSON's ``machine_info``, as every results file has."""
     machine_info["loradafast_environment"] = environment(DEVICE)
