@@ -45,7 +45,8 @@ demo: $(STAMP)
 
 # The micro-benchmarks (kernels, eigensolver, solve stages): a pytest-benchmark suite in
 # tests/benchmarks/.  Its files are named bench_*.py, so `make test` does not collect them; here
-# python_files selects them.  BENCH_DEVICE=cuda on a GPU machine (default: cuda when available).
+# python_files selects them.  The device is cuda when a GPU is visible, else cpu; BENCH_ARGS adds
+# pytest options (e.g. BENCH_ARGS="-k kfac").
 BENCH_ARGS ?=
 bench: $(STAMP)
 	@dev=$$($(PY) -c "import sys; sys.path.insert(0, 'benchmarks'); from _common import default_device, device_slug; print(device_slug(default_device()))"); \

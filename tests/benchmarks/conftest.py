@@ -11,6 +11,8 @@ import pytest-benchmark: pytest loads it during the normal suite too.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _micro import DEVICE, environment, sync
@@ -20,6 +22,8 @@ from _micro import DEVICE, environment, sync
 def pytest_benchmark_update_machine_info(config, machine_info):
     """The harness's device and versions in the JSON's ``machine_info``, as every results file has."""
     machine_info["loradafast_environment"] = environment(DEVICE)
+    if hasattr(os, "getloadavg"):  # other work on the machine shows here (the runs are not isolated)
+        machine_info["load_avg_1min_at_end"] = os.getloadavg()[0]
 
 
 @pytest.fixture
