@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
+from loradafast import _native  # noqa: E402
 from loradafast.eigen import span_sine  # noqa: E402
 from loradafast.stats import LayerStats, Statistics  # noqa: E402
 
@@ -136,6 +137,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    _native.load()  # build (or load) the native eigensolver outside the timings: it can take a minute
     runs = []
     for scale in [float(s) for s in args.scales.split(",")]:
         hidden, inter = int(HIDDEN * scale), int(INTERMEDIATE * scale)

@@ -26,6 +26,14 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["load_avg_1min_at_end"] = os.getloadavg()[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_built():
+    """Build (or load) the native eigensolver before the first timing: a build can take a minute."""
+    from loradafast import _native
+
+    _native.load()
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
