@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
+from loradafast import _native  # noqa: E402
 from loradafast.eigen import span_sine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +53,7 @@ def main() -> None:
 
     stats = loradafast.Statistics.load(args.stats) if args.stats else smollm2_stats(args.samples, args.seq_len)
     device = default_device()
+    _native.load()  # build (or load) the native eigensolver outside the timings
     if device.type == "cuda":
         stats = stats.to("cuda")
     widths = sorted({s.in_features for s in stats.layers.values()})
