@@ -107,6 +107,15 @@ def bench_pair(device, pairs, tokens, on_cuda) -> list[dict]:
     return rows
 
 
+def gradient_providers(acc, g, x, on_cuda: bool) -> dict:
+    """``acc += gᵀx`` (the gradient G)."""
+    providers = {"fp32_upcast": lambda: kernels.gradient_accumulate(acc, g, x, impl="reference")}
+    if on_cuda:
+        providers["cublas_out_dtype"] = lambda: dispatch._gradient_accumulate_cublas(acc, g, x, None)
+        providers["triton"] = lambda: kernels.gradient_accumulate(acc, g, x, impl="triton")
+    return providers
+
+
 def bench_gradient(device, shapes, tokens, on_cuda) -> list[dict]:
     rows = []
     for out, inp in shapes:
@@ -114,12 +123,8 @@ def bench_gradient(device, shapes, tokens, on_cuda) -> list[dict]:
         x = torch.randn(tokens, inp, device=device).to(torch.bfloat16)
         acc = torch.zeros(out, inp, device=device)
         flops = 2.0 * out * inp * tokens
-        impls = {"fp32_upcast": lambda: kernels.gradient_accumulate(acc, g, x, impl="reference")}
-        if on_cuda:
-            impls["cublas_out_dtype"] = lambda: dispatch._gradient_accumulate_cublas(acc, g, x, None)
-            impls["triton"] = lambda: kernels.gradient_accumulate(acc, g, x, impl="triton")
         row = {"out": out, "in": inp, "tokens": tokens, "useful_flops": flops}
-        for name, fn in impls.items():
+        for name, fn in gradient_providers(acc, g, x, on_cuda).items():
             t = bench(fn, device)
             row[name] = {"seconds": t, "tflops": tflops(flops, t)}
         rows.append(row)
@@ -128,31 +133,37 @@ def bench_gradient(device, shapes, tokens, on_cuda) -> list[dict]:
     return rows
 
 
+def omega_providers(batch: int, n: int, k: int, device, on_cuda: bool) -> dict:
+    """``ΩX`` for a random batch of LoRA-DA-shaped operators: implicit (Cholesky factor or cached
+    inverse of Zλ; torch, and Triton on CUDA), against forming Ω and multiplying."""
+    a = torch.randn(batch, n, n, device=device) / n ** 0.5
+    z = a @ a.mT + 0.1 * torch.eye(n, device=device)
+    chol = torch.linalg.cholesky(z)
+    zinv = torch.cholesky_inverse(chol)
+    delta = torch.randn(batch, n, n, device=device)
+    delta /= torch.linalg.matrix_norm(delta, ord=2)[:, None, None]
+    c = torch.rand(batch, device=device)
+    X = torch.randn(batch, n, k, device=device)
+    omega = kernels.omega_dense(chol, c, delta)
+    providers = {
+        "operator_cholesky_torch": lambda: kernels.omega_apply(X, chol, c, delta, impl="reference"),
+        "operator_inverse_torch": lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
+                                                              impl="reference"),
+        "dense_apply": lambda: torch.bmm(omega, X),
+        "dense_form": lambda: kernels.omega_dense(chol, c, delta),
+    }
+    if on_cuda:
+        providers["operator_cholesky_triton"] = lambda: kernels.omega_apply(X, chol, c, delta, impl="triton")
+        providers["operator_inverse_triton"] = lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
+                                                                           impl="triton")
+    return providers
+
+
 def bench_omega(device, widths, batch, k, on_cuda) -> list[dict]:
     rows = []
     for n in widths:
-        a = torch.randn(batch, n, n, device=device) / n ** 0.5
-        z = a @ a.mT + 0.1 * torch.eye(n, device=device)
-        chol = torch.linalg.cholesky(z)
-        zinv = torch.cholesky_inverse(chol)
-        delta = torch.randn(batch, n, n, device=device)
-        delta /= torch.linalg.matrix_norm(delta, ord=2)[:, None, None]
-        c = torch.rand(batch, device=device)
-        X = torch.randn(batch, n, k, device=device)
-        omega = kernels.omega_dense(chol, c, delta)
-        impls = {
-            "operator_cholesky_torch": lambda: kernels.omega_apply(X, chol, c, delta, impl="reference"),
-            "operator_inverse_torch": lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
-                                                                  impl="reference"),
-            "dense_apply": lambda: torch.bmm(omega, X),
-            "dense_form": lambda: kernels.omega_dense(chol, c, delta),
-        }
-        if on_cuda:
-            impls["operator_cholesky_triton"] = lambda: kernels.omega_apply(X, chol, c, delta, impl="triton")
-            impls["operator_inverse_triton"] = lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
-                                                                           impl="triton")
         row = {"batch": batch, "n": n, "m": n, "k": k}
-        for name, fn in impls.items():
+        for name, fn in omega_providers(batch, n, k, device, on_cuda).items():
             row[name] = {"seconds": bench(fn, device)}
         rows.append(row)
         print(f"omega b={batch} n={n} k={k} " + " ".join(
