@@ -52,6 +52,19 @@ def matmul_rate(device: torch.device, n: int) -> dict:
     return {"n": n, "seconds": t, "tflops": tflops(2 * n ** 3, t)}
 
 
+def bf16_tokens(tokens: int, width: int, device) -> torch.Tensor:
+    """``[tokens, width]`` random bf16 rows: layer inputs or output gradients as the pass sees them."""
+    return torch.randn(tokens, width, device=device).to(torch.bfloat16)
+
+
+def time_row(row: dict, providers: dict, device, flops: float | None = None) -> dict:
+    """Each provider timed on the same inputs, into ``row[name]`` (seconds, and TFLOP/s of ``flops``)."""
+    for name, fn in providers.items():
+        t = bench(fn, device)
+        row[name] = {"seconds": t} if flops is None else {"seconds": t, "tflops": tflops(flops, t)}
+    return row
+
+
 def kfac_providers(acc, x, mask, on_cuda: bool) -> dict:
     """``acc += xᵀx`` (masked tokens skipped where the provider takes a mask)."""
     providers = {
@@ -69,14 +82,12 @@ def bench_kfac(device, dims, token_counts, on_cuda) -> list[dict]:
     for d in dims:
         acc = torch.zeros(d, d, device=device)
         for tokens in token_counts:
-            x = torch.randn(tokens, d, device=device).to(torch.bfloat16)
+            x = bf16_tokens(tokens, d, device)
             mask = torch.ones(tokens, dtype=torch.bool, device=device)
             mask[-tokens // 8:] = False  # a padded tail, as the collect pass sees
             flops = 2.0 * d * d * tokens
-            row = {"d": d, "tokens": tokens, "useful_flops": flops}
-            for name, fn in kfac_providers(acc, x, mask, on_cuda).items():
-                t = bench(fn, device)
-                row[name] = {"seconds": t, "tflops": tflops(flops, t)}
+            row = time_row({"d": d, "tokens": tokens, "useful_flops": flops}, kfac_providers(acc, x, mask, on_cuda),
+                           device, flops)
             if on_cuda:
                 row["speedup_triton_vs_mm_out_dtype"] = row["mm_out_dtype"]["seconds"] / row["triton"]["seconds"]
                 row["speedup_triton_vs_fp32_upcast"] = row["fp32_upcast"]["seconds"] / row["triton"]["seconds"]
@@ -89,18 +100,16 @@ def bench_kfac(device, dims, token_counts, on_cuda) -> list[dict]:
 def bench_pair(device, pairs, tokens, on_cuda) -> list[dict]:
     rows = []
     for dx, dg in pairs:
-        x = torch.randn(tokens, dx, device=device).to(torch.bfloat16)
-        g = torch.randn(tokens, dg, device=device).to(torch.bfloat16)
+        x, g = bf16_tokens(tokens, dx, device), bf16_tokens(tokens, dg, device)
         ax, ag = torch.zeros(dx, dx, device=device), torch.zeros(dg, dg, device=device)
         flops = 2.0 * (dx * dx + dg * dg) * tokens
         impl = "triton" if on_cuda else "reference"
-        row = {"dx": dx, "dg": dg, "tokens": tokens, "useful_flops": flops, "impl": impl}
-        for name, fn in {
+        providers = {
             "pair": lambda: kernels.kfac_accumulate_pair(ax, x, ag, g, impl=impl),
             "two_calls": lambda: (kernels.kfac_accumulate(ax, x, impl=impl), kernels.kfac_accumulate(ag, g, impl=impl)),
-        }.items():
-            t = bench(fn, device)
-            row[name] = {"seconds": t, "tflops": tflops(flops, t)}
+        }
+        row = time_row({"dx": dx, "dg": dg, "tokens": tokens, "useful_flops": flops, "impl": impl}, providers,
+                       device, flops)
         rows.append(row)
         print(f"pair dx={dx} dg={dg} T={tokens} pair={row['pair']['seconds']*1e3:.3f}ms "
               f"two={row['two_calls']['seconds']*1e3:.3f}ms", flush=True)
@@ -119,14 +128,11 @@ def gradient_providers(acc, g, x, on_cuda: bool) -> dict:
 def bench_gradient(device, shapes, tokens, on_cuda) -> list[dict]:
     rows = []
     for out, inp in shapes:
-        g = torch.randn(tokens, out, device=device).to(torch.bfloat16)
-        x = torch.randn(tokens, inp, device=device).to(torch.bfloat16)
+        g, x = bf16_tokens(tokens, out, device), bf16_tokens(tokens, inp, device)
         acc = torch.zeros(out, inp, device=device)
         flops = 2.0 * out * inp * tokens
-        row = {"out": out, "in": inp, "tokens": tokens, "useful_flops": flops}
-        for name, fn in gradient_providers(acc, g, x, on_cuda).items():
-            t = bench(fn, device)
-            row[name] = {"seconds": t, "tflops": tflops(flops, t)}
+        row = time_row({"out": out, "in": inp, "tokens": tokens, "useful_flops": flops},
+                       gradient_providers(acc, g, x, on_cuda), device, flops)
         rows.append(row)
         print(f"grad {out}x{inp} T={tokens} " + " ".join(
             f"{k}={v['tflops']:.2f}TF" for k, v in row.items() if isinstance(v, dict)), flush=True)
@@ -162,9 +168,7 @@ def omega_providers(batch: int, n: int, k: int, device, on_cuda: bool) -> dict:
 def bench_omega(device, widths, batch, k, on_cuda) -> list[dict]:
     rows = []
     for n in widths:
-        row = {"batch": batch, "n": n, "m": n, "k": k}
-        for name, fn in omega_providers(batch, n, k, device, on_cuda).items():
-            row[name] = {"seconds": bench(fn, device)}
+        row = time_row({"batch": batch, "n": n, "m": n, "k": k}, omega_providers(batch, n, k, device, on_cuda), device)
         rows.append(row)
         print(f"omega b={batch} n={n} k={k} " + " ".join(
             f"{k_}={v['seconds']*1e3:.3f}ms" for k_, v in row.items() if isinstance(v, dict)), flush=True)
