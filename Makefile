@@ -46,7 +46,7 @@ demo: $(STAMP)
 # The micro-benchmarks (kernels, eigensolver, solve stages): a pytest-benchmark suite in
 # tests/benchmarks/.  Its files are named bench_*.py, so `make test` does not collect them; here
 # python_files selects them.  The device is cuda when a GPU is visible, else cpu; BENCH_ARGS adds
-# pytest options (e.g. BENCH_ARGS="-k kfac").
+# pytest options (e.g. BENCH_ARGS="-k kfac"); BENCH_THREADS sets the CPU threads (default 1).
 BENCH_ARGS ?=
 bench: $(STAMP)
 	@dev=$$($(PY) -c "import sys; sys.path.insert(0, 'benchmarks'); from _common import default_device, device_slug; print(device_slug(default_device()))"); \

@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from _micro import DEVICE, environment, sync
+from _micro import DEVICE, ON_CUDA, THREADS, environment, sync
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-benchmark's hook; absent without the plugin
@@ -28,9 +28,12 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 @pytest.fixture(scope="session", autouse=True)
 def native_built():
-    """Build (or load) the native eigensolver before the first timing: a build can take a minute."""
+    """CPU threads fixed, and the native eigensolver built (or loaded) before the first timing: a
+    build can take a minute."""
     from loradafast import _native
 
+    if not ON_CUDA:
+        torch.set_num_threads(THREADS)
     _native.load()
 
 
