@@ -1,4 +1,5 @@
 # Two entry points, both from a bare clone:  make demo   |   make test
+# (make test runs make lint first; make bench runs the micro-benchmarks.)
 #
 # torch: if the interpreter $(PYTHON) already has torch (for example a CUDA build on a GPU
 # machine), the venv reuses it (--system-site-packages) and nothing is downloaded.  Otherwise
@@ -13,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loradafast-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install test demo bench gpu-report clean
+.PHONY: all install lint test demo bench gpu-report clean
 
 all: test
 
@@ -32,15 +33,27 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
-test: $(STAMP)
+# ruff, configured in pyproject.toml ([tool.ruff]); installed by the test extra.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m loradafast.demo
 
+# The micro-benchmarks (kernels, eigensolver, solve stages): a pytest-benchmark suite in
+# tests/benchmarks/.  Its files are named bench_*.py, so `make test` does not collect them; here
+# python_files selects them.  The device is cuda when a GPU is visible, else cpu; BENCH_ARGS adds
+# pytest options (e.g. BENCH_ARGS="-k kfac"); BENCH_THREADS sets the CPU threads (default 1).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) benchmarks/bench_kernels.py
-	$(PY) benchmarks/bench_eigen.py
+	@dev=$$($(PY) -c "import sys; sys.path.insert(0, 'benchmarks'); from _common import default_device, device_slug; print(device_slug(default_device()))"); \
+	mkdir -p benchmarks/results; \
+	$(PY) -m pytest tests/benchmarks -q -p no:cacheprovider -o python_files='bench_*.py' \
+		--benchmark-min-rounds=3 --benchmark-max-time=0.5 --benchmark-columns=min,median,iqr,rounds \
+		--benchmark-json=benchmarks/results/micro_$$dev.json $(BENCH_ARGS)
 
 # Every GPU figure in one command, on a CUDA machine that already has torch, triton and peft (no
 # venv, no network): GPU tests and the kernel, eigen, scale, solve and overhead benchmarks, each

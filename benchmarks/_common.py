@@ -1,12 +1,40 @@
-"""What every benchmark records about the machine it ran on."""
+"""The benchmark harness shared by every script in benchmarks/ and by tests/benchmarks/.
+
+* the machine: :func:`device_name`, :func:`device_slug`, :func:`environment` (device, versions,
+  date, threads, git state);
+* timing: :func:`sync`, :func:`timed` (one synchronised call), :func:`time_calls` /
+  :func:`median_time` (warm-up, then repeated calls; CUDA events on a GPU);
+* memory: :class:`PeakMemory` (CUDA allocator peak, or the sampled resident set size on CPU);
+* isolation: :func:`run_child` (one Python child process per measurement, JSON in and out);
+* output: :func:`results_path` and :func:`write_json` (``benchmarks/results/<name>_<device>.json``).
+
+Every script keeps its own CLI and JSON layout; the providers it compares are a dict
+``{name: callable}`` timed side by side with :func:`time_providers`.
+"""
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
+import json
+import os
 import platform
 import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+RESULTS = BENCHMARKS / "results"
+
+
+# -- the machine ---------------------------------------------------------------------------------
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
@@ -22,12 +50,204 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name(device: torch.device) -> str:
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
-def device_slug(device: torch.device) -> str:
+def device_slug(device: torch.device | str) -> str:
     """``cpu``, or the GPU's name as a file-name fragment (results/<bench>_<slug>.json)."""
     device = torch.device(device)
     return slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
+
+
+def git_state() -> dict:
+    """The commit, whether loradafast/ has uncommitted changes, and a digest of its sources."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    status = git("status", "--porcelain", "--", "loradafast")
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "loradafast").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return {"commit": git("rev-parse", "HEAD"), "loradafast_dirty": bool(status),
+            "loradafast_source_sha256": digest.hexdigest()}
+
+
+def environment(device: torch.device | str) -> dict:
+    """What every results file records about where and when it was measured."""
+    device = torch.device(device)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "device_slug": device_slug(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for the queued kernels of a CUDA device (no-op on CPU)."""
+    if device is None or torch.device(device).type == "cuda":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device | str):
+    """``(fn(), seconds)`` for one call, synchronised on CUDA before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def time_calls(fn: Callable, device: torch.device | str, *, warmup: int = 1, min_time: float = 0.2,
+               min_reps: int = 3, max_reps: int = 200) -> list[float]:
+    """Seconds per call of ``fn``, after ``warmup`` untimed calls (compilation, autotuning,
+    cuBLAS heuristics): at least ``min_reps`` calls, more until ``min_time`` has passed.
+    On CUDA each call is timed with CUDA events, on CPU with ``perf_counter``."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        if device.type == "cuda":
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn()
+            t1.record()
+            t1.synchronize()
+            times.append(t0.elapsed_time(t1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def median_time(fn: Callable, device: torch.device | str, **kw) -> float:
+    """Median seconds per call (:func:`time_calls`)."""
+    return statistics.median(time_calls(fn, device, **kw))
+
+
+def time_providers(providers: dict[str, Callable], device: torch.device | str, **kw) -> dict[str, float]:
+    """``{name: median seconds}`` for each provider, timed one after the other on the same inputs."""
+    return {name: median_time(fn, device, **kw) for name, fn in providers.items()}
+
+
+def tflops(flops: float, seconds: float | None) -> float | None:
+    return None if seconds is None else flops / seconds / 1e12
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+def rss_bytes() -> int | None:
+    """Resident set size of this process (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator peak, or sampled RSS on CPU.
+
+    On CPU the resident set size is sampled every ``interval`` seconds by a thread (a spike
+    shorter than that can be missed); only meaningful in a process of its own (:func:`run_child`),
+    so ``sample_cpu=False`` turns it off.  ``peak_delta`` (bytes) and ``how`` are set on exit."""
+
+    def __init__(self, device: str, sample_cpu: bool = True, interval: float = 0.005):
+        self.device, self.sample_cpu, self.interval = str(device), sample_cpu, interval
+        self.peak_delta = None
+        self.how = None
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.how = "torch.cuda.max_memory_allocated − memory_allocated at start"
+        elif self.sample_cpu and rss_bytes() is not None:
+            self.base = self.peak = rss_bytes()
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+            self.how = f"peak RSS of the child process (sampled every {self.interval * 1e3:.0f} ms) − RSS at start"
+        return self
+
+    def _sample(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss_bytes() or 0)
+            self.stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak_delta = torch.cuda.max_memory_allocated() - self.base
+        elif self.how is not None:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, rss_bytes() or 0)
+            self.peak_delta = self.peak - self.base
+        return False
+
+
+# -- isolation -----------------------------------------------------------------------------------
+
+def run_child(script: Path | str, spec: dict, workdir: Path, tag: str, *, timeout: float,
+              threads: int | None = None) -> dict:
+    """Run ``python script --worker SPEC --result RESULT`` in a child process and return the JSON
+    it wrote to RESULT; on a timeout, a non-zero exit or a missing result, ``{"ok": False,
+    "error": ...}``.  The child sees the repository on ``PYTHONPATH`` and, with ``threads``,
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set before torch is imported."""
+    spec_path, result_path = workdir / f"spec_{tag}.json", workdir / f"result_{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", str(spec_path), "--result", str(result_path)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"child process timed out after {timeout:.0f}s"}
+    if proc.returncode != 0 or not result_path.exists():
+        return {"ok": False, "error": f"child process exited with {proc.returncode}: {proc.stderr[-1500:]}"}
+    return json.loads(result_path.read_text())
+
+
+# -- output --------------------------------------------------------------------------------------
+
+def results_path(name: str, device: torch.device | str, out: str | Path | None = None) -> Path:
+    """``out`` if given, else ``benchmarks/results/<name>_<device-slug>.json``."""
+    return Path(out) if out else RESULTS / f"{name}_{device_slug(device)}.json"
+
+
+def write_json(record: dict, path: Path | str, *, indent: int = 2) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=indent, default=str) + "\n")
+    print(f"wrote {path}")
+    return path

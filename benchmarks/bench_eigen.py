@@ -17,26 +17,19 @@ The Rayleigh–Ritz section times the native small eigensolver against torch.lin
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, device_slug  # noqa: E402
+from _common import environment, results_path, timed, write_json  # noqa: E402
+
 from loradafast import _native, eigen  # noqa: E402
 
 F64 = torch.float64
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_group(batch, n, out, tokens, device, seed, lam=1e-6, beta=0.03, num=100_000):
@@ -66,14 +59,6 @@ def dense_omega(chol, c, delta_hat):
     return 0.5 * (omega + omega.mT)
 
 
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
-
-
 def bench_group(z_lambda, chol, c, delta_hat, r, device, run_lobpcg):
     batch, n = z_lambda.shape[0], z_lambda.shape[-1]
     omega = dense_omega(chol, c, delta_hat)
@@ -93,7 +78,8 @@ def bench_group(z_lambda, chol, c, delta_hat, r, device, run_lobpcg):
     row = {
         "batch": batch, "n": n, "r": r,
         "min_gap_r": float(gaps.min()), "max_abs_eigenvalue": float(ref_values.abs().amax()),
-        "ours_s": t_ours, "ours_method": res.method, "ours_iterations": res.iterations, "ours_fallback_layers": int(res.fallback.sum()),
+        "ours_s": t_ours, "ours_method": res.method, "ours_iterations": res.iterations,
+        "ours_fallback_layers": int(res.fallback.sum()),
         "ours_max_sine": float(eigen.subspace_sine(res.eigenvectors, ref).max()),
         "ours_max_residual": float(res.residuals.max()),
         "eigh_loop_s": t_eigh,
@@ -180,23 +166,21 @@ def main():
 
     total = {k: sum(row[k] for row in results if k in row) for k in
              ("ours_s", "eigh_loop_s", "torch_lobpcg_niter10_loop_s")}
+    env = environment(device)
     report = {
         "benchmark": "bench_eigen",
-        "device": device_name(device),
+        "device": env["device"],
         "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "threads": env["threads"],
+        "torch": env["torch"],
+        "python": env["python"],
+        "date": env["date"],
         "native_available": _native.available(),
         "groups": results,
         "totals_s": total,
         "rayleigh_ritz": bench_rayleigh_ritz(device, rr_sizes, rr_batch),
     }
-    path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"eigen_{device_slug(device)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(report, results_path("eigen", device, args.out))
 
 
 if __name__ == "__main__":

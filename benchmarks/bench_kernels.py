@@ -8,7 +8,7 @@ tokens ∈ {2k, 8k, 32k}, three implementations:
 
 * ``triton``: :func:`loradafast.kernels.kfac_accumulate` (lower-triangle tiles only, fp32 RMW);
 * ``mm_out_dtype``: ``acc.add_(torch.mm(xᵀ, x, out_dtype=torch.float32))``, the cuBLAS baseline
-  of DESIGN.md §6 (CUDA only: the ``out_dtype`` overload has no CPU kernel);
+  of docs/design.md §6 (CUDA only: the ``out_dtype`` overload has no CPU kernel);
 * ``fp32_upcast``: ``acc.addmm_(x.float().T, x.float())``, what the reference does.
 
 FLOP convention: every K-FAC implementation is credited with the same **useful FLOPs = 2·d²·T**,
@@ -27,61 +27,54 @@ Python, not the kernel); the JSON says so under ``triton_timed``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, device_slug  # noqa: E402
+from _common import environment, median_time, results_path, tflops, write_json  # noqa: E402
 
 from loradafast import kernels  # noqa: E402
 from loradafast.kernels import dispatch  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench(fn, device: torch.device, *, min_time: float = 0.2, max_reps: int = 200) -> float:
-    """Median seconds per call, after one warm-up call (compilation, autotuning, cuBLAS heuristics)."""
-    fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time):
-        if device.type == "cuda":
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            fn()
-            t1.record()
-            t1.synchronize()
-            times.append(t0.elapsed_time(t1) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _tflops(flops: float, seconds: float | None) -> float | None:
-    return None if seconds is None else flops / seconds / 1e12
+def bench(fn, device: torch.device) -> float:
+    """Median seconds per call after one warm-up call (the harness's :func:`median_time`)."""
+    return median_time(fn, device, min_time=0.2, max_reps=200)
 
 
 def matmul_rate(device: torch.device, n: int) -> dict:
     a = torch.randn(n, n, device=device).to(torch.bfloat16)
     b = torch.randn(n, n, device=device).to(torch.bfloat16)
     t = bench(lambda: a @ b, device)
-    return {"n": n, "seconds": t, "tflops": _tflops(2 * n ** 3, t)}
+    return {"n": n, "seconds": t, "tflops": tflops(2 * n ** 3, t)}
+
+
+def bf16_tokens(tokens: int, width: int, device) -> torch.Tensor:
+    """``[tokens, width]`` random bf16 rows: layer inputs or output gradients as the pass sees them."""
+    return torch.randn(tokens, width, device=device).to(torch.bfloat16)
+
+
+def time_row(row: dict, providers: dict, device, flops: float | None = None) -> dict:
+    """Each provider timed on the same inputs, into ``row[name]`` (seconds, and TFLOP/s of ``flops``)."""
+    for name, fn in providers.items():
+        t = bench(fn, device)
+        row[name] = {"seconds": t} if flops is None else {"seconds": t, "tflops": tflops(flops, t)}
+    return row
+
+
+def kfac_providers(acc, x, mask, on_cuda: bool) -> dict:
+    """``acc += xᵀx`` (masked tokens skipped where the provider takes a mask)."""
+    providers = {
+        "fp32_upcast": lambda: acc.addmm_(x.float().T, x.float()),
+        "reference": lambda: kernels.kfac_accumulate(acc, x, mask, impl="reference"),
+    }
+    if on_cuda:
+        providers["mm_out_dtype"] = lambda: acc.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+        providers["triton"] = lambda: kernels.kfac_accumulate(acc, x, mask, impl="triton")
+    return providers
 
 
 def bench_kfac(device, dims, token_counts, on_cuda) -> list[dict]:
@@ -89,100 +82,93 @@ def bench_kfac(device, dims, token_counts, on_cuda) -> list[dict]:
     for d in dims:
         acc = torch.zeros(d, d, device=device)
         for tokens in token_counts:
-            x = torch.randn(tokens, d, device=device).to(torch.bfloat16)
+            x = bf16_tokens(tokens, d, device)
             mask = torch.ones(tokens, dtype=torch.bool, device=device)
             mask[-tokens // 8:] = False  # a padded tail, as the collect pass sees
             flops = 2.0 * d * d * tokens
-            impls = {
-                "fp32_upcast": lambda: acc.addmm_(x.float().T, x.float()),
-                "reference": lambda: kernels.kfac_accumulate(acc, x, mask, impl="reference"),
-            }
-            if on_cuda:
-                impls["mm_out_dtype"] = lambda: acc.add_(torch.mm(x.T, x, out_dtype=torch.float32))
-                impls["triton"] = lambda: kernels.kfac_accumulate(acc, x, mask, impl="triton")
-            row = {"d": d, "tokens": tokens, "useful_flops": flops}
-            for name, fn in impls.items():
-                t = bench(fn, device)
-                row[name] = {"seconds": t, "tflops": _tflops(flops, t)}
+            row = time_row({"d": d, "tokens": tokens, "useful_flops": flops}, kfac_providers(acc, x, mask, on_cuda),
+                           device, flops)
             if on_cuda:
                 row["speedup_triton_vs_mm_out_dtype"] = row["mm_out_dtype"]["seconds"] / row["triton"]["seconds"]
                 row["speedup_triton_vs_fp32_upcast"] = row["fp32_upcast"]["seconds"] / row["triton"]["seconds"]
             rows.append(row)
             print(f"kfac d={d:6d} T={tokens:6d} " + " ".join(
                 f"{k}={v['tflops']:.2f}TF" for k, v in row.items() if isinstance(v, dict)), flush=True)
-            del x
-        del acc
     return rows
 
 
 def bench_pair(device, pairs, tokens, on_cuda) -> list[dict]:
     rows = []
     for dx, dg in pairs:
-        x = torch.randn(tokens, dx, device=device).to(torch.bfloat16)
-        g = torch.randn(tokens, dg, device=device).to(torch.bfloat16)
+        x, g = bf16_tokens(tokens, dx, device), bf16_tokens(tokens, dg, device)
         ax, ag = torch.zeros(dx, dx, device=device), torch.zeros(dg, dg, device=device)
         flops = 2.0 * (dx * dx + dg * dg) * tokens
         impl = "triton" if on_cuda else "reference"
-        row = {"dx": dx, "dg": dg, "tokens": tokens, "useful_flops": flops, "impl": impl}
-        for name, fn in {
+        providers = {
             "pair": lambda: kernels.kfac_accumulate_pair(ax, x, ag, g, impl=impl),
             "two_calls": lambda: (kernels.kfac_accumulate(ax, x, impl=impl), kernels.kfac_accumulate(ag, g, impl=impl)),
-        }.items():
-            t = bench(fn, device)
-            row[name] = {"seconds": t, "tflops": _tflops(flops, t)}
+        }
+        row = time_row({"dx": dx, "dg": dg, "tokens": tokens, "useful_flops": flops, "impl": impl}, providers,
+                       device, flops)
         rows.append(row)
         print(f"pair dx={dx} dg={dg} T={tokens} pair={row['pair']['seconds']*1e3:.3f}ms "
               f"two={row['two_calls']['seconds']*1e3:.3f}ms", flush=True)
     return rows
 
 
+def gradient_providers(acc, g, x, on_cuda: bool) -> dict:
+    """``acc += gᵀx`` (the gradient G)."""
+    providers = {"fp32_upcast": lambda: kernels.gradient_accumulate(acc, g, x, impl="reference")}
+    if on_cuda:
+        providers["cublas_out_dtype"] = lambda: dispatch._gradient_accumulate_cublas(acc, g, x, None)
+        providers["triton"] = lambda: kernels.gradient_accumulate(acc, g, x, impl="triton")
+    return providers
+
+
 def bench_gradient(device, shapes, tokens, on_cuda) -> list[dict]:
     rows = []
     for out, inp in shapes:
-        g = torch.randn(tokens, out, device=device).to(torch.bfloat16)
-        x = torch.randn(tokens, inp, device=device).to(torch.bfloat16)
+        g, x = bf16_tokens(tokens, out, device), bf16_tokens(tokens, inp, device)
         acc = torch.zeros(out, inp, device=device)
         flops = 2.0 * out * inp * tokens
-        impls = {"fp32_upcast": lambda: kernels.gradient_accumulate(acc, g, x, impl="reference")}
-        if on_cuda:
-            impls["cublas_out_dtype"] = lambda: dispatch._gradient_accumulate_cublas(acc, g, x, None)
-            impls["triton"] = lambda: kernels.gradient_accumulate(acc, g, x, impl="triton")
-        row = {"out": out, "in": inp, "tokens": tokens, "useful_flops": flops}
-        for name, fn in impls.items():
-            t = bench(fn, device)
-            row[name] = {"seconds": t, "tflops": _tflops(flops, t)}
+        row = time_row({"out": out, "in": inp, "tokens": tokens, "useful_flops": flops},
+                       gradient_providers(acc, g, x, on_cuda), device, flops)
         rows.append(row)
         print(f"grad {out}x{inp} T={tokens} " + " ".join(
             f"{k}={v['tflops']:.2f}TF" for k, v in row.items() if isinstance(v, dict)), flush=True)
     return rows
 
 
+def omega_providers(batch: int, n: int, k: int, device, on_cuda: bool) -> dict:
+    """``ΩX`` for a random batch of LoRA-DA-shaped operators: implicit (Cholesky factor or cached
+    inverse of Zλ; torch, and Triton on CUDA), against forming Ω and multiplying."""
+    a = torch.randn(batch, n, n, device=device) / n ** 0.5
+    z = a @ a.mT + 0.1 * torch.eye(n, device=device)
+    chol = torch.linalg.cholesky(z)
+    zinv = torch.cholesky_inverse(chol)
+    delta = torch.randn(batch, n, n, device=device)
+    delta /= torch.linalg.matrix_norm(delta, ord=2)[:, None, None]
+    c = torch.rand(batch, device=device)
+    X = torch.randn(batch, n, k, device=device)
+    omega = kernels.omega_dense(chol, c, delta)
+    providers = {
+        "operator_cholesky_torch": lambda: kernels.omega_apply(X, chol, c, delta, impl="reference"),
+        "operator_inverse_torch": lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
+                                                              impl="reference"),
+        "dense_apply": lambda: torch.bmm(omega, X),
+        "dense_form": lambda: kernels.omega_dense(chol, c, delta),
+    }
+    if on_cuda:
+        providers["operator_cholesky_triton"] = lambda: kernels.omega_apply(X, chol, c, delta, impl="triton")
+        providers["operator_inverse_triton"] = lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
+                                                                           impl="triton")
+    return providers
+
+
 def bench_omega(device, widths, batch, k, on_cuda) -> list[dict]:
     rows = []
     for n in widths:
-        a = torch.randn(batch, n, n, device=device) / n ** 0.5
-        z = a @ a.mT + 0.1 * torch.eye(n, device=device)
-        chol = torch.linalg.cholesky(z)
-        zinv = torch.cholesky_inverse(chol)
-        delta = torch.randn(batch, n, n, device=device)
-        delta /= torch.linalg.matrix_norm(delta, ord=2)[:, None, None]
-        c = torch.rand(batch, device=device)
-        X = torch.randn(batch, n, k, device=device)
-        omega = kernels.omega_dense(chol, c, delta)
-        impls = {
-            "operator_cholesky_torch": lambda: kernels.omega_apply(X, chol, c, delta, impl="reference"),
-            "operator_inverse_torch": lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
-                                                                  impl="reference"),
-            "dense_apply": lambda: torch.bmm(omega, X),
-            "dense_form": lambda: kernels.omega_dense(chol, c, delta),
-        }
-        if on_cuda:
-            impls["operator_cholesky_triton"] = lambda: kernels.omega_apply(X, chol, c, delta, impl="triton")
-            impls["operator_inverse_triton"] = lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
-                                                                           impl="triton")
-        row = {"batch": batch, "n": n, "m": n, "k": k}
-        for name, fn in impls.items():
-            row[name] = {"seconds": bench(fn, device)}
+        row = time_row({"batch": batch, "n": n, "m": n, "k": k}, omega_providers(batch, n, k, device, on_cuda), device)
         rows.append(row)
         print(f"omega b={batch} n={n} k={k} " + " ".join(
             f"{k_}={v['seconds']*1e3:.3f}ms" for k_, v in row.items() if isinstance(v, dict)), flush=True)
@@ -208,19 +194,16 @@ def main(argv=None) -> Path:
         grad_shapes = [(576, 576), (1536, 576), (4096, 4096), (11008, 4096)]
         omega_widths, mm_n, aux_tokens = [576, 1536, 4096], 8192, 8192
 
-    triton_version = None
-    if dispatch.triton_available():
-        import triton
-        triton_version = triton.__version__
+    env = environment(device)
     result = {
-        "device": device_name(device),
-        "device_slug": device_slug(device),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda if on_cuda else None,
-        "cpu_threads": torch.get_num_threads(),
+        "device": env["device"],
+        "device_slug": env["device_slug"],
+        "date": env["date"],
+        "python": env["python"],
+        "torch": env["torch"],
+        "triton": env["triton"] if dispatch.triton_available() else None,
+        "cuda": env["cuda"],
+        "cpu_threads": env["threads"],
         "quick": quick,
         "triton_timed": on_cuda,
         "notes": ([] if on_cuda else [
@@ -239,11 +222,7 @@ def main(argv=None) -> Path:
     result["gradient"] = bench_gradient(device, grad_shapes, aux_tokens, on_cuda)
     result["omega"] = bench_omega(device, omega_widths, batch=4, k=48, on_cuda=on_cuda)
 
-    out = args.out or RESULTS / f"kernels_{result['device_slug']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    return out
+    return write_json(result, results_path("kernels", device, args.out))
 
 
 if __name__ == "__main__":

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -34,22 +31,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
-from loradafast import lora_da_solve  # noqa: E402
+from loradafast import _native, lora_da_solve  # noqa: E402
 from loradafast.eigen import span_sine  # noqa: E402
 from loradafast.stats import LayerStats, Statistics  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, device_slug  # noqa: E402
+from _common import environment, results_path, sync, timed, write_json  # noqa: E402
 
 HIDDEN, INTERMEDIATE, TOKENS = 4096, 11008, 2048
 # name: (in, out, input group)
 BLOCK = {"q": ("h", "h", "attn"), "k": ("h", "h", "attn"), "v": ("h", "h", "attn"), "o": ("h", "h", "o"),
          "gate": ("h", "i", "mlp"), "up": ("h", "i", "mlp"), "down": ("i", "h", "down")}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def synthetic_stats(hidden: int, inter: int, spectrum: str, device, seed: int = 0) -> Statistics:
@@ -106,26 +98,17 @@ def block_forward_backward(hidden: int, inter: int, device, repeats: int) -> flo
         x.grad = None
 
     run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(timed(run, device)[1] for _ in range(repeats))
 
 
 def solve_once(stats, device, dtype, eigensolver="auto"):
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = loradafast.solve(stats, 8, dtype=dtype, device=device, eigensolver=eigensolver)
-    _sync(device)
-    total = time.perf_counter() - t
+        result, total = timed(lambda: loradafast.solve(stats, 8, dtype=dtype, device=device,
+                                                       eigensolver=eigensolver), device)
     stages: dict[str, float] = {}
     groups = {layer.diagnostics.get("input_group"): layer.diagnostics.get("group_times_s", {})
               for layer in result.layers.values()}
@@ -159,6 +142,7 @@ def main(argv=None):
         lora_da_solve.CPU_DENSE_MAX_N = args.dense_max_n
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    _native.load()  # build (or load) the native eigensolver outside the timings: it can take a minute
     runs = []
     for scale in [float(s) for s in args.scales.split(",")]:
         hidden, inter = int(HIDDEN * scale), int(INTERMEDIATE * scale)
@@ -176,8 +160,8 @@ def main(argv=None):
                 result, info = solve_once(stats, device, dtype)
                 lora_da_solve.MIXED_DTYPE = None
                 if reference is not None:
-                    info["sin_theta_vs_dense_f64"] = {n: span_sine(result.layers[n].lora_A.T, reference.layers[n].lora_A.T)
-                                                      for n in result.layers}
+                    info["sin_theta_vs_dense_f64"] = {
+                        n: span_sine(result.layers[n].lora_A.T, reference.layers[n].lora_A.T) for n in result.layers}
                     info["dense_f64_seconds"] = ref_info["seconds"]
                 info.update(scale=scale, hidden=hidden, intermediate=inter, spectrum=spectrum, dtype=dtype_name,
                             block_fwd_bwd_s=fb, ratio=info["seconds"] / fb)
@@ -186,17 +170,15 @@ def main(argv=None):
                       f"stages {({k: round(v, 2) for k, v in info['stages_s'].items()})}"
                       + (f"; max sin θ {max(sines.values()):.1e}" if sines else ""), flush=True)
                 runs.append(info)
+    env = environment(device)
     record = {
-        "benchmark": "bench_scale", "date": datetime.date.today().isoformat(), "device": device_name(device),
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "torch": torch.__version__, "python": platform.python_version(), "rank": 8, "tokens": TOKENS,
+        "benchmark": "bench_scale", "date": datetime.date.today().isoformat(), "device": env["device"],
+        "threads": env["threads"] if device.type == "cpu" else None,
+        "torch": env["torch"], "python": env["python"], "rank": 8, "tokens": TOKENS,
         "cpu_dense_max_n": lora_da_solve.CPU_DENSE_MAX_N, "load_average": list(os.getloadavg()),
         "runs": runs,
     }
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"scale_{device_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=str))
-    print(f"wrote {out}")
+    write_json(record, results_path("scale", device, args.out), indent=1)
 
 
 if __name__ == "__main__":

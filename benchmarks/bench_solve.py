@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics as st
 import sys
 import time
@@ -21,10 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
+from loradafast import _native  # noqa: E402
 from loradafast.eigen import span_sine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, device_slug  # noqa: E402
+from _common import default_device, environment, results_path, timed, write_json  # noqa: E402
 
 
 def smollm2_stats(samples: int, length: int):
@@ -41,8 +41,6 @@ def smollm2_stats(samples: int, length: int):
     return loradafast.collect(model, loader, progress=False)
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stats", help="a Statistics file (default: collect SmolLM2-135M statistics)")
@@ -54,7 +52,9 @@ def main() -> None:
     args = parser.parse_args()
 
     stats = loradafast.Statistics.load(args.stats) if args.stats else smollm2_stats(args.samples, args.seq_len)
-    if torch.cuda.is_available():
+    device = default_device()
+    _native.load()  # build (or load) the native eigensolver outside the timings
+    if device.type == "cuda":
         stats = stats.to("cuda")
     widths = sorted({s.in_features for s in stats.layers.values()})
     runs = []
@@ -63,16 +63,11 @@ def main() -> None:
         results = {}
         for _ in range(args.repeats):
             for solver in ("dense", "lobpcg"):  # alternate so drift hits both
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                results[solver] = loradafast.solve(stats, r, eigensolver=solver)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                times[solver].append(time.perf_counter() - t)
+                results[solver], seconds = timed(lambda: loradafast.solve(stats, r, eigensolver=solver), device)
+                times[solver].append(seconds)
         sines = [span_sine(results["dense"].layers[n].lora_A.T, results["lobpcg"].layers[n].lora_A.T)
                  for n in stats.layers]
-        fallbacks = sum(l.diagnostics["eigensolver_fallback"] for l in results["lobpcg"].layers.values())
+        fallbacks = sum(layer.diagnostics["eigensolver_fallback"] for layer in results["lobpcg"].layers.values())
         runs.append({
             "rank": r,
             "dense_s": times["dense"], "lobpcg_s": times["lobpcg"],
@@ -81,23 +76,21 @@ def main() -> None:
             "max_sin_theta_between_solvers": max(sines),
             "median_sin_theta_between_solvers": st.median(sines),
             "lobpcg_fallbacks": int(fallbacks),
-            "lobpcg_iterations": sorted({l.diagnostics["eigensolver_iterations"]
-                                         for l in results["lobpcg"].layers.values()}),
+            "lobpcg_iterations": sorted({layer.diagnostics["eigensolver_iterations"]
+                                         for layer in results["lobpcg"].layers.values()}),
         })
         print(json.dumps(runs[-1]))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out or Path(__file__).parent / "results" / f"solve_{device_slug(device)}.json")
-    out.write_text(json.dumps({
+    env = environment(device)
+    write_json({
         "benchmark": "LoRA-DA solve stage, dense eigh vs batched LOBPCG (eigensolver=)",
         "date": time.strftime("%Y-%m-%d"),
-        "device": device_name(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "loradafast": loradafast.__version__,
+        "device": env["device"],
+        "threads": env["threads"],
+        "torch": env["torch"], "python": env["python"], "loradafast": loradafast.__version__,
         "statistics": args.stats or f"SmolLM2-135M, {args.samples}x{args.seq_len} stdlib tokens",
         "layers": len(stats.layers), "widths": widths, "num_tokens": stats.num_tokens,
         "runs": runs,
-    }, indent=2))
-    print(f"wrote {out}")
+    }, results_path("solve", device, args.out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""The LoRA-DA solve, stage by stage, on one Llama-block-shaped set of synthetic statistics
+(``benchmarks/bench_scale.py``'s ``tokens`` spectrum: q, k, v, o, gate, up, down at width × scale):
+
+* ``factor``: the damped factors of one input group (one Cholesky of Zλ, the Y factors);
+* ``sigma_estimate``: the rough σ = ‖Δ‖₂ from a few block power steps;
+* ``preconditioner``: building ``Zλ(sZλ + cI)⁻¹`` for the group's clusters of c;
+* ``omega_product``: one implicit Ω product with a block of r + 8 columns;
+* ``solve``: the whole ``loradafast.solve`` of the block, with each eigensolver.
+
+The stage functions are internal (``loradafast.lora_da_solve``); the suite follows them when they move."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _micro import ON_CUDA
+from bench_scale import synthetic_stats
+
+import loradafast
+from loradafast.lora_da_solve import _factor_group
+
+SCALE = 1.0 if ON_CUDA else 1 / 32
+HIDDEN, INTER = int(4096 * SCALE), int(11008 * SCALE)
+RANK = 8
+OPTIONS = dict(beta=0.03, num_train_samples=100_000, alpha_b=1.0, damping=1e-6, damping_mode="absolute",
+               gradient="fisher")
+GROUPS = {"attn": ["k", "q", "v"], "mlp": ["gate", "up"], "down": ["down"]}
+
+
+@pytest.fixture(scope="module")
+def stats():
+    device = torch.device("cuda" if ON_CUDA else "cpu")
+    return synthetic_stats(HIDDEN, INTER, "tokens", device)
+
+
+def _group(stats, key):
+    dev = stats.layers[GROUPS[key][0]].g_sum.device
+    return _factor_group(stats, GROUPS[key], torch.float64, dev, **OPTIONS)
+
+
+@pytest.mark.parametrize("key", list(GROUPS))
+def test_factor(run, stats, key):
+    run(lambda: _group(stats, key), group=f"solve stages {key}", stage="factor", hidden=HIDDEN, intermediate=INTER)
+
+
+@pytest.mark.parametrize("key", list(GROUPS))
+def test_sigma_estimate(run, stats, key):
+    group, _ = _group(stats, key)
+    run(group.estimate_sigma, group=f"solve stages {key}", stage="sigma_estimate")
+
+
+@pytest.mark.parametrize("key", list(GROUPS))
+def test_preconditioner(run, stats, key):
+    group, _ = _group(stats, key)
+    group.estimate_sigma()
+    run(group.preconditioner, group=f"solve stages {key}", stage="preconditioner")
+
+
+@pytest.mark.parametrize("key", list(GROUPS))
+def test_omega_product(run, stats, key):
+    group, _ = _group(stats, key)
+    group.estimate_sigma()
+    x = torch.randn(group.batch, group.n, RANK + 8, dtype=group.dtype, device=group.chol.device)
+    run(lambda: group.omega(x), group=f"solve stages {key}", stage="omega_product", k=RANK + 8)
+
+
+@pytest.mark.parametrize("eigensolver", ["dense", "lobpcg"])
+def test_solve(run, stats, eigensolver):
+    run(lambda: loradafast.solve(stats, RANK, dtype=torch.float64, eigensolver=eigensolver),
+        group="solve block", eigensolver=eigensolver, hidden=HIDDEN, intermediate=INTER, rank=RANK)
