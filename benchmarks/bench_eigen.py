@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_name, device_slug  # noqa: E402
-from loradafast import _native, eigen  # noqa: E402
+from loradafast.linalg import eigen  # noqa: E402
+from loradafast.linalg import native as _native  # noqa: E402
 
 F64 = torch.float64
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
-from loradafast.eigen import span_sine  # noqa: E402
+from loradafast.linalg.eigen import span_sine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_name, device_slug  # noqa: E402

@@ -12,10 +12,10 @@
 __version__ = "0.1.0"
 
 from .api import get_peft_model, initialize  # noqa: E402
-from .collect import collect  # noqa: E402
+from .statistics import collect  # noqa: E402
 from .result import InitResult, LayerInit, apply_base_update, freeze_lora_a  # noqa: E402
-from .solve import METHODS, WEIGHT_ONLY_METHODS, solve  # noqa: E402
-from .stats import LayerStats, Statistics  # noqa: E402
+from .methods.solver import METHODS, WEIGHT_ONLY_METHODS, solve  # noqa: E402
+from .statistics import LayerStats, Statistics  # noqa: E402
 
 __all__ = [
     "InitResult",

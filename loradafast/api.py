@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .collect import Y_FACTORS, collect, is_causal_lm
+from .statistics.collector import Y_FACTORS, collect, is_causal_lm
 from .result import InitResult, dora_refusal, peft_extra_state
-from .solve import (MOVES_BASE, NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, check_ranks,
+from .methods.solver import (MOVES_BASE, NEEDS_WEIGHTS, WEIGHT_ONLY_METHODS, check_options, check_rank, check_ranks,
                     solve)
 from .targets import (_active_adapter, base_model_of, check_not_merged, find_targets, is_peft_model, model_meta,
                       peft_config_of, undone_on_failure)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loradafast
-from loradafast.batches import IGNORE_INDEX
+from loradafast.statistics.batches import IGNORE_INDEX
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 

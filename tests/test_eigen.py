@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loradafast import eigen
+from loradafast.linalg import eigen
 
 F64 = torch.float64
 

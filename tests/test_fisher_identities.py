@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import loradafast
-from loradafast import lora_da
+from loradafast.methods import lora_da
 from tiny import ToyTokenModel, toy_sequence_losses
 
 D_IN, D_OUT = 5, 4

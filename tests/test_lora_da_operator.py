@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import loradafast
-from loradafast import lora_da, lora_da_operator, lora_da_solve
-from loradafast.eigen import span_sine
-from loradafast.stats import LayerStats, Statistics
+from loradafast.methods import lora_da, lora_da_operator, lora_da_solve
+from loradafast.linalg.eigen import span_sine
+from loradafast.statistics.store import LayerStats, Statistics
 
 N_IN, OUTS, TOKENS = 37, (53, 11, 37), 29  # T < n: Z singular, as with few samples
 

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel
 
 import loradafast
-from loradafast.eigen import span_sine as sin_largest_angle
+from loradafast.linalg.eigen import span_sine as sin_largest_angle
 from loradafast import methods
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 

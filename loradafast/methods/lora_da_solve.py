@@ -15,9 +15,10 @@ from contextlib import contextmanager
 
 import torch
 
-from . import eigen, lora_da
+from . import lora_da
+from ..linalg import eigen
 from .lora_da_operator import GroupOmega
-from .stats import Statistics
+from ..statistics.store import Statistics
 
 EIGENSOLVERS = ("auto", "lobpcg", "dense")
 # On CPU, dense eigh of the materialised Ω beat the preconditioned LOBPCG at the widths we

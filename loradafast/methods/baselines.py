@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .linalg import canonical_signs
+from ..linalg.dense import canonical_signs
 
 LORAGA_VARIANTS = ("paper", "peft")
 

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from . import eigen
+from ..linalg import eigen
 from .lora_da import DampedFactors, DampedZ
 
 PRECOND_SHARE_RATIO = 8.0

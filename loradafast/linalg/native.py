@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 # Largest matrix the CPU native path takes; beyond it LAPACK's blocked algorithms win.
 CPU_NATIVE_MAX_N = 40

@@ -38,8 +38,8 @@ from typing import Callable, Hashable, Mapping
 
 import torch
 
-from . import _native
-from .linalg import canonical_signs as canonicalize_signs  # one definition for every solver
+from . import native as _native
+from .dense import canonical_signs as canonicalize_signs  # one definition for every solver
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 

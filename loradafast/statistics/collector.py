@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from . import kernels
+from .. import kernels
 from .batches import IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
-from .stats import LayerStats, Statistics
-from .targets import Target, base_model_of, base_model_only, find_targets, model_meta
+from .store import LayerStats, Statistics
+from ..targets import Target, base_model_of, base_model_only, find_targets, model_meta
 
 Y_FACTORS = ("diag", "full")
 
@@ -393,7 +393,7 @@ def collect(
         )
     # The accumulators hold lower triangles only (the kernels skip the upper tiles).
     z_sums = {k: kernels.symmetric_from_lower(v) for k, v in acc.z_sum.items()}
-    from . import __version__
+    from .. import __version__
 
     meta = {
         "model_class": type(base_model_of(model)).__name__,

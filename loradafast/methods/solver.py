@@ -12,10 +12,10 @@ from collections import defaultdict
 
 import torch
 
-from . import methods
+from . import baselines as methods
 from .lora_da_solve import EIGENSOLVERS, solve_lora_da
-from .result import InitResult, LayerInit
-from .stats import Statistics
+from ..result import InitResult, LayerInit
+from ..statistics.store import Statistics
 
 METHODS = ("lora-da", "lora", "pissa", "milora", "lora-ga", "lora-one", "fisher-subspace")
 WEIGHT_ONLY_METHODS = ("lora", "pissa", "milora")  # no statistics pass

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.reference import omega_apply, omega_dense
-from .linalg import damped_cholesky, damping_for
+from ..kernels.reference import omega_apply, omega_dense
+from ..linalg.dense import damped_cholesky, damping_for
 
 
 @dataclass
