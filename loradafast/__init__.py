@@ -7,6 +7,7 @@
     result = loradafast.solve(stats, rank=8)    # factors, no model pass
     result = loradafast.solve(stats, 8, method="lora-ga")   # another method, same statistics
     result = loradafast.initialize(model, None, 8, method="pissa")   # weight-only: no pass
+    result = loradafast.initialize(model, loader, 8, config=loradafast.LoraDAConfig(beta=0.1))  # options object
     result.save("adapter", convert_to_lora=True)   # plain LoRA for the unmodified base
 """
 __version__ = "0.1.0"
@@ -14,14 +15,26 @@ __version__ = "0.1.0"
 from .api import get_peft_model, initialize  # noqa: E402
 from .statistics import collect  # noqa: E402
 from .result import InitResult, LayerInit, apply_base_update, freeze_lora_a  # noqa: E402
-from .methods.solver import METHODS, WEIGHT_ONLY_METHODS, solve  # noqa: E402
+from .methods.registry import METHODS, REGISTRY, WEIGHT_ONLY_METHODS  # noqa: E402
+from .methods.solver import solve  # noqa: E402
+from .options import (FisherSubspaceConfig, LoraDAConfig, LoraGAConfig, LoraOneConfig, MethodConfig,  # noqa: E402
+                      MiloraConfig, PissaConfig, RandomLoraConfig)
 from .statistics import LayerStats, Statistics  # noqa: E402
 
 __all__ = [
+    "FisherSubspaceConfig",
     "InitResult",
     "LayerInit",
     "LayerStats",
+    "LoraDAConfig",
+    "LoraGAConfig",
+    "LoraOneConfig",
     "METHODS",
+    "MethodConfig",
+    "MiloraConfig",
+    "PissaConfig",
+    "REGISTRY",
+    "RandomLoraConfig",
     "Statistics",
     "WEIGHT_ONLY_METHODS",
     "apply_base_update",

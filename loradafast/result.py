@@ -27,7 +27,8 @@ import math
 import re
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -42,6 +43,86 @@ INIT_SUMMARY = "loradafast_init.json"
 _MOVED_FLAG = "_loradafast_base_moved"
 
 
+class _FieldMapping(Mapping):
+    """Read-only mapping view of a dataclass's fields that are set (not None), so that
+    ``diagnostics["residual"]``, ``diagnostics.get(...)`` and ``"residual" in diagnostics`` keep
+    working beside the attributes."""
+
+    def _set(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def __getitem__(self, key: str):
+        value = getattr(self, key, None) if isinstance(key, str) and key in self._names() else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self):
+        return iter(self._set())
+
+    def __len__(self) -> int:
+        return len(self._set())
+
+    @classmethod
+    def _names(cls) -> set:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class LayerDiagnostics(_FieldMapping):
+    """What a solve reports about one layer; the method families add their own fields."""
+
+    num_tokens: int | None = None  # of the statistics (data-aware methods)
+    num_sequences: int | None = None
+
+
+@dataclass
+class SingularDiagnostics(LayerDiagnostics):
+    """PiSSA, MiLoRA: the kept singular values of the weight."""
+
+    singular_values: torch.Tensor | None = None
+
+
+@dataclass
+class GradientDiagnostics(LayerDiagnostics):
+    """LoRA-GA, LoRA-One: the gradient's singular values they used."""
+
+    gradient_singular_values: torch.Tensor | None = None
+
+
+@dataclass
+class FisherSubspaceDiagnostics(SingularDiagnostics):
+    fisher_energy: torch.Tensor | None = None  # of the kept triplets, in decreasing order
+    energy_fraction: float | None = None
+    singular_indices: torch.Tensor | None = None  # positions in the σ-descending order
+
+
+@dataclass
+class LoraDADiagnostics(LayerDiagnostics):
+    """LoRA-DA (docs/design.md §4, §7): the eigensolve, the damping and the scale of Δ."""
+
+    eigenvalues: torch.Tensor | None = None  # the r smallest of Ω, ascending
+    residual: float | None = None  # ‖ΩX − XΛ‖_F / ‖Ω‖₂
+    residual_floor: float | None = None  # measured rounding of the implicit Ω products
+    omega_norm: float | None = None
+    eigensolver: str | None = None  # "lobpcg" or "dense"
+    eigensolver_iterations: int | None = None
+    eigensolver_converged: bool | None = None
+    eigensolver_fallback: bool | None = None
+    sigma_iterations: int | None = None
+    preconditioner_factorisations: int | None = None
+    damping_z: float | None = None
+    damping_y: float | None = None
+    damping_raised: bool | None = None
+    z_condition_estimate: float | None = None
+    y_condition_estimate: float | None = None
+    cholesky_dtype: str | None = None
+    sigma: float | None = None  # ‖Δ‖₂
+    variance_coef: float | None = None
+    input_group: str | None = None  # the layer whose input this one shares (Z's key)
+    group_times_s: dict | None = None  # stage times of the whole input group
+
+
 @dataclass
 class LayerInit:
     name: str
@@ -52,7 +133,7 @@ class LayerInit:
     # W − subtract_scaling·B·A, subtract_scaling being the layer's LoRA scaling s.  The update
     # is kept implicit: storing it would cost as much memory as the targeted weights.
     subtract_scaling: float | None = None
-    diagnostics: dict = field(default_factory=dict)
+    diagnostics: LayerDiagnostics = field(default_factory=LayerDiagnostics)
 
     @property
     def rank(self) -> int:
@@ -93,6 +174,8 @@ class InitResult:
     # That PeftModel's other adapter tensors after the initialisation (DoRA magnitudes,
     # modules_to_save copies, LoRA biases), in PEFT's keys: saved with the factors.
     extra_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The validated options object the solve ran with (LoraDAConfig, PissaConfig, ...).
+    config: object | None = None
 
     @property
     def moves_base(self) -> bool:

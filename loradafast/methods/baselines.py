@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..linalg.dense import canonical_signs
-
-LORAGA_VARIANTS = ("paper", "peft")
+from ..options import LORAGA_VARIANTS, check_choice
+from ..result import FisherSubspaceDiagnostics, GradientDiagnostics, LayerDiagnostics, SingularDiagnostics
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Factors:
     lora_A: torch.Tensor  # [r, in]
     lora_B: torch.Tensor  # [out, r]
     moves_base: bool  # True: the base weight becomes W − s·B·A
-    diagnostics: dict = field(default_factory=dict)
+    diagnostics: LayerDiagnostics = field(default_factory=LayerDiagnostics)
 
 
 def lora_scaling(lora_alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -85,7 +85,7 @@ def pissa(weight: torch.Tensor, rank: int, scaling: float, *, niter: int | None 
         u, s, v = torch.svd_lowrank(weight, q=rank, niter=niter)
         vh = v.T
     a, b = _split_triplets(u, s, vh, scaling)
-    return Factors(a, b, moves_base=True, diagnostics={"singular_values": s.detach().cpu()})
+    return Factors(a, b, moves_base=True, diagnostics=SingularDiagnostics(singular_values=s.detach().cpu()))
 
 
 def milora(weight: torch.Tensor, rank: int, scaling: float) -> Factors:
@@ -95,7 +95,7 @@ def milora(weight: torch.Tensor, rank: int, scaling: float) -> Factors:
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     u, s, vh = u[:, -rank:], s[-rank:], vh[-rank:]
     a, b = _split_triplets(u, s, vh, scaling)
-    return Factors(a, b, moves_base=True, diagnostics={"singular_values": s.detach().cpu()})
+    return Factors(a, b, moves_base=True, diagnostics=SingularDiagnostics(singular_values=s.detach().cpu()))
 
 
 # ---- gradient methods ---------------------------------------------------------------------------
@@ -120,8 +120,7 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
     is the mean over sequences of each sequence's token-mean loss gradient.  The two agree when
     all sequences have equally many labelled tokens and all batches equally many sequences.
     """
-    if variant not in LORAGA_VARIANTS:
-        raise ValueError(f"loraga_variant must be one of {LORAGA_VARIANTS}, got {variant!r}")
+    check_choice("loraga_variant", variant, LORAGA_VARIANTS)  # a direct call has no LoraGAConfig
     out_features, in_features = grad.shape
     if 2 * rank > min(out_features, in_features):
         raise ValueError(
@@ -137,7 +136,8 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
         a, b = a * scale, b * scale
     else:
         b = b * s[rank:2 * rank] * scale
-    return Factors(a, b, moves_base=True, diagnostics={"gradient_singular_values": s[:2 * rank].detach().cpu()})
+    return Factors(a, b, moves_base=True,
+                   diagnostics=GradientDiagnostics(gradient_singular_values=s[:2 * rank].detach().cpu()))
 
 
 def lora_one(grad: torch.Tensor, rank: int, *, gamma: float = 128.0) -> Factors:
@@ -155,7 +155,7 @@ def lora_one(grad: torch.Tensor, rank: int, *, gamma: float = 128.0) -> Factors:
     u, vh = _paired_signs(u, vh)
     root = s.sqrt() / (s[0] * gamma).sqrt()
     return Factors(root[:, None] * vh, u * root, moves_base=False,
-                   diagnostics={"gradient_singular_values": s.detach().cpu()})
+                   diagnostics=GradientDiagnostics(gradient_singular_values=s.detach().cpu()))
 
 
 # ---- Fisher-weighted weight subspace ------------------------------------------------------------
@@ -195,9 +195,9 @@ def fisher_subspace(weight: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, rank
     order = torch.argsort(energy, descending=True)[:rank]
     a, b = _split_triplets(u[:, order], s[order], vh[order], scaling)
     total = energy.sum()
-    return Factors(a, b, moves_base=True, diagnostics={
-        "fisher_energy": energy[order].detach().cpu(),
-        "energy_fraction": float(energy[order].sum() / total) if float(total) > 0 else float("nan"),
-        "singular_indices": order.detach().cpu(),  # positions in the σ-descending order
-        "singular_values": s[order].detach().cpu(),
-    })
+    return Factors(a, b, moves_base=True, diagnostics=FisherSubspaceDiagnostics(
+        fisher_energy=energy[order].detach().cpu(),
+        energy_fraction=float(energy[order].sum() / total) if float(total) > 0 else float("nan"),
+        singular_indices=order.detach().cpu(),
+        singular_values=s[order].detach().cpu(),
+    ))

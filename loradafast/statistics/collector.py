@@ -27,13 +27,11 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..options import Y_FACTORS, check_choice, check_pass_options
 from .batches import IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
 from .store import LayerStats, Statistics
 from ..targets import Target, base_model_of, base_model_only, find_targets, model_meta
-
-Y_FACTORS = ("diag", "full")
-
 
 def is_causal_lm(model: nn.Module) -> bool:
     base = base_model_of(model)
@@ -294,10 +292,8 @@ def collect(
     or labels of any other shape with one row per sequence, such as class ids ``[B]``.
     ``max_samples`` caps the number of sequences (None: the whole loader).
     """
-    if y_factor not in Y_FACTORS:
-        raise ValueError(f"y_factor must be one of {Y_FACTORS}, got {y_factor!r}")
-    if max_samples is not None and max_samples <= 0:
-        raise ValueError(f"max_samples must be a positive number of sequences, got {max_samples}")
+    check_choice("y_factor", y_factor, Y_FACTORS)
+    check_pass_options(max_samples)
     if targets is None:
         targets = find_targets(model, target_modules, adapter_name=adapter_name)
     if not targets:
