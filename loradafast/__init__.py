@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 from .api import get_peft_model, initialize  # noqa: E402
 from .statistics import collect  # noqa: E402
-from .result import InitResult, LayerInit, apply_base_update, freeze_lora_a  # noqa: E402
+from .integrations.peft import apply_base_update, freeze_lora_a  # noqa: E402
+from .result import InitResult, LayerDiagnostics, LayerInit, LoraDADiagnostics  # noqa: E402
 from .methods.registry import METHODS, REGISTRY, WEIGHT_ONLY_METHODS  # noqa: E402
 from .methods.solver import solve  # noqa: E402
 from .options import (FisherSubspaceConfig, LoraDAConfig, LoraGAConfig, LoraOneConfig, MethodConfig,  # noqa: E402
@@ -24,8 +25,10 @@ from .statistics import LayerStats, Statistics  # noqa: E402
 __all__ = [
     "FisherSubspaceConfig",
     "InitResult",
+    "LayerDiagnostics",
     "LayerInit",
     "LayerStats",
+    "LoraDADiagnostics",
     "LoraDAConfig",
     "LoraGAConfig",
     "LoraOneConfig",

@@ -201,3 +201,42 @@ def check_pass_options(max_samples) -> None:
     if max_samples is not None and (not isinstance(max_samples, int) or isinstance(max_samples, bool)
                                     or max_samples <= 0):
         raise ValueError(f"max_samples must be a positive number of sequences or None, got {max_samples!r}")
+
+
+def check_rank(name: str, rank: int, in_features: int, out_features: int, method=None) -> None:
+    """``rank`` fits layer ``name``; ``method`` (a registry record) may take several singular
+    triplets per rank."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if rank > min(in_features, out_features):
+        raise ValueError(
+            f"rank {rank} exceeds min(in, out) = {min(in_features, out_features)} of layer {name!r} "
+            f"({in_features}→{out_features}); lower the rank or exclude the layer with target_modules"
+        )
+    k = method.rank_factor if method is not None else 1
+    if k > 1 and k * rank > min(in_features, out_features):
+        raise ValueError(
+            f"{method.title} uses {k}r = {k * rank} singular triplets of the gradient but layer {name!r} "
+            f"({in_features}→{out_features}) has only {min(in_features, out_features)}; lower the rank or "
+            "exclude the layer with target_modules"
+        )
+
+
+def check_ranks(ranks: dict | None, names, label: str = "ranks") -> None:
+    """Every key of a per-layer ``ranks`` (or ``alphas``) dict must name a target layer: a typo
+    would silently leave that layer at the default."""
+    import difflib
+
+    names = list(names)
+    unknown = [key for key in (ranks or {}) if key not in names]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown[:3]:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    shown = ", ".join(repr(n) for n in names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    raise ValueError(
+        f"{label} has {len(unknown)} key(s) that name no target layer: {', '.join(hints)}; the keys are layer paths "
+        f"relative to the base model, one of: {shown}"
+    )

@@ -1,4 +1,4 @@
-"""DESIGN §4's identities, each checked against an explicit dense Fisher built from per-token
+"""docs/design.md §4's identities, each checked against an explicit dense Fisher built from per-token
 gradients of a tiny layer (float64 model, float64 algebra)."""
 import math
 

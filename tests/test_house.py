@@ -91,3 +91,56 @@ def test_recorded_options_name_the_keywords(stats):
     assert result.options["loraga_variant"] == "peft" and result.options["gamma"] == 16.0
     assert isinstance(result.config, loradafast.LoraGAConfig)
     assert dataclasses.replace(result.config, gamma=8.0).gamma == 8.0
+
+
+# ---- layout ----------------------------------------------------------------------------------------
+
+MAX_FUNCTION_LINES = 80
+
+
+def _long_functions(root, limit):
+    import ast
+    from pathlib import Path
+
+    long = []
+    for path in sorted(Path(root).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    long.append(f"{path.relative_to(Path(root).parent)}:{node.lineno} {node.name} ({length} lines)")
+    return long
+
+
+def test_no_function_over_80_lines():
+    from pathlib import Path
+
+    package = Path(loradafast.__file__).parent
+    assert _long_functions(package, MAX_FUNCTION_LINES) == []
+
+
+# ---- the pass: full Y adds an input group's Z with its first layer's Y in one launch ---------------
+
+def test_full_y_adds_z_and_y_in_one_call(monkeypatch):
+    from loradafast import kernels
+    from loradafast.statistics import hooks
+
+    model, batches = tiny_llama(), padded_batches(random_sequences(4), 2)
+    pairs = []
+    real_pair = kernels.kfac_accumulate_pair
+    monkeypatch.setattr(kernels, "kfac_accumulate_pair", lambda *a, **k: pairs.append(1) or real_pair(*a, **k))
+    paired = loradafast.collect(model, batches, y_factor="full", progress=False)
+    assert len(pairs) == 2 * len(paired.z_sums)  # every input group, every batch
+
+    def add_z_in_forward(self, name, rows):  # what the pass did before: Z in the forward hook
+        acc = self.z_sum.setdefault(name, torch.zeros(rows.shape[1], rows.shape[1]))
+        kernels.kfac_accumulate(acc, rows, self.mask)
+
+    monkeypatch.setattr(hooks.Accumulator, "_add_z", add_z_in_forward)
+    forward = loradafast.collect(model, batches, y_factor="full", progress=False)
+    assert paired.z_sums.keys() == forward.z_sums.keys()
+    for key, z in paired.z_sums.items():
+        torch.testing.assert_close(z, forward.z_sums[key], rtol=0, atol=0)
+    for name, layer in paired.layers.items():
+        torch.testing.assert_close(layer.y_sum, forward.layers[name].y_sum, rtol=0, atol=0)
+        assert layer.input_group == forward.layers[name].input_group

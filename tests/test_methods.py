@@ -1,4 +1,4 @@
-"""The methods of DESIGN §5: formulas on tensors, then end to end on tiny Llama and GPT-2."""
+"""The methods of docs/design.md §5: formulas on tensors, then end to end on tiny Llama and GPT-2."""
 import copy
 import json
 import math

@@ -1,4 +1,4 @@
-"""Per-layer initialisation formulas of every method but LoRA-DA (DESIGN §5).
+"""Per-layer initialisation formulas of every method but LoRA-DA (docs/design.md §5).
 
 Each function takes the tensors of one layer in the PyTorch ``[out, in]`` convention and returns
 :class:`Factors`: ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` and whether the base weight must
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..linalg.dense import canonical_signs
+from ..linalg.dense import canonical_sign_factors, canonical_signs
 from ..options import LORAGA_VARIANTS, check_choice
 from ..result import FisherSubspaceDiagnostics, GradientDiagnostics, LayerDiagnostics, SingularDiagnostics
 
@@ -41,8 +41,7 @@ def lora_scaling(lora_alpha: float, rank: int, use_rslora: bool = False) -> floa
 
 def _paired_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical signs for triplets kept together: flip ``u_i`` and ``v_i`` jointly."""
-    signs = torch.gather(vh, 1, vh.abs().argmax(dim=1, keepdim=True)).squeeze(1).sign()
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    signs = canonical_sign_factors(vh.T)[0]  # the rows of vh are the right singular vectors
     return u * signs, vh * signs[:, None]
 
 
@@ -103,7 +102,7 @@ def milora(weight: torch.Tensor, rank: int, scaling: float) -> Factors:
 def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str = "paper") -> Factors:
     """LoRA-GA (Wang et al., arXiv 2407.05000), "ArB2r" directions with "stable" scale.
 
-    From the gradient ``G = U S Vᵀ`` ``[out, in]`` (DESIGN §3), with ``c = out^¼/√γ``:
+    From the gradient ``G = U S Vᵀ`` ``[out, in]`` (docs/design.md §3), with ``c = out^¼/√γ``:
 
     * ``variant="paper"`` (the authors' code, github.com/Outsider565/LoRA-GA, ``lora_ga_init``):
       ``lora_A = V[:, :r]ᵀ·c``, ``lora_B = U[:, r:2r]·c``; both factors orthonormal up to ``c``.
@@ -116,7 +115,7 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
 
     Both move the base weight to ``W − s·B·A``.  The SVD here is exact; both reference
     implementations use ``torch.svd_lowrank(q=4r, niter=4)``, an approximation of it.  Their
-    gradient is the mean over batches of the batch's token-mean loss gradient; ours (DESIGN §3)
+    gradient is the mean over batches of the batch's token-mean loss gradient; ours (docs/design.md §3)
     is the mean over sequences of each sequence's token-mean loss gradient.  The two agree when
     all sequences have equally many labelled tokens and all batches equally many sequences.
     """

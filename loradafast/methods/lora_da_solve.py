@@ -1,5 +1,5 @@
 """LoRA-DA for many layers at once: one factorisation per shared input, then one batched
-eigensolve per input group and rank (DESIGN §4, §6).
+eigensolve per input group and rank (docs/design.md §4, §6).
 
 The layers that read the same input (q, k, v; gate, up) share ``Zλ``.  Each such group is solved
 on its own, from its statistics, and freed before the next, so the working memory is that of one
@@ -47,7 +47,7 @@ def _input_groups(stats: Statistics, ranks: dict[str, int]) -> dict[str, list[st
     """Input group (the key of its Z) → the layers that read that input, in sorted order."""
     by_input: dict[str, list[str]] = defaultdict(list)
     for name in sorted(ranks):
-        by_input[stats.layers[name].z_key].append(name)
+        by_input[stats.layers[name].input_group].append(name)
     return {key: by_input[key] for key in sorted(by_input)}
 
 

@@ -103,6 +103,15 @@ def get_method(method: str) -> Method:
     return record
 
 
+def method_keywords(caller: str, options: dict, dtype_keyword: str) -> dict:
+    """``options`` if every keyword is a method option (the solve dtype under ``dtype_keyword``,
+    the caller's name for it); else the TypeError of an unknown keyword argument."""
+    for key in options:
+        if key not in KEYWORDS or (KEYWORDS[key] == "dtype" and key != dtype_keyword):
+            raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
+    return options
+
+
 def build_config(method: Method, config: MethodConfig | None, keywords: dict) -> MethodConfig:
     """``method``'s options: ``config`` as given, or built from the keyword arguments that are
     not None (None means "the default").  A keyword that is not an option of ``method`` raises."""
@@ -121,43 +130,6 @@ def build_config(method: Method, config: MethodConfig | None, keywords: dict) ->
         raise ValueError(f"{', '.join(foreign)} do(es) not apply to method {method.name!r} ({method.title}); its "
                          f"options are {', '.join(options)} ({method.config.__name__})")
     return method.config(**{KEYWORDS[k]: v for k, v in given.items()})
-
-
-def check_rank(name: str, rank: int, in_features: int, out_features: int, method: Method | None = None) -> None:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    if rank > min(in_features, out_features):
-        raise ValueError(
-            f"rank {rank} exceeds min(in, out) = {min(in_features, out_features)} of layer {name!r} "
-            f"({in_features}→{out_features}); lower the rank or exclude the layer with target_modules"
-        )
-    k = method.rank_factor if method is not None else 1
-    if k > 1 and k * rank > min(in_features, out_features):
-        raise ValueError(
-            f"{method.title} uses {k}r = {k * rank} singular triplets of the gradient but layer {name!r} "
-            f"({in_features}→{out_features}) has only {min(in_features, out_features)}; lower the rank or "
-            "exclude the layer with target_modules"
-        )
-
-
-def check_ranks(ranks: dict | None, names, label: str = "ranks") -> None:
-    """Every key of a per-layer ``ranks`` (or ``alphas``) dict must name a target layer: a typo
-    would silently leave that layer at the default."""
-    import difflib
-
-    names = list(names)
-    unknown = [key for key in (ranks or {}) if key not in names]
-    if not unknown:
-        return
-    hints = []
-    for key in unknown[:3]:
-        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    shown = ", ".join(repr(n) for n in names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
-    raise ValueError(
-        f"{label} has {len(unknown)} key(s) that name no target layer: {', '.join(hints)}; the keys are layer paths "
-        f"relative to the base model, one of: {shown}"
-    )
 
 
 def generator_for(config: MethodConfig) -> torch.Generator | None:

@@ -19,7 +19,8 @@ from ..result import InitResult, LayerInit, LoraDADiagnostics
 from ..statistics.store import Statistics
 from .baselines import lora_scaling
 from .problem import Problem
-from .registry import Method, build_config, check_rank, check_ranks, generator_for, get_method
+from ..options import check_rank, check_ranks
+from .registry import Method, build_config, generator_for, get_method, method_keywords
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's own default
 
@@ -65,18 +66,9 @@ def solve(
     keep); the factors are returned in float32.
     """
     record = get_method(method)
-    config = build_config(record, config, _method_keywords(options))
+    config = build_config(record, config, method_keywords("solve", options, "dtype"))
     return solve_with(record, config, stats, rank, weights=weights, kinds=kinds, ranks=ranks, lora_alpha=lora_alpha,
                       use_rslora=use_rslora, alphas=alphas, freeze_a=freeze_a, device=device)
-
-
-def _method_keywords(options: dict) -> dict:
-    from ..options import KEYWORDS
-
-    unknown = [k for k in options if k not in KEYWORDS or k == "solve_dtype"]
-    if unknown:
-        raise TypeError(f"solve() got an unexpected keyword argument {unknown[0]!r}")
-    return options
 
 
 def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, rank: int | None, *,
