@@ -9,6 +9,18 @@
     result = loradafast.initialize(model, None, 8, method="pissa")   # weight-only: no pass
     result = loradafast.initialize(model, loader, 8, config=loradafast.LoraDAConfig(beta=0.1))  # options object
     result.save("adapter", convert_to_lora=True)   # plain LoRA for the unmodified base
+
+Layout, in the order the data flows (docs/design.md §1):
+
+* :mod:`.targets`: which layers get an adapter;
+* :mod:`.statistics`: the pass (batches, losses, hooks) and the :class:`Statistics` it produces;
+* :mod:`.options`: one validated options class per method, every list of allowed values;
+* :mod:`.methods`: the solve: the registry of methods, LoRA-DA, the other methods' formulas;
+* :mod:`.linalg`: dense helpers, the batched eigensolver, the native bindings of csrc/;
+* :mod:`.kernels`: the pass's and the solver's hot loops (Triton, with PyTorch references);
+* :mod:`.result`: what a solve returns, as plain data;
+* :mod:`.integrations.peft`: adapter files, writing into a PeftModel, ``get_peft_model``'s wrapping;
+* :mod:`.api`: ``initialize`` and ``get_peft_model``.
 """
 __version__ = "0.1.0"
 

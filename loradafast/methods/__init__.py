@@ -5,6 +5,7 @@ base weights) to factors, with no model pass.
   options class, its solve function);
 * :mod:`.solver`: :func:`solve`, which validates, dispatches through the registry and returns an
   :class:`~loradafast.result.InitResult`;
+* :mod:`.problem`: the layers one solve works on, as every method's solve function reads them;
 * :mod:`.lora_da` (per-layer formulas), :mod:`.lora_da_operator` (Ω applied implicitly per input
   group) and :mod:`.lora_da_solve` (all layers at once): LoRA-DA;
 * :mod:`.baselines`: the per-layer formulas of the other methods (LoRA, PiSSA, MiLoRA, LoRA-GA,
