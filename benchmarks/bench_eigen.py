@@ -1,4 +1,4 @@
-"""Benchmark the batched eigensolver (loradafast.eigen) against looped dense eigh and torch.lobpcg.
+"""Benchmark the batched eigensolver (loradafast.linalg.eigen) against looped dense eigh and torch.lobpcg.
 
 Operators are LoRA-DA Initialization Guidance Matrices ``Ω = c·Zλ⁻¹ − Δ̂ᵀΔ̂`` built from synthetic
 statistics with a rank-deficient Z (the hard case: spread ~c/λ, most-negative wanted eigenvalues).
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, results_path, timed, write_json  # noqa: E402
 
-from loradafast import _native, eigen  # noqa: E402
+from loradafast.linalg import eigen  # noqa: E402
+from loradafast.linalg import native as _native  # noqa: E402
 
 F64 = torch.float64
 

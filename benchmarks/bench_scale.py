@@ -31,9 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
-from loradafast import _native, lora_da_solve  # noqa: E402
-from loradafast.eigen import span_sine  # noqa: E402
-from loradafast.stats import LayerStats, Statistics  # noqa: E402
+from loradafast.linalg import native as _native  # noqa: E402
+from loradafast.linalg.eigen import span_sine  # noqa: E402
+from loradafast.methods import lora_da_solve  # noqa: E402
+from loradafast.statistics import LayerStats, Statistics  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, results_path, sync, timed, write_json  # noqa: E402

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
-from loradafast import _native  # noqa: E402
-from loradafast.eigen import span_sine  # noqa: E402
+from loradafast.linalg import native as _native  # noqa: E402
+from loradafast.linalg.eigen import span_sine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import default_device, environment, results_path, timed, write_json  # noqa: E402

@@ -29,7 +29,7 @@ step() {  # name, command...
 
 echo "| step | exit | time |" > "$REPORT/steps.md"
 echo "|---|---|---|" >> "$REPORT/steps.md"
-step native "$PY" -c "from loradafast import _native; _native.load(verbose=True)"
+step native "$PY" -c "from loradafast.linalg import native; native.load(verbose=True)"
 step pytest "$PY" -m pytest -q -p no:cacheprovider tests
 step kernels "$PY" benchmarks/bench_kernels.py --out "$REPORT/kernels.json"
 step eigen "$PY" benchmarks/bench_eigen.py --no-lobpcg --out "$REPORT/eigen.json"

@@ -7,21 +7,49 @@
     result = loradafast.solve(stats, rank=8)    # factors, no model pass
     result = loradafast.solve(stats, 8, method="lora-ga")   # another method, same statistics
     result = loradafast.initialize(model, None, 8, method="pissa")   # weight-only: no pass
+    result = loradafast.initialize(model, loader, 8, config=loradafast.LoraDAConfig(beta=0.1))  # options object
     result.save("adapter", convert_to_lora=True)   # plain LoRA for the unmodified base
+
+Layout, in the order the data flows (docs/design.md §1):
+
+* :mod:`.targets`: which layers get an adapter;
+* :mod:`.statistics`: the pass (batches, losses, hooks) and the :class:`Statistics` it produces;
+* :mod:`.options`: one validated options class per method, every list of allowed values;
+* :mod:`.methods`: the solve: the registry of methods, LoRA-DA, the other methods' formulas;
+* :mod:`.linalg`: dense helpers, the batched eigensolver, the native bindings of csrc/;
+* :mod:`.kernels`: the pass's and the solver's hot loops (Triton, with PyTorch references);
+* :mod:`.result`: what a solve returns, as plain data;
+* :mod:`.integrations.peft`: adapter files, writing into a PeftModel, ``get_peft_model``'s wrapping;
+* :mod:`.api`: ``initialize`` and ``get_peft_model``.
 """
 __version__ = "0.1.0"
 
 from .api import get_peft_model, initialize  # noqa: E402
-from .collect import collect  # noqa: E402
-from .result import InitResult, LayerInit, apply_base_update, freeze_lora_a  # noqa: E402
-from .solve import METHODS, WEIGHT_ONLY_METHODS, solve  # noqa: E402
-from .stats import LayerStats, Statistics  # noqa: E402
+from .statistics import collect  # noqa: E402
+from .integrations.peft import apply_base_update, freeze_lora_a  # noqa: E402
+from .result import InitResult, LayerDiagnostics, LayerInit, LoraDADiagnostics  # noqa: E402
+from .methods.registry import METHODS, REGISTRY, WEIGHT_ONLY_METHODS  # noqa: E402
+from .methods.solver import solve  # noqa: E402
+from .options import (FisherSubspaceConfig, LoraDAConfig, LoraGAConfig, LoraOneConfig, MethodConfig,  # noqa: E402
+                      MiloraConfig, PissaConfig, RandomLoraConfig)
+from .statistics import LayerStats, Statistics  # noqa: E402
 
 __all__ = [
+    "FisherSubspaceConfig",
     "InitResult",
+    "LayerDiagnostics",
     "LayerInit",
     "LayerStats",
+    "LoraDADiagnostics",
+    "LoraDAConfig",
+    "LoraGAConfig",
+    "LoraOneConfig",
     "METHODS",
+    "MethodConfig",
+    "MiloraConfig",
+    "PissaConfig",
+    "REGISTRY",
+    "RandomLoraConfig",
     "Statistics",
     "WEIGHT_ONLY_METHODS",
     "apply_base_update",

@@ -6,8 +6,6 @@ passed a plain model or a ``PeftModel``.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +62,7 @@ def base_model_of(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _kind(module: nn.Module) -> str | None:
+def layer_kind(module: nn.Module) -> str | None:
     if Conv1D and isinstance(module, Conv1D):
         kind = "conv1d"
     elif isinstance(module, nn.Linear):
@@ -111,11 +109,11 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
         for name, module in model.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
-            adapter = adapter_name or _active_adapter(module)
+            adapter = adapter_name or active_adapter(module)
             if adapter not in module.lora_A:
                 continue
             base = module.get_base_layer()
-            kind = _kind(base)
+            kind = layer_kind(base)
             if kind is None:
                 raise TypeError(
                     f"LoRA layer {name!r} wraps a {type(base).__name__}; loradafast initialises LoRA on "
@@ -146,7 +144,7 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
 
     targets = []
     for name, module in model.named_modules():
-        kind = _kind(module)
+        kind = layer_kind(module)
         if kind is None or not name:
             continue
         if config is None:
@@ -159,7 +157,7 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
     return targets
 
 
-def _active_adapter(layer: nn.Module) -> str:
+def active_adapter(layer: nn.Module) -> str:
     active = layer.active_adapters if hasattr(layer, "active_adapters") else layer.active_adapter
     if isinstance(active, (list, tuple)):
         if len(active) != 1:
@@ -183,7 +181,7 @@ def short_target_modules(model: nn.Module, targets: list[Target]) -> list[str]:
     chosen = {
         name
         for name, module in base.named_modules()
-        if name and _kind(module) is not None and bool(check_target_module_exists(config, name))
+        if name and layer_kind(module) is not None and bool(check_target_module_exists(config, name))
     }
     return leaves if chosen == wanted else sorted(wanted)
 
@@ -217,78 +215,3 @@ def model_meta(model: nn.Module, targets: list[Target], *, causal: bool, adapter
         "target_modules": target_modules,
     }
 
-
-# ---- PEFT models: the base model only, and undoing a wrapping ------------------------------------
-
-def _adapter_switches(model: nn.Module) -> list[nn.Module]:
-    # PEFT's tuner layers (LoRA and the other methods) and its modules_to_save / trainable-token
-    # wrappers all gate their adapters on this one flag.
-    return [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "enable_adapters")]
-
-
-def check_not_merged(model: nn.Module) -> None:
-    merged = [name for name, m in model.named_modules() if getattr(m, "merged", False) is True]
-    if merged:
-        raise ValueError(
-            f"{len(merged)} PEFT layer(s) have adapters merged into their base weights (e.g. {merged[0]!r}), so the "
-            "base model is not available; call peft_model.unmerge_adapter() first"
-        )
-
-
-@contextlib.contextmanager
-def base_model_only(model: nn.Module):
-    """Run ``model`` as its base model: every PEFT adapter layer, active or not, and every
-    ``modules_to_save`` copy switched off, then switched back exactly as they were.
-
-    The flag is set directly: PEFT's ``enable_adapters``/``disable_adapter()`` would also change
-    the adapters' ``requires_grad`` and, on exit, enable adapters that the user had disabled.
-    """
-    check_not_merged(model)
-    switches = [(m, m._disable_adapters) for m in _adapter_switches(model)]
-    try:
-        for m, _ in switches:
-            m._disable_adapters = True
-        yield model
-    finally:
-        for m, flag in switches:
-            m._disable_adapters = flag
-
-
-@contextlib.contextmanager
-def undone_on_failure(model: nn.Module):
-    """On any exception, put ``model`` back as it was on entry: its module tree (children,
-    parameters, buffers and hooks: the containers are refilled, so the original objects come
-    back), every other module attribute (``peft_config`` and the like are removed), the
-    ``requires_grad`` flags and the config's attributes.
-
-    Parameter *values* are not saved: what runs inside must not write them before it can no
-    longer fail (``InitResult.apply_to`` checks every layer before it writes the first).
-    """
-    modules = list(model.modules())
-    saved = []
-    for m in modules:
-        attrs = dict(vars(m))
-        contents = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, set))}
-        saved.append((m, attrs, contents))
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters(recurse=False)]
-    configs = {}  # PeftModel sets config.pretraining_tp, for one
-    for m in modules:
-        config = getattr(m, "config", None)
-        if config is not None and not isinstance(config, nn.Module) and hasattr(config, "__dict__"):
-            configs[id(config)] = config
-    config_attrs = [(c, dict(vars(c))) for c in configs.values()]
-    try:
-        yield model
-    except BaseException:
-        for m, attrs, contents in saved:
-            vars(m).clear()
-            vars(m).update(attrs)
-            for key, content in contents.items():
-                attrs[key].clear()
-                attrs[key].update(content)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for c, attrs in config_attrs:
-            vars(c).clear()
-            vars(c).update(attrs)
-        raise

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loradafast
-from loradafast.batches import IGNORE_INDEX
+from loradafast.statistics.batches import IGNORE_INDEX
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 
@@ -88,7 +88,7 @@ def test_labels_and_max_samples():
 
 def test_shared_inputs_share_Z_by_identity():
     stats = loradafast.collect(tiny_llama(), padded_batches(random_sequences(2), 2), progress=False)
-    key = {n: s.z_key for n, s in stats.layers.items()}
+    key = {n: s.input_group for n, s in stats.layers.items()}
     for i in range(2):
         p = f"model.layers.{i}."
         assert key[p + "self_attn.q_proj"] == key[p + "self_attn.k_proj"] == key[p + "self_attn.v_proj"]

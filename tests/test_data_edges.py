@@ -310,7 +310,7 @@ def test_distributed_empty_shard(tmp_path):
     assert_stats_close(a, union)
     assert a.num_tokens == b.num_tokens and a.num_sequences == b.num_sequences
     for name in a.layers:
-        assert a.layers[name].z_key == b.layers[name].z_key
+        assert a.layers[name].input_group == b.layers[name].input_group
         assert torch.equal(a.layers[name].g_sum, b.layers[name].g_sum)
         assert torch.equal(a.layers[name].y_sum, b.layers[name].y_sum)
     assert a.z_sums.keys() == b.z_sums.keys() and all(torch.equal(a.z_sums[k], b.z_sums[k]) for k in a.z_sums)

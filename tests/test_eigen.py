@@ -1,4 +1,4 @@
-"""Batched LOBPCG (loradafast.eigen) against dense float64 eigh.
+"""Batched LOBPCG (loradafast.linalg.eigen) against dense float64 eigh.
 
 Every subspace test first checks that the wanted eigenspace is well defined: the r-th and
 (r+1)-th eigenvalues must be separated (``_assert_gap``), otherwise "the r smallest
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loradafast import eigen
+from loradafast.linalg import eigen
 
 F64 = torch.float64
 
@@ -27,7 +27,7 @@ def _reference(mat: torch.Tensor, r: int):
 
 
 def _lora_da_problem(batch=3, n=320, out=160, tokens=240, x_scale=1000.0, seed=0, lam=1e-6, beta=0.03, num=100_000):
-    """Ω built as DESIGN §4 from synthetic statistics with a rank-deficient Z (tokens < n).
+    """Ω built as docs/design.md §4 from synthetic statistics with a rank-deficient Z (tokens < n).
 
     Per-token activations have a decaying, anisotropic scale and one shared outlier direction;
     G is the mean outer product of random per-token output gradients with the activations (so
@@ -166,7 +166,7 @@ def _torch_lobpcg_sine(mat: torch.Tensor, r: int, vectors: torch.Tensor) -> floa
 
 
 def test_official_torch_lobpcg_fails_where_we_do_not(lora_da):
-    # DESIGN §4: the official code's torch.lobpcg(..., niter=10) does not converge in general.
+    # docs/design.md §4: the official code's torch.lobpcg(..., niter=10) does not converge in general.
     omega, apply, z_lambda, c = lora_da
     r = 8
     _, vectors = _reference(omega, r)
@@ -246,17 +246,14 @@ def test_converged_layers_are_frozen_and_mixed_batches_work():
     _check_result(res, mat, 8)
 
 
-def test_grouped_by_width(lora_da):
+def test_two_widths_one_after_the_other(lora_da):
+    # What the solve does per input group: a preconditioned callable batch, then a small dense one.
     omega, apply, z_lambda, c = lora_da
     small = _synthetic("spread", batch=2)
-    problems = {
-        (omega.shape[-1], 8): eigen.EigenProblem(apply, 8, n=omega.shape[-1], batch=omega.shape[0],
-                                                 precond=eigen.omega_preconditioner(z_lambda, c)),
-        (200, 4): eigen.EigenProblem(small, 4),
-    }
-    out = eigen.smallest_eigenpairs_grouped(problems, max_iter=400)
-    _check_result(out[(omega.shape[-1], 8)], omega, 8)
-    _check_result(out[(200, 4)], small, 4)
+    wide = eigen.smallest_eigenpairs(apply, omega.shape[-1], 8, omega.shape[0],
+                                     precond=eigen.omega_preconditioner(z_lambda, c), max_iter=400)
+    _check_result(wide, omega, 8)
+    _check_result(eigen.smallest_eigenpairs(small, r=4, max_iter=400), small, 4)
 
 
 def test_non_finite_layer_does_not_poison_the_batch():

@@ -1,4 +1,4 @@
-"""DESIGN §4's identities, each checked against an explicit dense Fisher built from per-token
+"""docs/design.md §4's identities, each checked against an explicit dense Fisher built from per-token
 gradients of a tiny layer (float64 model, float64 algebra)."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import loradafast
-from loradafast import lora_da
+from loradafast.methods import lora_da
 from tiny import ToyTokenModel, toy_sequence_losses
 
 D_IN, D_OUT = 5, 4

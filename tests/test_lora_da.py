@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import loradafast
-from loradafast.eigen import span_sine as sin_largest_angle
-from loradafast import lora_da
+from loradafast.linalg.eigen import span_sine as sin_largest_angle
+from loradafast.methods import lora_da
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import loradafast
-from loradafast import lora_da, lora_da_operator, lora_da_solve
-from loradafast.eigen import span_sine
-from loradafast.stats import LayerStats, Statistics
+from loradafast.methods import lora_da, lora_da_operator, lora_da_solve
+from loradafast.linalg.eigen import span_sine
+from loradafast.statistics.store import LayerStats, Statistics
 
 N_IN, OUTS, TOKENS = 37, (53, 11, 37), 29  # T < n: Z singular, as with few samples
 
@@ -25,9 +25,9 @@ def _stats(y_factor: str, seed: int = 0) -> Statistics:
 
 def _group(stats, gradient="fisher", beta=0.03):
     names = sorted(stats.layers)
-    group, factors = lora_da_solve._group_operator(
-        stats, names, torch.float64, torch.device("cpu"), beta=beta, num_train_samples=1000, alpha_b=1.0,
-        damping=1e-6, damping_mode="absolute", gradient=gradient, times={})
+    config = loradafast.LoraDAConfig(beta=beta, num_train_samples=1000, alpha_b=1.0, damping=1e-6,
+                                     damping_mode="absolute", gradient=gradient, dtype=torch.float64)
+    group, factors = lora_da_solve._group_operator(stats, names, config, torch.device("cpu"), times={})
     terms = [lora_da.omega_terms(stats.G(k), f, beta=beta, num_train_samples=1000, gradient=gradient)
              for k, f in zip(names, factors)]
     return group, terms

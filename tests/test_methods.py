@@ -1,4 +1,4 @@
-"""The methods of DESIGN §5: formulas on tensors, then end to end on tiny Llama and GPT-2."""
+"""The methods of docs/design.md §5: formulas on tensors, then end to end on tiny Llama and GPT-2."""
 import copy
 import json
 import math
@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel
 
 import loradafast
-from loradafast.eigen import span_sine as sin_largest_angle
+from loradafast.linalg.eigen import span_sine as sin_largest_angle
 from loradafast import methods
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 

@@ -9,7 +9,7 @@ from peft import get_peft_model as peft_get_peft_model
 from safetensors.torch import load_file
 
 import loradafast
-from loradafast.eigen import span_sine as sin_largest_angle
+from loradafast.linalg.eigen import span_sine as sin_largest_angle
 from tiny import tiny_gpt2, tiny_llama
 
 FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loradafast import _native, eigen
+from loradafast.linalg import eigen
+from loradafast.linalg import native as _native
 
 F64 = torch.float64
 

@@ -169,10 +169,6 @@ def _gradient_kernel(g_ptr, x_ptr, keep_ptr, acc_ptr, T, M, N,
 # Host side
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -194,7 +190,7 @@ def _split_for(n_tiles: int, tokens: int, device: torch.device) -> int:
     """
     if INTERPRET or device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
         return 1
-    want = _cdiv(2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
+    want = triton.cdiv(2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
                  n_tiles)
     # Each slice should stream enough tokens to amortise the pipeline prologue and the atomics.
     return max(1, min(want, tokens // 512))
@@ -228,7 +224,7 @@ def kfac_accumulate(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | Non
     if tokens == 0 or d == 0:
         return acc
     block = _block_for(d)
-    n_tiles = _cdiv(d, block)
+    n_tiles = triton.cdiv(d, block)
     n_pairs = n_tiles * (n_tiles + 1) // 2
     assert n_tiles < 46341, "tile enumeration is int32"
     split = split_k or _split_for(n_pairs, tokens, x.device)
@@ -251,7 +247,7 @@ def kfac_accumulate_pair(acc_x: torch.Tensor, x: torch.Tensor, acc_g: torch.Tens
         return acc_x, acc_g
     assert x.dtype == g.dtype, "one launch compiles one dtype; cast before calling"
     block = _block_for(max(dx, dg))
-    nx, ng = _cdiv(dx, block), _cdiv(dg, block)
+    nx, ng = triton.cdiv(dx, block), triton.cdiv(dg, block)
     n_pairs_x, n_pairs_g = nx * (nx + 1) // 2, ng * (ng + 1) // 2
     split = split_k or _split_for(n_pairs_x + n_pairs_g, tokens, x.device)
     keep = _keep(mask)
@@ -274,7 +270,7 @@ def gradient_accumulate(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
         return acc
     assert x.dtype == g.dtype, "one launch compiles one dtype; cast before calling"
     block = _block_for(min(m, n))
-    n_tiles = _cdiv(m, block) * _cdiv(n, block)
+    n_tiles = triton.cdiv(m, block) * triton.cdiv(n, block)
     split = split_k or _split_for(n_tiles, tokens, x.device)
     keep = _keep(mask)
     upcast, precision = _dot_flags(x.dtype)

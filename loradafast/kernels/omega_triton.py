@@ -1,6 +1,6 @@
 """Triton kernel for the LoRA-DA Initialization Guidance Matrix applied to a block of vectors.
 
-``Ω = c·Zλ⁻¹ − α·Δ̂ᵀΔ̂`` (``[n, n]``, DESIGN.md §4) is only ever needed as an operator inside the
+``Ω = c·Zλ⁻¹ − α·Δ̂ᵀΔ̂`` (``[n, n]``, docs/design.md §4) is only ever needed as an operator inside the
 eigensolver, so it is never formed. Per layer of a batch of same-width layers::
 
     Ω X = c·(Zλ⁻¹ X) − α·Δ̂ᵀ (Δ̂ X)
@@ -12,13 +12,11 @@ subtraction, writing ``Ω X`` once. Reference: :func:`.reference.omega_apply`.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .kfac_triton import INTERPRET  # one reading of TRITON_INTERPRET, when the kernels are imported
 
 
 @triton.jit

@@ -66,7 +66,7 @@ def _scale(c: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def omega_apply(X: torch.Tensor, z_factor: torch.Tensor, c: torch.Tensor, delta_hat: torch.Tensor,
                 alpha: float = 1.0, *, z_is_inverse: bool = False) -> torch.Tensor:
-    """``Ω X = c·Zλ⁻¹ X − α·Δ̂ᵀ(Δ̂ X)`` for a batch of layers, without forming ``Ω`` (DESIGN.md §4).
+    """``Ω X = c·Zλ⁻¹ X − α·Δ̂ᵀ(Δ̂ X)`` for a batch of layers, without forming ``Ω`` (docs/design.md §4).
 
     ``X`` ``[b, n, k]``; ``z_factor`` ``[b, n, n]``: the lower Cholesky factor ``L`` of ``Zλ`` (``Zλ =
     L Lᵀ``), or ``Zλ⁻¹`` itself when ``z_is_inverse``; ``c`` ``[b]``; ``delta_hat`` ``[b, m, n]`` (layers

@@ -10,7 +10,8 @@ import torch
 from _micro import ON_CUDA
 from bench_eigen import dense_omega, make_group
 
-from loradafast import _native, eigen
+from loradafast.linalg import eigen
+from loradafast.linalg import native as _native
 
 # (layers, n, out, tokens < n), rank
 GROUPS = [((8, 4096, 4096, 2048), 8)] if ON_CUDA else [((8, 128, 128, 96), 8), ((4, 256, 256, 192), 8)]

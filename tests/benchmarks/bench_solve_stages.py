@@ -7,7 +7,7 @@
 * ``omega_product``: one implicit Ω product with a block of r + 8 columns;
 * ``solve``: the whole ``loradafast.solve`` of the block, with each eigensolver.
 
-The stage functions are internal (``loradafast.lora_da_solve``); the suite follows them when they move."""
+The stage functions are internal (``loradafast.methods.lora_da_solve``); the suite follows them when they move."""
 from __future__ import annotations
 
 import pytest
@@ -16,13 +16,14 @@ from _micro import ON_CUDA
 from bench_scale import synthetic_stats
 
 import loradafast
-from loradafast.lora_da_solve import _factor_group
+from loradafast.methods.lora_da_solve import _factor_group
+from loradafast.options import LoraDAConfig
 
 SCALE = 1.0 if ON_CUDA else 1 / 32
 HIDDEN, INTER = int(4096 * SCALE), int(11008 * SCALE)
 RANK = 8
-OPTIONS = dict(beta=0.03, num_train_samples=100_000, alpha_b=1.0, damping=1e-6, damping_mode="absolute",
-               gradient="fisher")
+CONFIG = LoraDAConfig(beta=0.03, num_train_samples=100_000, alpha_b=1.0, damping=1e-6, damping_mode="absolute",
+                      gradient="fisher", dtype=torch.float64)
 GROUPS = {"attn": ["k", "q", "v"], "mlp": ["gate", "up"], "down": ["down"]}
 
 
@@ -34,7 +35,7 @@ def stats():
 
 def _group(stats, key):
     dev = stats.layers[GROUPS[key][0]].g_sum.device
-    return _factor_group(stats, GROUPS[key], torch.float64, dev, **OPTIONS)
+    return _factor_group(stats, GROUPS[key], CONFIG, dev)
 
 
 @pytest.mark.parametrize("key", list(GROUPS))

@@ -30,7 +30,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 def native_built():
     """CPU threads fixed, and the native eigensolver built (or loaded) before the first timing: a
     build can take a minute."""
-    from loradafast import _native
+    from loradafast.linalg import native as _native
 
     if not ON_CUDA:
         torch.set_num_threads(THREADS)

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from . import eigen
+from ..linalg import eigen
 from .lora_da import DampedFactors, DampedZ
 
 PRECOND_SHARE_RATIO = 8.0
@@ -88,7 +88,7 @@ class GroupOmega:
         return _batches(cholesky_solve(self.chol, _columns(x)), x.shape[0])
 
     def _y_solve(self, i: int, v: torch.Tensor) -> torch.Tensor:
-        return self.factors[i].apply_y_inverse(v.to(self.factors[i].y_inv.dtype)).to(self.dtype)
+        return self.factors[i].apply_y_inverse(v.to(self.factors[i].y_dtype)).to(self.dtype)
 
     def delta(self, x: torch.Tensor, wx: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``[Δᵢ xᵢ]`` ``[out_i, k]`` for ``x`` ``[b, n, k]``; ``wx = Zλ⁻¹x`` if already known."""
@@ -107,8 +107,8 @@ class GroupOmega:
         u = torch.stack([self._g_times(g.T, self._y_solve(i, vi)) for i, (g, vi) in enumerate(zip(self.g, v))])
         return -self.z_solve(u)
 
-    def gram(self, x: torch.Tensor) -> torch.Tensor:
-        """``ΔᵀΔ x`` (unnormalised)."""
+    def apply_delta_gram(self, x: torch.Tensor) -> torch.Tensor:
+        """``ΔᵀΔ x`` (the Gram operator of Δ, unnormalised)."""
         return self.delta_t(self.delta(x))
 
     # -- σ = ‖Δ‖₂ ---------------------------------------------------------------------------------
@@ -133,13 +133,13 @@ class GroupOmega:
         term is small, so that this takes a few iterations.  The Ritz value is accurate to about
         the square of the residual, so it is kept even where the residual misses ``tol`` (no
         dense fallback: that would form Δ)."""
-        res = eigen.smallest_eigenpairs(lambda x: -self.gram(x), self.n, 1, self.batch, dtype=self.dtype,
+        res = eigen.smallest_eigenpairs(lambda x: -self.apply_delta_gram(x), self.n, 1, self.batch, dtype=self.dtype,
                                         device=self.chol.device, tol=tol, max_iter=max_iter, seed=seed, x0=x0,
-                                        fallback=False, dense=self._dense_gram, check_every=2)
+                                        fallback=False, dense=self._dense_minus_delta_gram, check_every=2)
         self.sigma = torch.maximum(self.sigma, (-res.eigenvalues[:, 0]).clamp_min(0).sqrt())
         self.sigma_iterations = res.iterations
 
-    def _dense_gram(self, layers: torch.Tensor) -> torch.Tensor:
+    def _dense_minus_delta_gram(self, layers: torch.Tensor) -> torch.Tensor:
         return -torch.stack([self._dense_delta(int(i)).T @ self._dense_delta(int(i)) for i in layers])
 
     # -- Ω -----------------------------------------------------------------------------------------

@@ -62,9 +62,13 @@ def damped_cholesky(matrix: torch.Tensor, damping: float,
     )
 
 
-def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each column so that its entry of largest magnitude is positive (deterministic output)."""
+def canonical_sign_factors(vectors: torch.Tensor) -> torch.Tensor:
+    """``[..., 1, k]``: the sign (±1) that makes each column's entry of largest magnitude positive."""
     idx = vectors.abs().argmax(dim=-2, keepdim=True)
     signs = torch.sign(torch.gather(vectors, -2, idx))
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return vectors * signs
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its entry of largest magnitude is positive (deterministic output)."""
+    return vectors * canonical_sign_factors(vectors)

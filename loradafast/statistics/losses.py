@@ -1,5 +1,5 @@
 """Per-sequence losses: the collect pass differentiates ``Σ_n ℓ_n`` itself so that the statistics
-do not depend on how sequences are batched or padded (DESIGN §3)."""
+do not depend on how sequences are batched or padded (docs/design.md §3)."""
 from __future__ import annotations
 
 import torch

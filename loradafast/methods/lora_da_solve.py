@@ -1,5 +1,5 @@
 """LoRA-DA for many layers at once: one factorisation per shared input, then one batched
-eigensolve per input group and rank (DESIGN §4, §6).
+eigensolve per input group and rank (docs/design.md §4, §6).
 
 The layers that read the same input (q, k, v; gate, up) share ``Zλ``.  Each such group is solved
 on its own, from its statistics, and freed before the next, so the working memory is that of one
@@ -15,11 +15,14 @@ from contextlib import contextmanager
 
 import torch
 
-from . import eigen, lora_da
+from ..linalg import eigen
+from ..options import LoraDAConfig
+from ..result import LoraDADiagnostics
+from ..statistics.store import Statistics
+from . import lora_da
+from .baselines import Factors
 from .lora_da_operator import GroupOmega
-from .stats import Statistics
 
-EIGENSOLVERS = ("auto", "lobpcg", "dense")
 # On CPU, dense eigh of the materialised Ω beat the preconditioned LOBPCG at the widths we
 # measured (SmolLM2's 576 and 1536, r = 8: 50 s vs 86 s for 210 layers on 2 cores,
 # benchmarks/results/solve_cpu.json, measured before Ω was applied implicitly).  Above 2048 "auto"
@@ -36,59 +39,59 @@ MIXED_DTYPE: torch.dtype | None = None
 FLOOR_MARGIN = 30.0
 
 
-def solve_lora_da(
-    stats: Statistics,
-    ranks: dict[str, int],
-    *,
-    dtype: torch.dtype,
-    device,
-    beta: float,
-    num_train_samples: int,
-    alpha_b: float,
-    gamma: float,
-    damping: float,
-    damping_mode: str,
-    gradient: str,
-    residual_tol: float | None,
-    eigensolver: str = "auto",
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict]]:
-    """``{name: (lora_A [r, in], lora_B [out, r], diagnostics)}`` for the layers in ``ranks``."""
-    if eigensolver not in EIGENSOLVERS:
-        raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {eigensolver!r}")
+def solve_lora_da(stats: Statistics, ranks: dict[str, int], config: LoraDAConfig, *,
+                  device=None) -> dict[str, Factors]:
+    """The LoRA-DA factors (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``, diagnostics) of the
+    layers in ``ranks``, one input group after the other."""
+    out: dict[str, Factors] = {}
+    for key, names in _input_groups(stats, ranks).items():
+        dev = torch.device(device) if device is not None else stats.layers[names[0]].g_sum.device
+        out.update(_solve_input_group(stats, names, ranks, config, dev, key))
+    return {name: out[name] for name in ranks}
+
+
+def _input_groups(stats: Statistics, ranks: dict[str, int]) -> dict[str, list[str]]:
+    """Input group (the key of its Z) → the layers that read that input, in sorted order."""
     by_input: dict[str, list[str]] = defaultdict(list)
     for name in sorted(ranks):
-        by_input[stats.layers[name].z_key].append(name)
-    out: dict[str, tuple[torch.Tensor, torch.Tensor, dict]] = {}
-    for z_key in sorted(by_input):
-        names = by_input[z_key]
-        dev = torch.device(device) if device is not None else stats.layers[names[0]].g_sum.device
-        times: dict[str, float] = {}
-        group, factors = _group_operator(stats, names, dtype, dev, beta=beta, num_train_samples=num_train_samples,
-                                         alpha_b=alpha_b, damping=damping, damping_mode=damping_mode,
-                                         gradient=gradient, times=times)
-        solver = eigensolver
-        if solver == "auto":
-            solver = "lobpcg" if dev.type == "cuda" or group.n > CPU_DENSE_MAX_N else "dense"
-        solved = {}
-        for r in sorted({ranks[k] for k in names}):
-            idx = [i for i, k in enumerate(names) if ranks[k] == r]
-            with _timed(times, "eigen_s", dev):
-                solved[r] = (idx, *_eigensolve(group, _Subset(group, idx), r, solver, residual_tol))
-        rough = group.sigma.clone()
-        with _timed(times, "sigma_s", dev):
-            group.refine_sigma(_start_block(group, solved), tol=_sigma_tol(group.dtype))
-        rescale = (rough / group.sigma) ** 2  # the eigensolve saw Ω with the rough σ
-        for r, (idx, result, floor, precond_count) in solved.items():
-            result.eigenvalues = result.eigenvalues * rescale[idx, None].to(result.eigenvalues.dtype)
-            result.op_norm = result.op_norm * rescale[idx].to(result.op_norm.dtype)
-            with _timed(times, "lora_b_s", dev):
-                b_all = group.lora_b(_Subset(group, idx)._embed(result.eigenvectors.to(group.dtype)))
-            out.update(_layer_results(group, idx, [names[i] for i in idx], result, floor, precond_count, b_all,
-                                      gamma, factors, stats))
-        for name in names:  # stage times of the whole input group, shared by its layers
-            out[name][2].update(input_group=z_key, group_times_s=dict(times))
-        del group, factors  # this input's statistics in working precision, before the next group
-    return {name: out[name] for name in ranks}
+        by_input[stats.layers[name].input_group].append(name)
+    return {key: by_input[key] for key in sorted(by_input)}
+
+
+def _solve_input_group(stats, names, ranks, config: LoraDAConfig, dev, key) -> dict[str, Factors]:
+    """Factor the group's Zλ once, eigensolve per rank, make σ exact, then form every lora_B."""
+    times: dict[str, float] = {}
+    group, factors = _group_operator(stats, names, config, dev, times)
+    solver = config.eigensolver
+    if solver == "auto":
+        solver = "lobpcg" if dev.type == "cuda" or group.n > CPU_DENSE_MAX_N else "dense"
+    solved = {}
+    for r in sorted({ranks[k] for k in names}):
+        idx = [i for i, k in enumerate(names) if ranks[k] == r]
+        with _timed(times, "eigen_s", dev):
+            solved[r] = (idx, *_eigensolve(group, _Subset(group, idx), r, solver, config.residual_tol))
+    _refine_sigma(group, solved, times, dev)
+    out = {}
+    for idx, result, floor, precond_count in solved.values():
+        with _timed(times, "lora_b_s", dev):
+            b_all = group.lora_b(_Subset(group, idx)._embed(result.eigenvectors.to(group.dtype)))
+        out.update(_layer_results(group, idx, [names[i] for i in idx], result, floor, precond_count, b_all,
+                                  config.gamma, factors))
+    for name in names:  # stage times of the whole input group, shared by its layers
+        out[name].diagnostics.input_group = key
+        out[name].diagnostics.group_times_s = dict(times)
+    return out
+
+
+def _refine_sigma(group: GroupOmega, solved: dict, times: dict, dev) -> None:
+    """σ made exact from the eigenvectors; the eigenvalues, found with the rough σ, rescaled."""
+    rough = group.sigma.clone()
+    with _timed(times, "sigma_s", dev):
+        group.refine_sigma(_start_block(group, solved), tol=_sigma_tol(group.dtype))
+    rescale = (rough / group.sigma) ** 2  # the eigensolve saw Ω with the rough σ
+    for idx, result, _, _ in solved.values():
+        result.eigenvalues = result.eigenvalues * rescale[idx, None].to(result.eigenvalues.dtype)
+        result.op_norm = result.op_norm * rescale[idx].to(result.op_norm.dtype)
 
 
 @contextmanager
@@ -103,12 +106,9 @@ def _timed(times: dict, stage: str, device: torch.device):
     times[stage] = times.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _group_operator(stats, names, dtype, dev, *, beta, num_train_samples, alpha_b, damping, damping_mode,
-                    gradient, times):
+def _group_operator(stats, names, config: LoraDAConfig, dev, times):
     with _timed(times, "factor_s", dev):
-        group, factors = _factor_group(stats, names, dtype, dev, beta=beta, num_train_samples=num_train_samples,
-                                       alpha_b=alpha_b, damping=damping, damping_mode=damping_mode,
-                                       gradient=gradient)
+        group, factors = _factor_group(stats, names, config, dev)
     with _timed(times, "sigma_s", dev):
         group.estimate_sigma()
     bad = [k for k, s in zip(names, group.sigma.tolist()) if not (s > 0 and s < float("inf"))]
@@ -120,17 +120,19 @@ def _group_operator(stats, names, dtype, dev, *, beta, num_train_samples, alpha_
     return group, factors
 
 
-def _factor_group(stats, names, dtype, dev, *, beta, num_train_samples, alpha_b, damping, damping_mode, gradient):
+def _factor_group(stats, names, config: LoraDAConfig, dev):
+    dtype = config.dtype
     z_mat = stats.Z(names[0], dtype).to(dev)
-    z = lora_da.damped_z(z_mat, damping, damping_mode)
+    z = lora_da.damped_z(z_mat, config.damping, config.damping_mode)
     work = z.dtype
-    factors = [lora_da.damped_factors(z, stats.Y(k, dtype).to(dev), damping, damping_mode) for k in names]
+    factors = [lora_da.damped_factors(z, stats.Y(k, dtype).to(dev), config.damping, config.damping_mode)
+               for k in names]
     if any(f.cholesky_dtype == torch.float64 for f in factors):
         work = torch.float64  # one working precision for the group: the highest any factor needed
     z_lambda = z_mat.to(work) + z.damping * torch.eye(z_mat.shape[-1], dtype=work, device=dev)
     grads = [stats.G(k, dtype).to(dev) for k in names]
-    return GroupOmega(z, z_lambda, grads, factors, beta=beta, num_train_samples=num_train_samples,
-                      alpha_b=alpha_b, gradient=gradient, dtype=work,
+    return GroupOmega(z, z_lambda, grads, factors, beta=config.beta, num_train_samples=config.num_train_samples,
+                      alpha_b=config.alpha_b, gradient=config.gradient, dtype=work,
                       gradient_dtype=MIXED_DTYPE if work == torch.float64 else None), factors
 
 
@@ -192,32 +194,31 @@ def _eigensolve(group: GroupOmega, sub: _Subset, r: int, solver: str, residual_t
     return result, floor.cpu(), precond_count
 
 
-def _layer_results(group, idx, names, result, floor, precond_count, b_all, gamma, factors, stats):
+def _layer_results(group, idx, names, result, floor, precond_count, b_all, gamma, factors) -> dict[str, Factors]:
     scale = gamma ** -0.5
     out = {}
     for j, (i, name) in enumerate(zip(idx, names)):
         f = factors[i]
         z_cond, y_cond = lora_da.condition_estimate(f)
-        out[name] = (result.eigenvectors[j].T.to(group.dtype) * scale, b_all[i] * scale, {
-            "eigenvalues": result.eigenvalues[j].cpu(),
-            "residual": float(result.residuals[j]),
-            "residual_floor": float(floor[j]),
-            "omega_norm": float(result.op_norm[j]),
-            "eigensolver": result.method,
-            "eigensolver_iterations": result.iterations,
-            "eigensolver_converged": bool(result.converged[j]),
-            "eigensolver_fallback": bool(result.fallback[j]),
-            "sigma_iterations": group.sigma_iterations,
-            "preconditioner_factorisations": precond_count,
-            "damping_z": f.damping_z,
-            "damping_y": f.damping_y,
-            "damping_raised": f.damping_raised,
-            "z_condition_estimate": z_cond,
-            "y_condition_estimate": y_cond,
-            "cholesky_dtype": str(group.dtype).replace("torch.", ""),
-            "sigma": float(group.sigma[i]),
-            "variance_coef": float(group.variance_coef[i]),
-            "num_tokens": stats.num_tokens,
-            "num_sequences": stats.num_sequences,
-        })
+        out[name] = Factors(result.eigenvectors[j].T.to(group.dtype) * scale, b_all[i] * scale, moves_base=False,
+                            diagnostics=LoraDADiagnostics(
+            eigenvalues=result.eigenvalues[j].cpu(),
+            residual=float(result.residuals[j]),
+            residual_floor=float(floor[j]),
+            omega_norm=float(result.op_norm[j]),
+            eigensolver=result.method,
+            eigensolver_iterations=result.iterations,
+            eigensolver_converged=bool(result.converged[j]),
+            eigensolver_fallback=bool(result.fallback[j]),
+            sigma_iterations=group.sigma_iterations,
+            preconditioner_factorisations=precond_count,
+            damping_z=f.damping_z,
+            damping_y=f.damping_y,
+            damping_raised=f.damping_raised,
+            z_condition_estimate=z_cond,
+            y_condition_estimate=y_cond,
+            cholesky_dtype=str(group.dtype).replace("torch.", ""),
+            sigma=float(group.sigma[i]),
+            variance_coef=float(group.variance_coef[i]),
+        ))
     return out

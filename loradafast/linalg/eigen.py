@@ -1,7 +1,7 @@
 """Batched eigensolver for the r smallest eigenpairs of many symmetric operators at once.
 
 LoRA-DA needs, per layer, the eigenvectors of the r smallest eigenvalues of the Initialization
-Guidance Matrix ``Ω = c·Zλ⁻¹ − α·Δ̂ᵀΔ̂`` (DESIGN §4).  All layers of one width ``n`` are solved as
+Guidance Matrix ``Ω = c·Zλ⁻¹ − α·Δ̂ᵀΔ̂`` (docs/design.md §4).  All layers of one width ``n`` are solved as
 one batch by a block LOBPCG (Knyazev 2001) written for fixed shapes:
 
 * every tensor keeps its shape through the iteration (no column dropping); layers that converge
@@ -34,23 +34,21 @@ gap ``λ_{m+1} − λ_r`` instead of ``λ_{r+1} − λ_r``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Mapping
+from typing import Callable
 
 import torch
 
-from . import _native
-from .linalg import canonical_signs as canonicalize_signs  # one definition for every solver
+from . import native as _native
+from .dense import canonical_signs as canonicalize_signs  # one definition for every solver
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = [
-    "EigenProblem",
     "EigenResult",
     "batched_eigh",
     "canonicalize_signs",
     "omega_preconditioner",
     "smallest_eigenpairs",
-    "smallest_eigenpairs_grouped",
     "span_sine",
     "subspace_sine",
 ]
@@ -301,8 +299,8 @@ def smallest_eigenpairs(
         false = torch.zeros(batch, dtype=torch.bool, device=device)
         return EigenResult(values.to(dtype), vectors.to(dtype), resid, norm, 0, resid <= tol, false, "dense")
 
-    x, values, resid, norm, iters, conv = _lobpcg(apply, precond, n, r, m, batch, dtype, device, max_iter,
-                                                  tol, seed, x0, check_every, op_norm, norm_iters)
+    run = _Lobpcg(apply, precond, n, r, m, batch, dtype, device, max_iter, tol, check_every, norm_iters)
+    x, values, resid, norm, iters, conv = _lobpcg(run, x0, seed, op_norm)
     failed = ~conv
     fb = torch.zeros(batch, dtype=torch.bool, device=device)
     if fallback and bool(failed.any()):  # the one unavoidable synchronisation: which layers failed
@@ -326,131 +324,149 @@ def _dense_matrices(dense, apply, batch, n, dtype, device, layers):
     return dense(layers).to(device)
 
 
-def _lobpcg(apply, precond, n, r, m, batch, dtype, device, max_iter, tol, seed, x0, check_every,
-            op_norm, norm_iters):
-    eps = torch.finfo(dtype).eps
-    # A direction whose Gram eigenvalue is below tau is numerically dependent; in float64 its
-    # normalisation would amplify rounding by 1/√tau ≈ 10⁶, still far below anything that matters.
-    tau = 100.0 * eps * m
+@dataclass
+class _Lobpcg:
+    """One batched LOBPCG run: the operator, the sizes and the stopping rules."""
 
-    if x0 is not None:
-        x = x0.to(dtype=dtype, device=device)[..., :m]  # a wider start block keeps its leading columns
-        if x.shape[-1] < m:  # fill the oversampled columns at random
-            gen = torch.Generator(device=device).manual_seed(seed)
-            fill = torch.randn(batch, n, m - x.shape[-1], dtype=dtype, device=device, generator=gen)
-            x = torch.cat([x, fill], dim=-1)
-    else:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        x = torch.randn(batch, n, m, dtype=dtype, device=device, generator=gen)
-    x, _ = _svqb(x, tau)
-    x, _ = _svqb(x, tau)  # twice: orthonormal to working precision
-    ax = apply(x)
+    apply: Operator
+    precond: Operator | None
+    n: int
+    r: int  # wanted pairs
+    m: int  # block size, r + oversampling
+    batch: int
+    dtype: torch.dtype
+    device: torch.device
+    max_iter: int
+    tol: float | torch.Tensor
+    check_every: int
+    norm_iters: int
 
-    # ‖Ω‖₂ estimate: block power steps from the start block.  Each max column norm ‖Ωv‖ of a unit
-    # v is a lower bound; the Ritz values seen later only raise it.
-    if op_norm is not None:
-        norm = torch.as_tensor(op_norm, dtype=dtype, device=device).expand(batch).clone()
-    else:
-        norm = torch.linalg.vector_norm(ax, dim=-2).amax(-1)
-        v = ax
-        for _ in range(norm_iters):
-            v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-            v = apply(v)
-            norm = torch.maximum(norm, torch.linalg.vector_norm(v, dim=-2).amax(-1))
-    norm = norm.clamp_min(torch.finfo(dtype).tiny)
-    fixed_norm = op_norm is not None
+    @property
+    def tau(self) -> float:
+        # A direction whose Gram eigenvalue is below tau is numerically dependent; in float64 its
+        # normalisation would amplify rounding by 1/√tau ≈ 10⁶, still far below anything that matters.
+        return 100.0 * torch.finfo(self.dtype).eps * self.m
 
-    h = _masked_rr_matrix(x.mT @ ax, torch.ones(batch, m, dtype=torch.bool, device=device))
-    theta, c = batched_eigh(h)
-    x, ax = x @ c, ax @ c
-    p = torch.zeros_like(x)
-    ap = torch.zeros_like(x)
-    p_valid = torch.zeros(batch, m, dtype=torch.bool, device=device)
-    conv = torch.zeros(batch, dtype=torch.bool, device=device)
-    x_valid = torch.ones(batch, m, dtype=torch.bool, device=device)
-
-    it = 0
-    for it in range(1, max_iter + 1):
-        res = ax - x * theta.unsqueeze(-2)
-        resid = torch.linalg.matrix_norm(res[..., :r]) / norm
-        conv = conv | (resid <= tol)
-        if it % check_every == 0 and bool(conv.all()):
-            break
-        active = ~conv
-
-        w = precond(res) if precond is not None else res
-        # A broken preconditioner or operator must not take down the other layers (or make the
-        # small eigh raise): non-finite directions become zero columns, which are masked.
-        w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
-        w = _project_out(w, x, p)
-        w = _project_out(w, x, p)
-        w, w_valid = _svqb(w, tau)
-        w = _project_out(w, x, p)  # second SVQB pass repairs the loss of orthogonality of the first
-        w, w_valid2 = _svqb(w * w_valid.unsqueeze(-2), tau)
-        w_valid = w_valid2 & (torch.linalg.vector_norm(w, dim=-2) > 0.5)
-        aw = apply(w)
-
-        s = torch.cat([x, w, p], dim=-1)
-        a_s = torch.cat([ax, aw, ap], dim=-1)
-        valid = torch.cat([x_valid, w_valid, p_valid], dim=-1)
-        h = torch.nan_to_num(_masked_rr_matrix(s.mT @ a_s, valid), nan=0.0, posinf=0.0, neginf=0.0)
-        all_theta, v = batched_eigh(h)
-        if not fixed_norm:  # the valid Ritz values come first: masked ones sit above them
-            finite = torch.arange(3 * m, device=device) < valid.sum(-1, keepdim=True)
-            norm = torch.maximum(norm, torch.where(finite, all_theta.abs(), torch.zeros_like(all_theta)).amax(-1))
-        v = v * valid.unsqueeze(-1)  # coefficients on masked (zero) columns are rounding noise
-        cx = v[..., :m]
-
-        # P spans the new Ritz vectors' components outside the old X, orthonormalised within the
-        # (orthonormal) basis [X, W, P] - in coefficient space, so it costs no products with n.
-        y = cx.clone()
-        y[..., :m, :] = 0
-        y = y - cx @ (cx.mT @ y)
-        y = y - cx @ (cx.mT @ y)
-        y, p_new_valid = _svqb(y, tau)
-
-        x_new, ax_new = s @ cx, a_s @ cx
-        p_new, ap_new = s @ y, a_s @ y
-        keep = active.reshape(-1, 1, 1)
-        x = torch.where(keep, x_new, x)
-        ax = torch.where(keep, ax_new, ax)
-        p = torch.where(keep, p_new, p)
-        ap = torch.where(keep, ap_new, ap)
-        theta = torch.where(active.unsqueeze(-1), all_theta[..., :m], theta)
-        p_valid = torch.where(active.unsqueeze(-1), p_new_valid, p_valid)
-
-    # Honest residual: ΩX recomputed (the recurrence for ΩX drifts by rounding), Λ refreshed by the
-    # Rayleigh quotients of the returned vectors.
-    xr = x[..., :r]
-    axr = apply(xr)
-    values = (xr * axr).sum(-2)
-    resid = torch.linalg.matrix_norm(axr - xr * values.unsqueeze(-2)) / norm
-    conv = resid <= tol
-    return canonicalize_signs(xr), values, resid, norm, it, conv
+    def flags(self, value: bool) -> torch.Tensor:
+        return torch.full((self.batch, self.m), value, dtype=torch.bool, device=self.device)
 
 
 @dataclass
-class EigenProblem:
-    """One batch for :func:`smallest_eigenpairs_grouped`: operators of one width ``n``."""
+class _State:
+    """The iterates: Ritz block X, implicit-difference block P, their images, Ritz values, masks."""
 
-    op: torch.Tensor | Operator
-    r: int
-    n: int | None = None
-    batch: int | None = None
-    precond: Operator | None = None
-    dense: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None
-    op_norm: torch.Tensor | float | None = None
+    x: torch.Tensor
+    ax: torch.Tensor
+    theta: torch.Tensor
+    p: torch.Tensor
+    ap: torch.Tensor
+    p_valid: torch.Tensor
+    norm: torch.Tensor  # the ‖Ω‖₂ estimate
+    fixed_norm: bool  # given by the caller: not raised by the Ritz values
 
 
-def smallest_eigenpairs_grouped(problems: Mapping[Hashable, EigenProblem], **options) -> dict[Hashable, EigenResult]:
-    """:func:`smallest_eigenpairs` for each group, e.g. keyed by ``(n, r)``.
+def _lobpcg(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm):
+    state = _initial_state(run, _start_block(run, x0, seed), op_norm)
+    conv = torch.zeros(run.batch, dtype=torch.bool, device=run.device)
+    it = 0
+    for it in range(1, run.max_iter + 1):
+        res = state.ax - state.x * state.theta.unsqueeze(-2)
+        resid = torch.linalg.matrix_norm(res[..., :run.r]) / state.norm
+        conv = conv | (resid <= run.tol)
+        if it % run.check_every == 0 and bool(conv.all()):
+            break
+        _step(run, state, res, active=~conv)
+    # Honest residual: ΩX recomputed (the recurrence for ΩX drifts by rounding), Λ refreshed by the
+    # Rayleigh quotients of the returned vectors.
+    xr = state.x[..., :run.r]
+    axr = run.apply(xr)
+    values = (xr * axr).sum(-2)
+    resid = torch.linalg.matrix_norm(axr - xr * values.unsqueeze(-2)) / state.norm
+    return canonicalize_signs(xr), values, resid, state.norm, it, resid <= run.tol
 
-    The solve stage groups layers by width ``n`` (and rank ``r``), stacks each group into one
-    batch and calls this once; ``options`` (``dtype``, ``device``, ``tol``, ``max_iter``, ...)
-    apply to every group.  Groups run one after the other: each is already one batched solve.
-    """
-    return {
-        key: smallest_eigenpairs(p.op, p.n, p.r, p.batch, precond=p.precond, dense=p.dense,
-                                 op_norm=p.op_norm, **options)
-        for key, p in problems.items()
-    }
+
+def _start_block(run: _Lobpcg, x0: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """An orthonormal ``[batch, n, m]`` start: ``x0``'s leading columns, the rest random."""
+    shape = (run.batch, run.n, run.m)
+    if x0 is not None:
+        x = x0.to(dtype=run.dtype, device=run.device)[..., :run.m]  # a wider start block keeps its leading columns
+        if x.shape[-1] < run.m:  # fill the oversampled columns at random
+            gen = torch.Generator(device=run.device).manual_seed(seed)
+            fill = torch.randn(*shape[:2], run.m - x.shape[-1], dtype=run.dtype, device=run.device, generator=gen)
+            x = torch.cat([x, fill], dim=-1)
+    else:
+        gen = torch.Generator(device=run.device).manual_seed(seed)
+        x = torch.randn(*shape, dtype=run.dtype, device=run.device, generator=gen)
+    x, _ = _svqb(x, run.tau)
+    x, _ = _svqb(x, run.tau)  # twice: orthonormal to working precision
+    return x
+
+
+def _initial_state(run: _Lobpcg, x: torch.Tensor, op_norm) -> _State:
+    ax = run.apply(x)
+    # ‖Ω‖₂ estimate: block power steps from the start block.  Each max column norm ‖Ωv‖ of a unit
+    # v is a lower bound; the Ritz values seen later only raise it.
+    tiny = torch.finfo(run.dtype).tiny
+    if op_norm is not None:
+        norm = torch.as_tensor(op_norm, dtype=run.dtype, device=run.device).expand(run.batch).clone()
+    else:
+        norm = torch.linalg.vector_norm(ax, dim=-2).amax(-1)
+        v = ax
+        for _ in range(run.norm_iters):
+            v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(tiny)
+            v = run.apply(v)
+            norm = torch.maximum(norm, torch.linalg.vector_norm(v, dim=-2).amax(-1))
+    norm = norm.clamp_min(tiny)
+    theta, c = batched_eigh(_masked_rr_matrix(x.mT @ ax, run.flags(True)))
+    x, ax = x @ c, ax @ c
+    return _State(x, ax, theta, torch.zeros_like(x), torch.zeros_like(x), run.flags(False), norm,
+                  op_norm is not None)
+
+
+def _search_directions(run: _Lobpcg, state: _State, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preconditioned residuals, orthonormal to X and P (masked where dependent)."""
+    x, p, tau = state.x, state.p, run.tau
+    w = run.precond(res) if run.precond is not None else res
+    # A broken preconditioner or operator must not take down the other layers (or make the
+    # small eigh raise): non-finite directions become zero columns, which are masked.
+    w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
+    w = _project_out(w, x, p)
+    w = _project_out(w, x, p)
+    w, w_valid = _svqb(w, tau)
+    w = _project_out(w, x, p)  # second SVQB pass repairs the loss of orthogonality of the first
+    w, w_valid2 = _svqb(w * w_valid.unsqueeze(-2), tau)
+    return w, w_valid2 & (torch.linalg.vector_norm(w, dim=-2) > 0.5)
+
+
+def _step(run: _Lobpcg, state: _State, res: torch.Tensor, active: torch.Tensor) -> None:
+    """One LOBPCG iteration on the layers still ``active``: Rayleigh–Ritz on [X, W, P]."""
+    m = run.m
+    w, w_valid = _search_directions(run, state, res)
+    aw = run.apply(w)
+    s = torch.cat([state.x, w, state.p], dim=-1)
+    a_s = torch.cat([state.ax, aw, state.ap], dim=-1)
+    valid = torch.cat([run.flags(True), w_valid, state.p_valid], dim=-1)
+    h = torch.nan_to_num(_masked_rr_matrix(s.mT @ a_s, valid), nan=0.0, posinf=0.0, neginf=0.0)
+    all_theta, v = batched_eigh(h)
+    if not state.fixed_norm:  # the valid Ritz values come first: masked ones sit above them
+        finite = torch.arange(3 * m, device=run.device) < valid.sum(-1, keepdim=True)
+        state.norm = torch.maximum(state.norm,
+                                   torch.where(finite, all_theta.abs(), torch.zeros_like(all_theta)).amax(-1))
+    v = v * valid.unsqueeze(-1)  # coefficients on masked (zero) columns are rounding noise
+    cx = v[..., :m]
+
+    # P spans the new Ritz vectors' components outside the old X, orthonormalised within the
+    # (orthonormal) basis [X, W, P] - in coefficient space, so it costs no products with n.
+    y = cx.clone()
+    y[..., :m, :] = 0
+    y = y - cx @ (cx.mT @ y)
+    y = y - cx @ (cx.mT @ y)
+    y, p_new_valid = _svqb(y, run.tau)
+
+    keep = active.reshape(-1, 1, 1)
+    state.x = torch.where(keep, s @ cx, state.x)
+    state.ax = torch.where(keep, a_s @ cx, state.ax)
+    state.p = torch.where(keep, s @ y, state.p)
+    state.ap = torch.where(keep, a_s @ y, state.ap)
+    state.theta = torch.where(active.unsqueeze(-1), all_theta[..., :m], state.theta)
+    state.p_valid = torch.where(active.unsqueeze(-1), p_new_valid, state.p_valid)

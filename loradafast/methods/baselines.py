@@ -1,4 +1,4 @@
-"""Per-layer initialisation formulas of every method but LoRA-DA (DESIGN §5).
+"""Per-layer initialisation formulas of every method but LoRA-DA (docs/design.md §5).
 
 Each function takes the tensors of one layer in the PyTorch ``[out, in]`` convention and returns
 :class:`Factors`: ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` and whether the base weight must
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .linalg import canonical_signs
-
-LORAGA_VARIANTS = ("paper", "peft")
+from ..linalg.dense import canonical_sign_factors, canonical_signs
+from ..options import LORAGA_VARIANTS, check_choice
+from ..result import FisherSubspaceDiagnostics, GradientDiagnostics, LayerDiagnostics, SingularDiagnostics
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Factors:
     lora_A: torch.Tensor  # [r, in]
     lora_B: torch.Tensor  # [out, r]
     moves_base: bool  # True: the base weight becomes W − s·B·A
-    diagnostics: dict = field(default_factory=dict)
+    diagnostics: LayerDiagnostics = field(default_factory=LayerDiagnostics)
 
 
 def lora_scaling(lora_alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -41,8 +41,7 @@ def lora_scaling(lora_alpha: float, rank: int, use_rslora: bool = False) -> floa
 
 def _paired_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical signs for triplets kept together: flip ``u_i`` and ``v_i`` jointly."""
-    signs = torch.gather(vh, 1, vh.abs().argmax(dim=1, keepdim=True)).squeeze(1).sign()
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    signs = canonical_sign_factors(vh.T)[0]  # the rows of vh are the right singular vectors
     return u * signs, vh * signs[:, None]
 
 
@@ -85,7 +84,7 @@ def pissa(weight: torch.Tensor, rank: int, scaling: float, *, niter: int | None 
         u, s, v = torch.svd_lowrank(weight, q=rank, niter=niter)
         vh = v.T
     a, b = _split_triplets(u, s, vh, scaling)
-    return Factors(a, b, moves_base=True, diagnostics={"singular_values": s.detach().cpu()})
+    return Factors(a, b, moves_base=True, diagnostics=SingularDiagnostics(singular_values=s.detach().cpu()))
 
 
 def milora(weight: torch.Tensor, rank: int, scaling: float) -> Factors:
@@ -95,7 +94,7 @@ def milora(weight: torch.Tensor, rank: int, scaling: float) -> Factors:
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     u, s, vh = u[:, -rank:], s[-rank:], vh[-rank:]
     a, b = _split_triplets(u, s, vh, scaling)
-    return Factors(a, b, moves_base=True, diagnostics={"singular_values": s.detach().cpu()})
+    return Factors(a, b, moves_base=True, diagnostics=SingularDiagnostics(singular_values=s.detach().cpu()))
 
 
 # ---- gradient methods ---------------------------------------------------------------------------
@@ -103,7 +102,7 @@ def milora(weight: torch.Tensor, rank: int, scaling: float) -> Factors:
 def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str = "paper") -> Factors:
     """LoRA-GA (Wang et al., arXiv 2407.05000), "ArB2r" directions with "stable" scale.
 
-    From the gradient ``G = U S Vᵀ`` ``[out, in]`` (DESIGN §3), with ``c = out^¼/√γ``:
+    From the gradient ``G = U S Vᵀ`` ``[out, in]`` (docs/design.md §3), with ``c = out^¼/√γ``:
 
     * ``variant="paper"`` (the authors' code, github.com/Outsider565/LoRA-GA, ``lora_ga_init``):
       ``lora_A = V[:, :r]ᵀ·c``, ``lora_B = U[:, r:2r]·c``; both factors orthonormal up to ``c``.
@@ -116,12 +115,11 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
 
     Both move the base weight to ``W − s·B·A``.  The SVD here is exact; both reference
     implementations use ``torch.svd_lowrank(q=4r, niter=4)``, an approximation of it.  Their
-    gradient is the mean over batches of the batch's token-mean loss gradient; ours (DESIGN §3)
+    gradient is the mean over batches of the batch's token-mean loss gradient; ours (docs/design.md §3)
     is the mean over sequences of each sequence's token-mean loss gradient.  The two agree when
     all sequences have equally many labelled tokens and all batches equally many sequences.
     """
-    if variant not in LORAGA_VARIANTS:
-        raise ValueError(f"loraga_variant must be one of {LORAGA_VARIANTS}, got {variant!r}")
+    check_choice("loraga_variant", variant, LORAGA_VARIANTS)  # a direct call has no LoraGAConfig
     out_features, in_features = grad.shape
     if 2 * rank > min(out_features, in_features):
         raise ValueError(
@@ -137,7 +135,8 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
         a, b = a * scale, b * scale
     else:
         b = b * s[rank:2 * rank] * scale
-    return Factors(a, b, moves_base=True, diagnostics={"gradient_singular_values": s[:2 * rank].detach().cpu()})
+    return Factors(a, b, moves_base=True,
+                   diagnostics=GradientDiagnostics(gradient_singular_values=s[:2 * rank].detach().cpu()))
 
 
 def lora_one(grad: torch.Tensor, rank: int, *, gamma: float = 128.0) -> Factors:
@@ -155,7 +154,7 @@ def lora_one(grad: torch.Tensor, rank: int, *, gamma: float = 128.0) -> Factors:
     u, vh = _paired_signs(u, vh)
     root = s.sqrt() / (s[0] * gamma).sqrt()
     return Factors(root[:, None] * vh, u * root, moves_base=False,
-                   diagnostics={"gradient_singular_values": s.detach().cpu()})
+                   diagnostics=GradientDiagnostics(gradient_singular_values=s.detach().cpu()))
 
 
 # ---- Fisher-weighted weight subspace ------------------------------------------------------------
@@ -195,9 +194,9 @@ def fisher_subspace(weight: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, rank
     order = torch.argsort(energy, descending=True)[:rank]
     a, b = _split_triplets(u[:, order], s[order], vh[order], scaling)
     total = energy.sum()
-    return Factors(a, b, moves_base=True, diagnostics={
-        "fisher_energy": energy[order].detach().cpu(),
-        "energy_fraction": float(energy[order].sum() / total) if float(total) > 0 else float("nan"),
-        "singular_indices": order.detach().cpu(),  # positions in the σ-descending order
-        "singular_values": s[order].detach().cpu(),
-    })
+    return Factors(a, b, moves_base=True, diagnostics=FisherSubspaceDiagnostics(
+        fisher_energy=energy[order].detach().cpu(),
+        energy_fraction=float(energy[order].sum() / total) if float(total) > 0 else float("nan"),
+        singular_indices=order.detach().cpu(),
+        singular_values=s[order].detach().cpu(),
+    ))

@@ -1,4 +1,4 @@
-"""LoRA-DA, exactly as DESIGN §4 writes it.
+"""LoRA-DA, exactly as docs/design.md §4 writes it.
 
 Per layer, with ``Zλ = Z + λI`` and ``Yλ = Y + λI``::
 
@@ -16,32 +16,41 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.reference import omega_apply, omega_dense
-from .linalg import damped_cholesky, damping_for
+from ..kernels.reference import omega_apply, omega_dense
+from ..linalg.dense import damped_cholesky, damping_for
 
 
 @dataclass
 class DampedFactors:
     z_chol: torch.Tensor  # lower Cholesky factor of Zλ [in, in]
-    y_inv: torch.Tensor  # diag: Yλ⁻¹ as a vector [out]; full: lower Cholesky factor of Yλ [out, out]
-    y_is_diag: bool
+    # Yλ through one of: its inverse's diagonal [out] (diagonal Y), or its lower Cholesky factor [out, out].
+    y_inverse_diag: torch.Tensor | None
+    y_chol: torch.Tensor | None
     damping_z: float
     damping_y: float
     cholesky_dtype: torch.dtype
     damping_raised: bool = False  # a factor needed more than the requested damping
 
+    @property
+    def y_is_diag(self) -> bool:
+        return self.y_inverse_diag is not None
+
+    @property
+    def y_dtype(self) -> torch.dtype:
+        return (self.y_inverse_diag if self.y_is_diag else self.y_chol).dtype
+
     def apply_y_inverse(self, m: torch.Tensor) -> torch.Tensor:
         """``Yλ⁻¹ m`` for ``m`` ``[out, k]``."""
         if self.y_is_diag:
-            return self.y_inv[:, None] * m
-        return torch.cholesky_solve(m, self.y_inv)
+            return self.y_inverse_diag[:, None] * m
+        return torch.cholesky_solve(m, self.y_chol)
 
     def trace_y_inverse(self) -> torch.Tensor:
         if self.y_is_diag:
-            return self.y_inv.sum()
+            return self.y_inverse_diag.sum()
         # tr(Yλ⁻¹) = ‖L⁻¹‖_F² for Yλ = L Lᵀ.
-        eye = torch.eye(self.y_inv.shape[0], dtype=self.y_inv.dtype, device=self.y_inv.device)
-        return torch.linalg.solve_triangular(self.y_inv, eye, upper=False).square().sum()
+        eye = torch.eye(self.y_chol.shape[0], dtype=self.y_chol.dtype, device=self.y_chol.device)
+        return torch.linalg.solve_triangular(self.y_chol, eye, upper=False).square().sum()
 
     def apply_z_inverse(self, m: torch.Tensor) -> torch.Tensor:
         """``Zλ⁻¹ m`` for ``m`` ``[in, k]``."""
@@ -76,10 +85,10 @@ def damped_factors(Z: torch.Tensor | DampedZ, Y: torch.Tensor, damping: float,
         y_damped = Y + lam_y
         if not bool((y_damped > 0).all()):
             raise torch.linalg.LinAlgError("the damped output factor Y has non-positive entries; increase damping")
-        return DampedFactors(z.chol, (1.0 / y_damped).to(z.chol.dtype), True, z.damping, lam_y, z.dtype, z.raised)
+        return DampedFactors(z.chol, (1.0 / y_damped).to(z.chol.dtype), None, z.damping, lam_y, z.dtype, z.raised)
     y_chol, used_y, lam_used = damped_cholesky(Y, lam_y)
     used = torch.float64 if torch.float64 in (used_y, z.dtype) else z.dtype
-    return DampedFactors(z.chol.to(used), y_chol.to(used), False, z.damping, lam_used, used,
+    return DampedFactors(z.chol.to(used), None, y_chol.to(used), z.damping, lam_used, used,
                          z.raised or lam_used != lam_y)
 
 
@@ -91,10 +100,10 @@ def condition_estimate(factors: DampedFactors) -> tuple[float, float]:
         return float((d.max() / d.min().clamp_min(torch.finfo(d.dtype).tiny)) ** 2)
 
     if factors.y_is_diag:
-        y = factors.y_inv
+        y = factors.y_inverse_diag
         y_cond = float(y.max() / y.min().clamp_min(torch.finfo(y.dtype).tiny))
     else:
-        y_cond = from_chol(factors.y_inv)
+        y_cond = from_chol(factors.y_chol)
     return from_chol(factors.z_chol), y_cond
 
 

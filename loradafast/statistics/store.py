@@ -1,4 +1,4 @@
-"""Per-layer statistics of one collect pass (DESIGN §3), stored as fp32 sums plus counts."""
+"""Per-layer statistics of one collect pass (docs/design.md §3), stored as fp32 sums plus counts."""
 from __future__ import annotations
 
 import json
@@ -14,15 +14,15 @@ FORMAT_VERSION = 1
 @dataclass
 class LayerStats:
     """Sums for one layer: ``G = g_sum / num_sequences``, ``Y = y_sum / num_tokens``, and the
-    layer's ``Z`` is ``Statistics.z_sums[z_key] / num_tokens`` (shared by layers that read the
-    same input tensor)."""
+    layer's ``Z`` is ``Statistics.z_sums[input_group] / num_tokens``: ``input_group`` names the
+    first layer that read this layer's input tensor, and is shared by every layer that reads it."""
 
     name: str
     in_features: int
     out_features: int
     g_sum: torch.Tensor  # [out, in]: Σ_n Σ_t g_t x_tᵀ
     y_sum: torch.Tensor  # [out] (diag) or [out, out] (full, symmetric)
-    z_key: str
+    input_group: str  # the key of this layer's Z in Statistics.z_sums
     kind: str = "linear"
 
 
@@ -40,7 +40,7 @@ class Statistics:
         return self.layers[name].g_sum.to(dtype) / self.num_sequences
 
     def Z(self, name: str, dtype=torch.float64) -> torch.Tensor:
-        return self.z_sums[self.layers[name].z_key].to(dtype) / self.num_tokens
+        return self.z_sums[self.layers[name].input_group].to(dtype) / self.num_tokens
 
     def Y(self, name: str, dtype=torch.float64) -> torch.Tensor:
         return self.layers[name].y_sum.to(dtype) / self.num_tokens
@@ -48,7 +48,7 @@ class Statistics:
     def to(self, device) -> "Statistics":
         layers = {
             n: LayerStats(s.name, s.in_features, s.out_features, s.g_sum.to(device), s.y_sum.to(device),
-                          s.z_key, s.kind)
+                          s.input_group, s.kind)
             for n, s in self.layers.items()
         }
         z = {k: v.to(device) for k, v in self.z_sums.items()}
@@ -70,7 +70,7 @@ class Statistics:
             "num_tokens": self.num_tokens,
             "num_sequences": self.num_sequences,
             "y_factor": self.y_factor,
-            "layers": {n: [s.in_features, s.out_features, s.z_key, s.kind] for n, s in self.layers.items()},
+            "layers": {n: [s.in_features, s.out_features, s.input_group, s.kind] for n, s in self.layers.items()},
             "meta": self.meta,
         }
         save_file(tensors, str(path), metadata={"loradafast": json.dumps(header)})
@@ -92,10 +92,11 @@ class Statistics:
                 )
             layers = {}
             z_sums = {}
-            for name, (fin, fout, z_key, kind) in header["layers"].items():
+            # Each layer's entry is [in, out, input group, kind] (the input group was called z_key).
+            for name, (fin, fout, group, kind) in header["layers"].items():
                 layers[name] = LayerStats(name, fin, fout, f.get_tensor(f"g/{name}"), f.get_tensor(f"y/{name}"),
-                                          z_key, kind)
-                if z_key not in z_sums:
-                    z_sums[z_key] = f.get_tensor(f"z/{z_key}")
+                                          group, kind)
+                if group not in z_sums:
+                    z_sums[group] = f.get_tensor(f"z/{group}")
         return cls(layers, z_sums, header["num_tokens"], header["num_sequences"], header["y_factor"],
                    header.get("meta", {}))

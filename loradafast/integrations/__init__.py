@@ -1,0 +1,1 @@
+"""Where loradafast meets other libraries: :mod:`.peft` (adapter files, LoRA layers, LoraConfigs)."""

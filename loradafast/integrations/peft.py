@@ -1,0 +1,580 @@
+"""Everything that reads or writes PEFT's side: adapter files, LoRA layers, LoraConfigs.
+
+* writing a result out: :func:`adapter_state_dict`, :func:`converted_state_dict`,
+  :func:`lora_config`, :func:`save` (and :func:`apply_base_update` to rebuild a residual base);
+* writing into a ``PeftModel``: :func:`apply_to`, :func:`freeze_lora_a`, and :func:`attach` for
+  ``initialize(peft_model)``;
+* reading a ``PeftModel`` before the pass: :func:`peft_layout` (its ranks, alphas, LoraConfig;
+  refusing adapters loradafast cannot honour), :func:`base_model_only`;
+* :func:`wrap` for ``get_peft_model``: PEFT wraps the model, and the wrapping is undone on failure.
+
+The key of a factor in an adapter file is spelled in :func:`adapter_key` only.
+
+Methods that move the base weight (PiSSA, MiLoRA, LoRA-GA, the Fisher subspace) pair the adapter
+with a *residual* base ``W − s·B₀A₀`` (``s`` the LoRA scaling), so that the model's output is
+unchanged at initialisation.  Such a result is saved in one of two forms (PEFT's own conventions,
+``LoraModel.subtract_mutated_init`` and ``PeftModel.save_pretrained(...,
+path_initial_model_for_weight_conversion=...)``):
+
+* ``save(dir, convert_to_lora=False)``: the rank-r adapter for the residual base.  The residual
+  is not stored (it is determined by the adapter itself): :func:`apply_base_update` turns the
+  original base model into it, after which ``PeftModel.from_pretrained(model, dir)`` gives the
+  initialised model.  This directory is also what PEFT's conversion of a *trained* adapter
+  expects as the initial adapter (``path_initial_model_for_weight_conversion=dir``).
+* ``save(dir, convert_to_lora=True)``: a plain rank-2r adapter for the *unmodified* base,
+  ``lora_A = [A₀; A₀]``, ``lora_B = [B₀, −B₀]``, ``r → 2r`` and ``lora_alpha → 2·lora_alpha``
+  (``√2·lora_alpha`` with rsLoRA) so the scaling is unchanged; its ``ΔW`` is zero, as it must be
+  before training.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import re
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..options import check_ranks
+from ..targets import (PEFT_PREFIX, Target, active_adapter, base_model_of, find_targets, is_peft_model, layer_kind,
+                       peft_config_of)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+INIT_SUMMARY = "loradafast_init.json"
+# Set on a base layer whose weight a loradafast initialisation has moved; a second move would
+# subtract twice and silently change the model's output.
+_MOVED_FLAG = "_loradafast_base_moved"
+
+
+def adapter_key(name: str, factor: str) -> str:
+    """The key of ``lora_A`` (``factor="A"``) or ``lora_B`` of layer ``name`` in an adapter file,
+    as ``PeftModel.save_pretrained`` writes it (no adapter name)."""
+    return f"{PEFT_PREFIX}{name}.lora_{factor}.weight"
+
+
+def layer_of_key(key: str) -> tuple[str, str] | None:
+    """``(layer name, "A" or "B")`` of an :func:`adapter_key`; None for any other key."""
+    for factor in "AB":
+        suffix = f".lora_{factor}.weight"
+        if key.startswith(PEFT_PREFIX) and key.endswith(suffix):
+            return key[len(PEFT_PREFIX):-len(suffix)], factor
+    return None
+
+
+# ---- a result as PEFT files ---------------------------------------------------------------------
+
+def adapter_state_dict(result) -> dict[str, torch.Tensor]:
+    """PEFT-format keys, as ``PeftModel.save_pretrained`` writes them (no adapter name)."""
+    out = dict(result.extra_state)
+    for name, layer in result.layers.items():
+        out[adapter_key(name, "A")] = layer.lora_A
+        out[adapter_key(name, "B")] = layer.lora_B
+    return out
+
+
+def converted_state_dict(result) -> dict[str, torch.Tensor]:
+    """The rank-2r adapter for the unmodified base (PEFT's ``subtract_mutated_init``)."""
+    out = dict(result.extra_state)
+    for name, layer in result.layers.items():
+        a, b = layer.lora_A, layer.lora_B
+        if layer.subtract_scaling is not None:
+            a, b = torch.cat([a, a], dim=0), torch.cat([b, -b], dim=1)
+        out[adapter_key(name, "A")] = a
+        out[adapter_key(name, "B")] = b
+    return out
+
+
+def lora_config(result, converted: bool = False):
+    from peft import LoraConfig
+
+    if result.peft_config is not None:
+        return _kept_peft_config(result, converted)
+    factor = 2 if converted and result.moves_base else 1
+    ranks = {name: layer.rank * factor for name, layer in result.layers.items()}
+    rank = result.rank * factor
+    alpha_factor = (math.sqrt(2) if result.use_rslora else 2) if factor == 2 else 1
+    # Per-layer ranks and alphas that differ from the defaults go to rank_pattern and
+    # alpha_pattern, keyed by full path (PEFT matches their keys as regexes anchored at a
+    # path boundary).
+    rank_pattern = {re.escape(name): r for name, r in ranks.items() if r != rank}
+    alpha_pattern = {re.escape(name): a * alpha_factor for name, a in result.alphas.items()}
+    return LoraConfig(
+        r=rank,
+        # Keep the scaling alpha/r (alpha/√r with rsLoRA) as PEFT's conversion does.
+        lora_alpha=result.lora_alpha * alpha_factor,
+        use_rslora=result.use_rslora,
+        target_modules=result.target_modules if result.target_modules is not None else sorted(result.layers),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        fan_in_fan_out=any(layer.kind == "conv1d" for layer in result.layers.values()),
+        base_model_name_or_path=result.base_model_name_or_path,
+        task_type=result.task_type,
+        lora_dropout=0.0,
+    )
+
+
+def _kept_peft_config(result, converted: bool):
+    """The PeftModel's own LoraConfig, changed only where the saved adapter requires it."""
+    config = copy.deepcopy(result.peft_config)
+    # The factors are in the file; a PEFT init such as "pissa" would run again on loading and
+    # move the base weight a second time.
+    config.init_lora_weights = True
+    if config.base_model_name_or_path is None:  # as PeftModel.save_pretrained fills it
+        config.base_model_name_or_path = result.base_model_name_or_path
+    if converted and result.moves_base:
+        # r → 2r with the scaling kept, per layer as well (PEFT's conversion, with √2 for
+        # rsLoRA's alpha/√r applied to alpha_pattern too).
+        alpha_factor = math.sqrt(2) if config.use_rslora else 2
+        config.r *= 2
+        config.lora_alpha *= alpha_factor
+        config.rank_pattern = {key: 2 * r for key, r in (config.rank_pattern or {}).items()}
+        config.alpha_pattern = {key: a * alpha_factor for key, a in (config.alpha_pattern or {}).items()}
+    return config
+
+
+def save(result, directory, *, convert_to_lora: bool | None = None) -> Path:
+    """A PEFT adapter directory that vanilla ``PeftModel.from_pretrained`` loads.
+
+    For a method that keeps the base weight (``lora``, ``lora-one``, ``lora-da``) the adapter
+    is a plain LoRA adapter and ``convert_to_lora`` does not matter.  For one that moves it
+    (``pissa``, ``milora``, ``lora-ga``, ``fisher-subspace``) choose explicitly:
+
+    * ``convert_to_lora=False``: the rank-r adapter for the residual base ``W − s·B₀A₀``;
+      build that base from the original with :func:`apply_base_update` (same directory).
+    * ``convert_to_lora=True``: a rank-2r adapter ``[A₀; A₀]``, ``[B₀, −B₀]`` for the
+      unmodified base, with ``r`` and ``lora_alpha`` adjusted as PEFT's own conversion does.
+
+    ``loradafast_init.json`` records the method, options, timings, ``freeze_a`` and which
+    base the adapter is for (``"base_weight"``: "unchanged", "residual" or "converted").
+    LoRA-FA's frozen A is not part of the PEFT format: after loading with
+    ``is_trainable=True``, call :func:`freeze_lora_a`.
+    """
+    from safetensors.torch import save_file
+
+    if result.moves_base and convert_to_lora is None:
+        raise ValueError(
+            f"method {result.method!r} moves the base weights (W ← W − s·B₀A₀), so the adapter alone does not "
+            "reproduce the initialised model; choose save(dir, convert_to_lora=True) for a plain rank-2r "
+            "adapter on the unmodified base model, or save(dir, convert_to_lora=False) for the rank-r "
+            "adapter on the residual base (rebuild it with loradafast.apply_base_update(model, dir))"
+        )
+    converted = bool(convert_to_lora) and result.moves_base
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lora_config(result, converted).save_pretrained(str(directory))
+    state = converted_state_dict(result) if converted else adapter_state_dict(result)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    summary = {
+        "method": result.method,
+        "rank": result.rank,
+        "base_weight": "converted" if converted else ("residual" if result.moves_base else "unchanged"),
+        "freeze_a": result.freeze_a,
+        "options": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                    for k, v in result.options.items()},
+        "timings": result.timings,
+    }
+    (directory / INIT_SUMMARY).write_text(json.dumps(summary, indent=2))
+    return directory
+
+
+# ---- writing into a PEFT model ------------------------------------------------------------------
+
+def apply_to(result, peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Fill the LoRA layers of ``peft_model`` in place.
+
+    Every layer is checked (presence, rank, shapes) before the first one is written, so a
+    mismatch leaves the model untouched.  For a method that moves the base weight, the base
+    layer's weight becomes ``W − s·B·A`` (computed in float32 from the factors as stored in
+    the adapter's dtype, as PEFT's PiSSA/LoRA-GA init does), once per model; a warning says
+    so when that weight is tied to another (an output embedding tied to the input one).
+    A DoRA layer's magnitude is recomputed from the new factors, as PEFT's DoRA init does.
+    With ``freeze_a`` the ``lora_A`` weights stop requiring grad (PEFT's ``set_adapter`` and
+    ``add_adapter`` make them trainable again; call :func:`freeze_lora_a` after those).
+    """
+    plan = _plan(result, peft_model, adapter_name)
+    _warn_if_tied(peft_model, [(name, target.module.weight) for name, target, adapter in plan
+                               if result.layers[name].subtract_scaling is not None], f"method {result.method!r}")
+    with torch.no_grad():
+        for name, target, adapter in plan:
+            layer = result.layers[name]
+            a = target.lora_layer.lora_A[adapter].weight
+            b = target.lora_layer.lora_B[adapter].weight
+            a.copy_(layer.lora_A.to(device=a.device, dtype=a.dtype))
+            b.copy_(layer.lora_B.to(device=b.device, dtype=b.dtype))
+            if layer.subtract_scaling is not None:
+                _subtract_(target, a, b, layer.subtract_scaling)
+            if adapter in getattr(target.lora_layer, "lora_magnitude_vector", {}):
+                _refresh_dora_magnitude(target.lora_layer, adapter)
+            if result.freeze_a:
+                a.requires_grad_(False)
+    return peft_model
+
+
+def _plan(result, peft_model: nn.Module, adapter_name: str | None) -> list[tuple[str, Target, str]]:
+    """(layer, target, adapter) for every layer, after checking that each can be written."""
+    targets = {t.name: t for t in find_targets(peft_model, adapter_name=adapter_name)}
+    missing = sorted(set(result.layers) - set(targets))
+    if missing:
+        raise ValueError(
+            f"the PEFT model has no LoRA layer for {len(missing)} initialised layer(s), e.g. {missing[:3]}; "
+            "create it with result.lora_config"
+        )
+    plan = []
+    for name, layer in result.layers.items():
+        target: Target = targets[name]
+        adapter = adapter_name or active_adapter(target.lora_layer)
+        a = target.lora_layer.lora_A[adapter].weight
+        b = target.lora_layer.lora_B[adapter].weight
+        if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape:
+            raise ValueError(
+                f"layer {name!r}: the PEFT model has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, the "
+                f"initialisation has {tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}; use the same rank"
+            )
+        if layer.subtract_scaling is not None:
+            _check_movable(name, target, adapter, layer.subtract_scaling, result.method)
+        plan.append((name, target, adapter))
+    return plan
+
+
+def _subtract_(target: Target, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """``W ← W − s·B·A`` in float32, rounded once to W's dtype (PEFT's ``pissa_init`` order)."""
+    w = target.weight_out_in()  # a transposed view for Conv1D: the write lands in its storage
+    update = scaling * (b.to(device=w.device, dtype=torch.float32) @ a.to(device=w.device, dtype=torch.float32))
+    w.copy_((w.float() - update).to(w.dtype))
+    setattr(target.module, _MOVED_FLAG, True)
+
+
+def _check_movable(name: str, target: Target, adapter: str, subtract_scaling: float, method: str) -> None:
+    scaling = target.lora_layer.scaling[adapter]
+    if not math.isclose(scaling, subtract_scaling, rel_tol=1e-6):
+        raise ValueError(
+            f"layer {name!r}: the PEFT model's LoRA scaling is {scaling}, the initialisation was solved "
+            f"for {subtract_scaling}; use the same lora_alpha, rank and use_rslora"
+        )
+    if adapter in getattr(target.lora_layer, "lora_magnitude_vector", {}):
+        raise ValueError(dora_refusal(method))
+    if getattr(target.module, _MOVED_FLAG, False):
+        raise ValueError(
+            f"the base weight of layer {name!r} was already moved by a loradafast initialisation; moving "
+            "it again would change the model's output. Start from the original model"
+        )
+
+
+def dora_refusal(method: str) -> str:
+    return (
+        f"use_dora=True cannot be combined with method {method!r}, which moves the base weight: DoRA's magnitude "
+        "is the norm of the base weight plus the adapter, and loradafast does not carry it through the residual "
+        "base and the rank-2r conversion. Use DoRA with a method that keeps the base weight (lora-da, lora-one, "
+        "lora), or set use_dora=False"
+    )
+
+
+def _refresh_dora_magnitude(lora_layer: nn.Module, adapter: str) -> None:
+    """DoRA's magnitude ``‖W + s·B·A‖`` (per output row), computed by PEFT's own code from the
+    factors just written.  PEFT computed it when the layer was created, from the factors of its
+    own init; written into the existing parameter so that references to it stay valid."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    dora = lora_layer.lora_magnitude_vector[adapter]
+    fresh = DoraLinearLayer(fan_in_fan_out=getattr(dora, "fan_in_fan_out", False))
+    fresh.update_layer(base_layer=lora_layer.get_base_layer(), lora_A=lora_layer.lora_A[adapter].weight,
+                       lora_B=lora_layer.lora_B[adapter].weight, scaling=lora_layer.scaling[adapter])
+    dora.weight.copy_(fresh.weight.to(device=dora.weight.device, dtype=dora.weight.dtype))
+    if hasattr(dora, "_cache_clear"):  # a weight norm cached in eval mode is stale now
+        dora._cache_clear()
+
+
+def _warn_if_tied(model: nn.Module, moved: list[tuple[str, torch.Tensor]], who: str) -> None:
+    """One warning for every moved weight that other modules share (tied embeddings)."""
+    owners = defaultdict(list)
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)].append(pname.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."))
+    tied = []
+    for name, weight in moved:
+        others = [o for o in owners.get(id(weight), []) if o != f"{name}.weight"]
+        if others:
+            tied.append(f"{name!r} is tied to {', '.join(repr(o) for o in others)}")
+    if tied:
+        warnings.warn(
+            f"loradafast: {who} moves the base weight of layers whose weight is tied to another: "
+            f"{'; '.join(tied)}. The tied weight moves too, so the model's logits at initialisation change "
+            "(PEFT's own PiSSA does the same, silently). To keep them, give each layer its own copy of the weight "
+            "before initialising (layer.weight = torch.nn.Parameter(layer.weight.detach().clone()), and "
+            "model.config.tie_word_embeddings = False so that transformers does not tie it again), or exclude "
+            "these layers from target_modules",
+            UserWarning, stacklevel=3,
+        )
+
+
+def peft_extra_state(peft_model: nn.Module, adapter_name: str, layers) -> dict[str, torch.Tensor]:
+    """Copies of the adapter's tensors other than the factors of ``layers`` (DoRA magnitudes,
+    modules_to_save copies, LoRA biases, trainable tokens), keyed as ``save_pretrained`` writes
+    them; empty for a model that is not a PeftModel."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    if not isinstance(peft_model, PeftModel):
+        return {}
+    factors = {adapter_key(name, ab) for name in layers for ab in "AB"}
+    # Base weights stay out: for a targeted embedding PEFT would add the embedding matrices (meant
+    # for resized vocabularies), which after a base-moving method hold the residual base.
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+    return {k: v.detach().clone() for k, v in state.items() if k not in factors}
+
+
+def apply_base_update(model: nn.Module, directory) -> nn.Module:
+    """Turn the original base model into the residual base of an adapter saved with
+    ``save(dir, convert_to_lora=False)``: ``W ← W − s·B·A`` for every layer of the adapter.
+
+    Then ``PeftModel.from_pretrained(model, dir)`` is the initialised model.  ``model`` is the
+    plain (transformers) model; every layer is checked before the first one is written.
+    """
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    summary_path = directory / INIT_SUMMARY
+    base_weight = json.loads(summary_path.read_text()).get("base_weight") if summary_path.exists() else None
+    if base_weight != "residual":
+        raise ValueError(
+            f"{directory} does not hold an adapter for a residual base (its {INIT_SUMMARY} says base_weight="
+            f"{base_weight!r}); load it with PeftModel.from_pretrained on the unmodified model"
+        )
+    config = LoraConfig.from_pretrained(str(directory))
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    base = base_model_of(model)
+    plan = []
+    for key, a in tensors.items():
+        if layer_of_key(key) is None or layer_of_key(key)[1] != "A":
+            continue
+        name = layer_of_key(key)[0]
+        b = tensors[adapter_key(name, "B")]
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no layer {name!r} of the adapter in {directory}") from None
+        kind = layer_kind(module)
+        target = Target(name, module, kind) if kind is not None else None
+        if target is None or (target.out_features, target.in_features) != (b.shape[0], a.shape[1]):
+            raise ValueError(f"layer {name!r} of the model does not match the adapter's factors {tuple(b.shape)}·"
+                             f"{tuple(a.shape)}")
+        if getattr(module, _MOVED_FLAG, False):
+            raise ValueError(f"the base weight of layer {name!r} was already moved; start from the original model")
+        r = a.shape[0]
+        alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), name), config.lora_alpha) \
+            if config.alpha_pattern else config.lora_alpha
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        plan.append((target, a, b, scaling))
+    _warn_if_tied(base, [(target.name, target.module.weight) for target, *_ in plan], f"the adapter in {directory}")
+    with torch.no_grad():
+        for target, a, b, scaling in plan:
+            _subtract_(target, a, b, scaling)
+    return model
+
+
+def freeze_lora_a(peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """LoRA-FA: stop ``lora_A`` of ``adapter_name`` (the active adapter) from training.
+
+    A saved adapter does not record this; call it after ``PeftModel.from_pretrained(...,
+    is_trainable=True)``, and again after ``set_adapter``/``add_adapter``, which make it trainable.
+    """
+    targets = find_targets(peft_model, adapter_name=adapter_name)
+    if not targets:
+        raise ValueError("the model has no LoRA layer to freeze")
+    for t in targets:
+        t.lora_layer.lora_A[adapter_name or active_adapter(t.lora_layer)].weight.requires_grad_(False)
+    return peft_model
+
+
+# ---- reading a PEFT model; wrapping and unwrapping one ------------------------------------------
+
+def _adapter_switches(model: nn.Module) -> list[nn.Module]:
+    # PEFT's tuner layers (LoRA and the other methods) and its modules_to_save / trainable-token
+    # wrappers all gate their adapters on this one flag.
+    return [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "enable_adapters")]
+
+
+def check_not_merged(model: nn.Module) -> None:
+    merged = [name for name, m in model.named_modules() if getattr(m, "merged", False) is True]
+    if merged:
+        raise ValueError(
+            f"{len(merged)} PEFT layer(s) have adapters merged into their base weights (e.g. {merged[0]!r}), so the "
+            "base model is not available; call peft_model.unmerge_adapter() first"
+        )
+
+
+@contextlib.contextmanager
+def base_model_only(model: nn.Module):
+    """Run ``model`` as its base model: every PEFT adapter layer, active or not, and every
+    ``modules_to_save`` copy switched off, then switched back exactly as they were.
+
+    The flag is set directly: PEFT's ``enable_adapters``/``disable_adapter()`` would also change
+    the adapters' ``requires_grad`` and, on exit, enable adapters that the user had disabled.
+    """
+    check_not_merged(model)
+    switches = [(m, m._disable_adapters) for m in _adapter_switches(model)]
+    try:
+        for m, _ in switches:
+            m._disable_adapters = True
+        yield model
+    finally:
+        for m, flag in switches:
+            m._disable_adapters = flag
+
+
+@contextlib.contextmanager
+def undone_on_failure(model: nn.Module):
+    """On any exception, put ``model`` back as it was on entry: its module tree (children,
+    parameters, buffers and hooks: the containers are refilled, so the original objects come
+    back), every other module attribute (``peft_config`` and the like are removed), the
+    ``requires_grad`` flags and the config's attributes.
+
+    Parameter *values* are not saved: what runs inside must not write them before it can no
+    longer fail (``InitResult.apply_to`` checks every layer before it writes the first).
+    """
+    modules = list(model.modules())
+    saved = []
+    for m in modules:
+        attrs = dict(vars(m))
+        contents = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, set))}
+        saved.append((m, attrs, contents))
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters(recurse=False)]
+    configs = {}  # PeftModel sets config.pretraining_tp, for one
+    for m in modules:
+        config = getattr(m, "config", None)
+        if config is not None and not isinstance(config, nn.Module) and hasattr(config, "__dict__"):
+            configs[id(config)] = config
+    config_attrs = [(c, dict(vars(c))) for c in configs.values()]
+    try:
+        yield model
+    except BaseException:
+        for m, attrs, contents in saved:
+            vars(m).clear()
+            vars(m).update(attrs)
+            for key, content in contents.items():
+                attrs[key].clear()
+                attrs[key].update(content)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for c, attrs in config_attrs:
+            vars(c).clear()
+            vars(c).update(attrs)
+        raise
+
+
+# PEFT initialisations that are not plain LoRA's: they ran when the PEFT model was created, and
+# pissa, olora, corda, loftq and lora_ga moved its base weight then.
+_PEFT_OWN_INIT = "init_lora_weights={init!r} asks PEFT to initialise the adapter; loradafast does that"
+
+
+@dataclass
+class AdapterLayout:
+    """An adapter's ranks and scalings: from the arguments, or from a PEFT model's layers."""
+
+    rank: int
+    ranks: dict  # per-layer ranks that differ from ``rank``
+    lora_alpha: float | None
+    use_rslora: bool
+    alphas: dict | None = None  # per-layer lora_alpha that differ from ``lora_alpha``
+    peft_config: object | None = None  # the PeftModel's LoraConfig
+
+
+def peft_layout(model: nn.Module, targets, *, adapter_name: str | None, method, rank: int | None,
+                ranks: dict | None) -> AdapterLayout:
+    """A PEFT model's adapter as its layers define it: rank, per-layer ranks that differ,
+    lora_alpha, per-layer alphas that differ, use_rslora and its LoraConfig.  ``rank`` and ``ranks``, if
+    given, must agree with the layers."""
+    peft_config = peft_config_of(model, adapter_name)
+    _check_peft_adapter(model, targets, peft_config, adapter_name=adapter_name, method=method)
+    first = targets[0]
+    default_rank = peft_config.r if peft_config is not None else first.rank
+    default_alpha = peft_config.lora_alpha if peft_config is not None else first.alpha
+    use_rslora = peft_config.use_rslora if peft_config is not None else first.use_rslora
+    if rank is not None and rank != default_rank:
+        raise ValueError(
+            f"rank={rank} was requested but the PEFT model's LoRA layers have rank {default_rank}; "
+            "pass rank=None (or the same rank), or wrap the base model with a new LoraConfig"
+        )
+    layer_ranks = {t.name: t.rank for t in targets}
+    check_ranks(ranks, layer_ranks)
+    differing = {name: r for name, r in (ranks or {}).items() if layer_ranks[name] != r}
+    if differing:
+        name, r = next(iter(differing.items()))
+        raise ValueError(
+            f"ranks asks rank {r} for {name!r}, whose LoRA layer has rank {layer_ranks[name]}: a PEFT model's ranks "
+            "come from its LoraConfig (r, rank_pattern); pass ranks=None, or wrap the base model with a new LoraConfig"
+        )
+    ranks = {name: r for name, r in layer_ranks.items() if r != default_rank}
+    alphas = {t.name: t.alpha for t in targets if t.alpha != default_alpha}
+    return AdapterLayout(default_rank, ranks, default_alpha, use_rslora, alphas, peft_config)
+
+
+def _check_peft_adapter(model: nn.Module, targets, peft_config, *, adapter_name: str | None, method) -> None:
+    """Refuse, before the pass, a PEFT adapter that this initialisation cannot honour."""
+    check_not_merged(model)
+    init = getattr(peft_config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower() != "gaussian":
+        raise ValueError(
+            _PEFT_OWN_INIT.format(init=init) + ", and PEFT already did it when it created this model (pissa, olora, "
+            "corda, loftq and lora_ga also moved the base weights, which the statistics would see); create the "
+            "PeftModel with init_lora_weights=True and choose the method with method=..."
+        )
+    for t in targets:
+        adapter = adapter_name or active_adapter(t.lora_layer)
+        dora = bool(getattr(t.lora_layer, "use_dora", {}).get(adapter, False))
+        variant = getattr(t.lora_layer, "lora_variant", {}).get(adapter)
+        if variant is not None and not dora:
+            raise ValueError(
+                f"layer {t.name!r} uses the LoRA variant {type(variant).__name__}, which changes how lora_A and "
+                "lora_B act; loradafast initialises plain LoRA and DoRA adapters: remove that option from the "
+                "LoraConfig"
+            )
+        if dora and method.moves_base:
+            raise ValueError(dora_refusal(method.name))
+
+
+# initialize's options that the LoraConfig holds when get_peft_model builds the adapter.
+_CONFIG_OPTIONS = {"rank": "r", "ranks": "rank_pattern", "target_modules": "target_modules",
+                   "lora_alpha": "lora_alpha", "use_rslora": "use_rslora"}
+
+
+def attach(result, peft_model: nn.Module, targets: list[Target], layout: AdapterLayout,
+           adapter_name: str | None) -> None:
+    """``initialize(peft_model)``: fill the model's LoRA layers with ``result`` and keep, for
+    ``result.save``, its LoraConfig and its other adapter tensors."""
+    apply_to(result, peft_model, adapter_name)
+    result.peft_config = copy.deepcopy(layout.peft_config)
+    adapter = adapter_name or active_adapter(targets[0].lora_layer)
+    result.extra_state = peft_extra_state(peft_model, adapter, result.layers)
+
+
+def wrap(model: nn.Module, lora_config, adapter_name: str, options: dict, fill):
+    """``peft.get_peft_model(model, lora_config)`` filled by ``fill(peft_model)``; on any failure the
+    wrapping is undone and ``model`` is left exactly as it was."""
+    import peft
+
+    if is_peft_model(model):
+        raise ValueError("the model already carries LoRA layers; call loradafast.initialize(peft_model, loader)")
+    owned = [name for name in options if name in _CONFIG_OPTIONS]
+    if owned:
+        fields = ", ".join(f"{name} → lora_config.{_CONFIG_OPTIONS[name]}" for name in owned)
+        raise ValueError(f"{', '.join(owned)} belong to lora_config here; set them there ({fields})")
+    init = lora_config.init_lora_weights
+    if isinstance(init, str) and init.lower() != "gaussian":
+        # PEFT would run its own init first, and pissa/olora/corda/lora_ga would move the base
+        # weights before ours is applied on top.
+        raise ValueError(_PEFT_OWN_INIT.format(init=init) + ": leave init_lora_weights=True and choose the method "
+                         "with method=...")
+    with undone_on_failure(model):
+        peft_model = peft.get_peft_model(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
+        result = fill(peft_model)
+    peft_model.loradafast_result = result
+    return peft_model

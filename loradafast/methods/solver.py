@@ -1,0 +1,201 @@
+"""From statistics (and, for some methods, the base weights) to factors, with no model pass
+(docs/design.md §1 "solve", §5 "methods").
+
+Layers are solved independently; nothing here touches a model.  One :class:`Statistics` serves
+every data-aware method, so ``solve(stats, method=...)`` can be called repeatedly on the same
+statistics; weight-only methods need no statistics at all.  What each method needs and does is in
+its :mod:`.registry` record; its options in :mod:`loradafast.options`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+
+import torch
+
+from ..options import MethodConfig
+from ..result import InitResult, LayerInit, LoraDADiagnostics
+from ..statistics.store import Statistics
+from .baselines import lora_scaling
+from .problem import Problem
+from ..options import check_rank, check_ranks
+from .registry import Method, build_config, generator_for, get_method, method_keywords
+
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's own default
+
+
+def solve(
+    stats: Statistics | None,
+    rank: int | None = None,
+    *,
+    method: str = "lora-da",
+    config: MethodConfig | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    kinds: dict[str, str] | None = None,
+    ranks: dict[str, int] | None = None,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+    alphas: dict[str, float] | None = None,
+    freeze_a: bool = False,
+    device=None,
+    **options,
+) -> InitResult:
+    """Factors for every layer, by ``method`` (docs/design.md §4-5; formulas in :mod:`.baselines`).
+
+    * ``stats``: the statistics of one :func:`~loradafast.collect` pass; they serve every
+      data-aware method (``lora-da``, ``lora-ga``, ``lora-one``, ``fisher-subspace``).  None for
+      the weight-only methods (``lora``, ``pissa``, ``milora``).
+    * ``weights``: layer name → base weight as ``[out, in]`` (``Target.weight_out_in()``;
+      transposed for ``Conv1D``), needed by ``pissa``, ``milora`` and ``fisher-subspace``, and
+      giving the layers and their shapes when there are no statistics.  ``kinds`` gives the
+      storage of each layer ("linear" or "conv1d") in that case.
+    * ``rank`` is the default rank (8), ``ranks`` overrides it per layer; ``lora_alpha`` and
+      ``use_rslora`` give PEFT's scaling ``s`` used by the methods that move the base weight,
+      ``alphas`` overrides ``lora_alpha`` per layer (PEFT's ``alpha_pattern``).
+    * ``freeze_a``: LoRA-FA; recorded in the result, honoured by ``apply_to``.
+    * the method's options: ``config=`` (a :class:`~loradafast.options.LoraDAConfig`,
+      :class:`~loradafast.options.LoraGAConfig`, ... as the method's registry record names), or
+      the keywords that build it (``options``: ``beta``, ``gamma``, ``num_train_samples``,
+      ``damping``, ``damping_mode``, ``alpha_b``, ``gradient``, ``eigensolver``, ``residual_tol``,
+      ``loraga_variant``, ``pissa_niter``, ``seed``, ``dtype``; None means the default).  A
+      keyword that is not an option of ``method`` raises.
+
+    The dense solves run in ``dtype`` (float64 by default: Zλ⁻¹ with the official absolute
+    damping of 1e-6 spans many orders of magnitude, and its smallest eigenvectors are what we
+    keep); the factors are returned in float32.
+    """
+    record = get_method(method)
+    config = build_config(record, config, method_keywords("solve", options, "dtype"))
+    return solve_with(record, config, stats, rank, weights=weights, kinds=kinds, ranks=ranks, lora_alpha=lora_alpha,
+                      use_rslora=use_rslora, alphas=alphas, freeze_a=freeze_a, device=device)
+
+
+def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, rank: int | None, *,
+               weights=None, kinds=None, ranks=None, lora_alpha=None, use_rslora=False, alphas=None,
+               freeze_a=False, device=None) -> InitResult:
+    """:func:`solve` with the method's record and validated options already in hand (what
+    :func:`loradafast.initialize` calls: the options are checked once, where they are built)."""
+    _check_inputs(record, config, stats, weights)
+    shapes = _layer_shapes(stats, weights, kinds)
+    rank = 8 if rank is None else rank
+    ranks, alphas = dict(ranks or {}), dict(alphas or {})
+    check_ranks(ranks, shapes)
+    check_ranks(alphas, shapes, "alphas")
+    for name, (fin, fout, _) in shapes.items():
+        check_rank(name, ranks.get(name, rank), fin, fout, record)
+    lora_alpha = PEFT_DEFAULT_ALPHA if lora_alpha is None else lora_alpha
+    full_ranks = {name: ranks.get(name, rank) for name in shapes}
+    scalings = {name: lora_scaling(alphas.get(name, lora_alpha), r, use_rslora) for name, r in full_ranks.items()}
+    problem = Problem(stats, weights, shapes, full_ranks, scalings, device, generator_for(config))
+
+    started = time.perf_counter()
+    layers = _layer_inits(record, config, problem)
+    meta = stats.meta if stats is not None else {}
+    return InitResult(
+        layers=layers,
+        method=record.name,
+        rank=rank,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        alphas={name: a for name, a in alphas.items() if a != lora_alpha},
+        target_modules=meta.get("target_modules"),
+        base_model_name_or_path=meta.get("base_model_name_or_path"),
+        task_type=meta.get("task_type"),
+        timings={"solve_s": time.perf_counter() - started},
+        options=_recorded_options(config, stats),
+        freeze_a=freeze_a,
+        config=config,
+    )
+
+
+def _check_inputs(record: Method, config: MethodConfig, stats, weights) -> None:
+    if record.data_aware and stats is None:
+        raise ValueError(f"method {record.name!r} is data-aware and needs the statistics of a collect pass")
+    if record.needs_weights and weights is None:
+        raise ValueError(f"method {record.name!r} needs the base weights: pass weights={{name: W [out, in]}}")
+    if stats is None and weights is None:
+        raise ValueError(f"method {record.name!r} needs the layers: pass weights={{name: W [out, in]}} (or statistics)")
+    wanted = getattr(config, "y_factor", None)
+    if stats is not None and wanted is not None and wanted != stats.y_factor:
+        raise ValueError(f"the options ask y_factor={wanted!r} but the statistics hold y_factor={stats.y_factor!r}; "
+                         "collect them again with that y_factor, or leave y_factor unset")
+
+
+def _layer_inits(record: Method, config: MethodConfig, problem: Problem) -> dict[str, LayerInit]:
+    """The record's solve, as float32 :class:`LayerInit` with the statistics' counts recorded."""
+    solved = record.solve(problem, config)
+    stats = problem.stats
+    layers = {}
+    for name, (_, _, kind) in problem.shapes.items():
+        f = solved[name]
+        diagnostics = f.diagnostics
+        if stats is not None:
+            diagnostics = dataclasses.replace(diagnostics, num_tokens=stats.num_tokens,
+                                              num_sequences=stats.num_sequences)
+        layers[name] = LayerInit(name, f.lora_A.float(), f.lora_B.float(), kind=kind,
+                                 subtract_scaling=problem.scalings[name] if record.moves_base else None,
+                                 diagnostics=diagnostics)
+    _warn_if_degraded(layers, config.dtype)
+    return layers
+
+
+def _recorded_options(config: MethodConfig, stats: Statistics | None) -> dict:
+    options = config.options()
+    if stats is not None:
+        options["y_factor"] = stats.y_factor
+    else:
+        options.pop("y_factor", None)
+    return options
+
+
+def _layer_shapes(stats: Statistics | None, weights: dict | None,
+                  kinds: dict | None) -> dict[str, tuple[int, int, str]]:
+    """name → (in, out, kind); statistics and weights, when both are given, must agree."""
+    if stats is not None:
+        shapes = {n: (s.in_features, s.out_features, s.kind) for n, s in stats.layers.items()}
+        if weights is not None:
+            missing = sorted(set(shapes) - set(weights))
+            if missing:
+                raise ValueError(f"no weight given for {len(missing)} layer(s) of the statistics, e.g. {missing[:3]}")
+            for n, (fin, fout, _) in shapes.items():
+                if tuple(weights[n].shape) != (fout, fin):
+                    raise ValueError(
+                        f"layer {n!r}: the statistics are for a {fin}→{fout} layer, the weight has shape "
+                        f"{tuple(weights[n].shape)}; weights must be [out, in] (transpose Conv1D weights)"
+                    )
+        return shapes
+    kinds = kinds or {}
+    return {n: (w.shape[1], w.shape[0], kinds.get(n, "linear")) for n, w in weights.items()}
+
+
+# Above this lower bound on cond(Zλ) or cond(Yλ) the factor is close to singular in the working
+# precision: the solve still runs, but more damping (damping_mode="relative") is advisable.
+CONDITION_WARNING = {torch.float64: 1e12, torch.float32: 1e5}
+
+
+def _warn_if_degraded(layers: dict[str, LayerInit], dtype: torch.dtype) -> None:
+    """One warning summarising every layer whose solve took a fallback or looks fragile."""
+    import warnings
+
+    limit = CONDITION_WARNING.get(dtype, 1e12)
+    notes = defaultdict(list)
+    for name, layer in layers.items():
+        d = layer.diagnostics
+        if not isinstance(d, LoraDADiagnostics):
+            continue
+        if d.eigensolver_fallback:
+            notes["re-solved with dense eigh after the iterative solver missed the tolerance"].append(name)
+        if d.eigensolver_converged is False:
+            notes["eigen-residual above the tolerance"].append(name)
+        if d.damping_raised:
+            notes["damping raised above the requested value to make a rank-deficient factor positive definite "
+                  "(see damping_z / damping_y)"].append(name)
+        if d.cholesky_dtype == "float64" and dtype != torch.float64:
+            notes["Cholesky retried in float64"].append(name)
+        if max(d.z_condition_estimate or 0.0, d.y_condition_estimate or 0.0) > limit:
+            notes[f"damped factor condition number above {limit:.0e} (consider damping_mode='relative')"].append(name)
+    if notes:
+        lines = [f"- {what}: {len(names)} layer(s), e.g. {', '.join(names[:3])}" for what, names in notes.items()]
+        warnings.warn("loradafast: the solve degraded on some layers (details in result.layers[name].diagnostics)\n"
+                      + "\n".join(lines), RuntimeWarning, stacklevel=3)

@@ -1,0 +1,13 @@
+"""Stage 1, the statistics pass (docs/design.md §1, §3): which batches, which losses, the hooks
+that accumulate G, Y and Z, and the :class:`Statistics` they produce (saved and loaded here).
+
+* :mod:`.batches`: whatever a loader yields → model inputs, labels and a token mask;
+* :mod:`.losses`: per-sequence losses the pass differentiates;
+* :mod:`.hooks`: the forward/backward hooks and their accumulators;
+* :mod:`.collector`: :func:`collect`, the pass itself;
+* :mod:`.store`: :class:`Statistics` / :class:`LayerStats` and their file format.
+"""
+from .collector import collect, is_causal_lm
+from .store import LayerStats, Statistics
+
+__all__ = ["LayerStats", "Statistics", "collect", "is_causal_lm"]
