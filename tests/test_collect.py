@@ -8,7 +8,7 @@ import torch
 
 import loradafast
 from loradafast.statistics.batches import IGNORE_INDEX
-from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
+from tiny import assert_stats_close, padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 
 def _autograd_mean_sequence_loss_grads(model, seqs):
@@ -39,16 +39,6 @@ def test_G_is_autograd_gradient_of_mean_sequence_loss(factory, conv1d):
         assert err < 1e-4, (name, float(err))
 
 
-def _assert_stats_close(a, b, rel):
-    assert a.num_tokens == b.num_tokens and a.num_sequences == b.num_sequences
-    assert a.layers.keys() == b.layers.keys()
-    for name in a.layers:
-        for getter in ("G", "Y", "Z"):
-            x, y = getattr(a, getter)(name), getattr(b, getter)(name)
-            err = float((x - y).abs().max() / y.abs().max())
-            assert err < rel, (name, getter, err)
-
-
 @pytest.mark.parametrize("y_factor", ["diag", "full"])
 def test_batch_size_one_equals_padded_batches(y_factor):
     model = tiny_llama()
@@ -56,7 +46,7 @@ def test_batch_size_one_equals_padded_batches(y_factor):
     one = loradafast.collect(model, padded_batches(seqs, 1), y_factor=y_factor, progress=False)
     four = loradafast.collect(model, padded_batches(seqs, 4), y_factor=y_factor, progress=False)
     # Only fp32 summation order differs (and padded attention rows): round-off level.
-    _assert_stats_close(four, one, 1e-5)
+    assert_stats_close(four, one, 1e-5)
 
 
 def test_loader_formats_agree():
@@ -65,8 +55,8 @@ def test_loader_formats_agree():
     as_dict = loradafast.collect(model, [{"input_ids": ids}], progress=False)
     as_tuple = loradafast.collect(model, [(ids,)], progress=False)  # longer tuples are ambiguous: refused
     as_tensor = loradafast.collect(model, [ids[:2], ids[2:]], progress=False)
-    _assert_stats_close(as_tuple, as_dict, 1e-6)
-    _assert_stats_close(as_tensor, as_dict, 1e-5)
+    assert_stats_close(as_tuple, as_dict, 1e-6)
+    assert_stats_close(as_tensor, as_dict, 1e-5)
 
 
 def test_labels_and_max_samples():
@@ -75,7 +65,7 @@ def test_labels_and_max_samples():
     batches = padded_batches(seqs, 3)
     limited = loradafast.collect(model, batches, max_samples=4, progress=False)
     first4 = loradafast.collect(model, padded_batches(seqs[:4], 4), progress=False)
-    _assert_stats_close(limited, first4, 1e-5)
+    assert_stats_close(limited, first4, 1e-5)
     # A sequence whose labels are all ignored adds nothing: no tokens, no sequence.
     b = dict(batches[0])
     labels = b["input_ids"].clone()
@@ -83,7 +73,7 @@ def test_labels_and_max_samples():
     b["labels"] = labels
     masked = loradafast.collect(model, [b], progress=False)
     others = loradafast.collect(model, [{"input_ids": b["input_ids"][[0, 2]]}], progress=False)
-    _assert_stats_close(masked, others, 1e-5)
+    assert_stats_close(masked, others, 1e-5)
 
 
 def test_shared_inputs_share_Z_by_identity():
@@ -125,7 +115,7 @@ def test_model_state_restored_frozen_or_trainable():
     for p in model.parameters():
         p.requires_grad_(False)
     frozen = loradafast.collect(model, padded_batches(random_sequences(3), 3), progress=False)
-    _assert_stats_close(frozen, stats, 1e-6)
+    assert_stats_close(frozen, stats, 1e-6)
 
 
 def test_statistics_roundtrip(tmp_path):

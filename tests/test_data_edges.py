@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 import loradafast
 from test_robustness import ModelState
-from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama, toy_sequence_losses
+from tiny import assert_stats_close, padded_batches, random_sequences, tiny_gpt2, tiny_llama, toy_sequence_losses
 
 
 def tiny_bert(seed: int = 0):
@@ -53,17 +53,6 @@ def pad(seqs, batch_size, side, *, segments=False, labels=None, pad_id=0):
             batch["labels"] = ids.clone()
         out.append(batch)
     return out
-
-
-def assert_stats_close(a, b, rel=2e-6):
-    # 2e-6: fp32 sums in another order (other batch shapes) reach ~7e-7 on these models.
-    assert (a.num_tokens, a.num_sequences) == (b.num_tokens, b.num_sequences)
-    assert a.layers.keys() == b.layers.keys()
-    for name in a.layers:
-        for getter in ("G", "Y", "Z"):
-            x, y = getattr(a, getter)(name), getattr(b, getter)(name)
-            err = float((x - y).abs().max() / y.abs().max())
-            assert err < rel, (name, getter, err)
 
 
 # ---- item 4: left and right padding give the same statistics ------------------------------------
