@@ -591,7 +591,8 @@ def load_data(args, cfg: dict, tokenizer, device) -> dict:
     train_idx, held_idx = split_records(len(records), args.train_records)
     pool = [p for p in (encode(tokenizer, records[i], cfg["seq_len"]) for i in train_idx) if p is not None]
     held = [records[i] for i in held_idx][:cfg["heldout_eval"]]
-    held_pairs = sorted((p for p in (encode(tokenizer, r, cfg["eval_len"]) for r in held) if p), key=lambda p: len(p[0]))
+    encoded = (encode(tokenizer, r, cfg["eval_len"]) for r in held)
+    held_pairs = sorted((p for p in encoded if p), key=lambda p: len(p[0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     numeric = all(final_number(r["answer"]) is not None for r in held[:20]) and any(r["prompt"] for r in held)
     em_records = [records[i] for i in held_idx][:cfg["em_problems"]] if numeric else []
@@ -642,7 +643,8 @@ def main(argv=None) -> None:
     cfg = dict(PROFILES[args.profile], **(SMOKE if args.smoke else {}))
     if args.methods:
         keep = args.methods.split(",")
-        cfg["swept"], cfg["inherited"] = [m for m in cfg["swept"] if m in keep], [m for m in cfg["inherited"] if m in keep]
+        cfg["swept"] = [m for m in cfg["swept"] if m in keep]
+        cfg["inherited"] = [m for m in cfg["inherited"] if m in keep]
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     suffix = "_smoke" if args.smoke else ""
@@ -674,7 +676,8 @@ def main(argv=None) -> None:
            **{k: data[k] for k in ("init_batches", "heldout", "batches", "em_records")}}
     out["base_model"] = {"heldout_nll": heldout_nll(base, data["heldout"])}
     if data["em_records"]:
-        out["base_model"]["exact_match"] = exact_match(base, tokenizer, data["em_records"], cfg["em_new_tokens"], device)
+        out["base_model"]["exact_match"] = exact_match(base, tokenizer, data["em_records"], cfg["em_new_tokens"],
+                                                       device)
     print(f"[{time.perf_counter() - t0:7.0f}s] base model: {json.dumps(out['base_model'])[:300]}", flush=True)
     for rank in cfg["ranks"]:
         run_rank(ctx, rank)
