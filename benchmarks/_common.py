@@ -251,3 +251,15 @@ def write_json(record: dict, path: Path | str, *, indent: int = 2) -> Path:
     path.write_text(json.dumps(record, indent=indent, default=str) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is not installed
+    (plots are optional: every figure they show is in the JSON)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import loradafast  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, device_slug  # noqa: E402
+from _common import device_name, device_slug, pyplot  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "gsm8k_test.jsonl"
 
@@ -562,12 +562,8 @@ def write_json(ctx: dict) -> None:
 
 def plot(out: dict, path: Path) -> str:
     """Training-loss curves at each method's best LR (mean over seeds); needs matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed: no PNG written"
     ranks = list(out["summary"])
     fig, axes = plt.subplots(1, len(ranks), figsize=(8 * len(ranks), 6), squeeze=False)

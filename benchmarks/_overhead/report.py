@@ -4,6 +4,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from _common import pyplot
+
 from .config import LORADAFAST_METHODS
 
 
@@ -84,14 +86,10 @@ def markdown_table(model: str, block: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker  # noqa: F401 - used through matplotlib.ticker below
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed (pip install matplotlib): no plot written"
+    import matplotlib.ticker  # noqa: F401 - used through matplotlib.ticker below
     models = list(result["models"])
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models):
