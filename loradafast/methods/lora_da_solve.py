@@ -39,6 +39,12 @@ CPU_DENSE_MAX_N = 2048
 MIXED_DTYPE: torch.dtype | None = None
 # How far above the measured rounding of the implicit Ω products LOBPCG's default tolerance sits.
 FLOOR_MARGIN = 30.0
+# LOBPCG block beyond r.  A product with G reads all of G whatever the number of columns, and up
+# to ~32 columns it costs about the same time (CPU, measured; on a GPU it is bandwidth-bound up
+# to ~100 columns in float64), while each extra column speeds convergence: iterations for the
+# q/k/v group at 7B widths, r = 8, "decay" / "tokens" spectra: 17 / 39 (8+16), 14 / 33 (8+24),
+# 11 / 27 (8+40) (benchmarks/bench_scale.py statistics).
+OVERSAMPLE = 24
 
 
 def solve_lora_da(stats: Statistics, ranks: dict[str, int], config: LoraDAConfig, *,
@@ -89,7 +95,7 @@ def _refine_sigma(group: GroupOmega, solved: dict, times: dict, dev) -> None:
     """σ made exact from the eigenvectors; the eigenvalues, found with the rough σ, rescaled."""
     rough = group.sigma.clone()
     with _timed(times, "sigma_s", dev):
-        group.refine_sigma(_start_block(group, solved), tol=_sigma_tol(group.dtype))
+        group.refine_sigma(_start_block(group, solved), tol=_sigma_tol(group.dtype), check_every=_check_every(dev))
     rescale = (rough / group.sigma) ** 2  # the eigensolve saw Ω with the rough σ
     for idx, result, _, _ in solved.values():
         result.eigenvalues = result.eigenvalues * rescale[idx, None].to(result.eigenvalues.dtype)
@@ -192,8 +198,21 @@ def _eigensolve(group: GroupOmega, sub: _Subset, r: int, solver: str, residual_t
     if residual_tol is None:
         tol = torch.clamp(FLOOR_MARGIN * floor, min=tol)
     result = eigen.smallest_eigenpairs(sub.omega, n, r, b, dtype=group.dtype, device=dev, tol=tol,
-                                       precond=lambda x: sub._pick(precond(sub._embed(x))), dense=sub.dense)
+                                       precond=lambda x: sub._pick(precond(sub._embed(x))), dense=sub.dense,
+                                       oversample=_oversample(n, r), check_every=_check_every(dev), norm_iters=1)
     return result, floor.cpu(), precond_count
+
+
+def _oversample(n: int, r: int) -> int:
+    # Never so wide that the block would pass the solver's dense threshold (n ≤ 4m) where the
+    # default block did not: small layers keep their LOBPCG when it is asked for.
+    return max(r, min(OVERSAMPLE, (n - 1) // 4 - r))
+
+
+def _check_every(dev: torch.device) -> int:
+    # A convergence test is a host synchronisation: free on the CPU, a pipeline drain on a GPU,
+    # where an iteration at 7B widths is milliseconds of work; every other iteration there.
+    return 1 if dev.type == "cpu" else 2
 
 
 def _layer_results(group, idx, names, result, floor, precond_count, b_all, gamma, factors) -> dict[str, Factors]:
