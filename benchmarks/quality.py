@@ -482,7 +482,9 @@ def run_rank(ctx: dict, rank: int) -> None:
     out["init_timings"][str(rank)] = inits.timings
 
     def run(name, lr, seed, phase):
-        out["runs"].append(one_run(ctx, inits, name, lr, seed, phase))
+        done = [r for r in ctx.get("previous", []) if str(r["rank"]) == str(rank) and r["method"] == name
+                and r["lr"] == lr and r["seed"] == seed]
+        out["runs"].append(done[0] if done else one_run(ctx, inits, name, lr, seed, phase))
         write_json(ctx)
         return out["runs"][-1]
 
@@ -622,6 +624,22 @@ def report(path: Path) -> None:
     print(plot(out, path.with_suffix(".png")))
 
 
+def resumable_runs(path: Path, out: dict) -> list[dict]:
+    """The runs of an earlier results file, refused unless it ran the same settings and data."""
+    old = json.loads(path.read_text())
+    def same(key):  # the data file may have moved: its path is not compared
+        a, b = (json.loads(json.dumps(d.get(key), default=str)) for d in (old, out))
+        return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"} \
+            if isinstance(a, dict) and isinstance(b, dict) else a == b
+
+    for key in ("settings", "data", "model"):
+        if not same(key):
+            raise SystemExit(f"--resume {path}: its {key!r} differ from this run's; its runs cannot be reused")
+    out["resumed_from"] = {"path": str(path), "date": old.get("date"), "runs": len(old["runs"]),
+                           "note": "reused runs keep their own wall times (their machine load)"}
+    return old["runs"]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -632,6 +650,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="JSON path (default benchmarks/results/quality_<device>.json)")
     parser.add_argument("--report", metavar="JSON", help="only summarise a results file (also a partial one)")
+    parser.add_argument("--resume", metavar="JSON", help="reuse the runs of an earlier (stopped) results file with "
+                        "the same settings instead of running them again")
     args = parser.parse_args(argv)
     if args.report:
         return report(Path(args.report))
@@ -670,6 +690,8 @@ def main(argv=None) -> None:
     }
     ctx = {"cfg": cfg, "device": device, "base": base, "tokenizer": tokenizer, "out": out, "path": path, "t0": t0,
            **{k: data[k] for k in ("init_batches", "heldout", "batches", "em_records")}}
+    if args.resume:
+        ctx["previous"] = resumable_runs(Path(args.resume), out)
     out["base_model"] = {"heldout_nll": heldout_nll(base, data["heldout"])}
     if data["em_records"]:
         out["base_model"]["exact_match"] = exact_match(base, tokenizer, data["em_records"], cfg["em_new_tokens"],
