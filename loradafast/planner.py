@@ -71,6 +71,7 @@ class MemoryPlan:
     statistics_bytes: int  # all layers' statistics, as one pass would hold them
     method: str = "lora-da"
     notes: list[str] = field(default_factory=list)
+    smallest_budget_bytes: int = 0  # the largest input group alone: no plan exists below it
 
     @property
     def num_passes(self) -> int:
@@ -83,7 +84,8 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {"method": self.method, "budget_bytes": self.budget_bytes, "budget_source": self.budget_source,
                 "statistics_bytes": self.statistics_bytes, "peak_bytes": self.peak_bytes,
-                "num_passes": self.num_passes, "passes": [p.to_dict() for p in self.passes], "notes": list(self.notes)}
+                "smallest_budget_bytes": self.smallest_budget_bytes, "num_passes": self.num_passes,
+                "passes": [p.to_dict() for p in self.passes], "notes": list(self.notes)}
 
     def __repr__(self) -> str:
         budget = "no limit" if self.budget_bytes is None else format_bytes(self.budget_bytes)
@@ -93,9 +95,10 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         lines = [f"loradafast memory plan ({self.method}): " + repr(self)[len("MemoryPlan("):-1]]
+        width = len(str(self.num_passes))
         for i, p in enumerate(self.passes, 1):
             span = p.layers[0] if len(p.layers) == 1 else f"{p.layers[0]} … {p.layers[-1]}"
-            lines.append(f"  pass {i}: {len(p.layers):>4} layers, {len(p.input_groups):>3} input groups, statistics "
+            lines.append(f"  pass {i:>{width}}: {len(p.layers):>4} layers, {len(p.input_groups):>3} input groups, statistics "
                          f"{format_bytes(p.statistics_bytes):>9}, peak {format_bytes(p.peak_bytes):>9}  ({span})")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -232,8 +235,10 @@ def _pass_transient(m: MemoryModel, groups: list[list[LayerShape]]) -> int:
 def _lora_da_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
     """One input group's solve (methods/lora_da_solve.py): the float64 Z, its damped copies and
     Cholesky factor, every layer's G and Y factor, then either the dense Ω of every layer and
-    their ``eigh``, or one preconditioner factor per layer (the worst case of the clustering),
-    the LOBPCG blocks and a dense fallback of one layer."""
+    their ``eigh``, or one preconditioner factor per layer (the worst case of the clustering, three
+    more ``n × n`` while one is built) and the LOBPCG blocks.  LOBPCG's dense fallback for a layer
+    that misses its tolerance (about ``6 n²`` more) is not reserved: it is the exception, and at
+    the widths where memory is short it would be far too slow anyway."""
     d, n, b = m.d, layers[0].in_features, len(layers)
     n2, outs = d * n * n, [s.out_features for s in layers]
     grads = d * n * sum(outs)
@@ -246,7 +251,7 @@ def _lora_da_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
         solve = steady + (2 * b + 4) * n2 + 3 * d * n * max(outs)
     else:
         block = 3 * (rank + max(rank, 8))
-        solve = steady + b * n2 + 12 * b * n * block * d + 6 * n2 + 3 * d * n * max(outs)
+        solve = steady + (b + 3) * n2 + 12 * b * n * block * d
     return max(factor, solve)
 
 
@@ -291,20 +296,22 @@ def plan_passes(shapes: list[LayerShape], model: MemoryModel, budget: int | None
                 notes: list[str] | None = None) -> MemoryPlan:
     """Greedy packing of whole input groups, in model order, into passes whose estimated peak
     stays within ``budget`` (module docstring).  Raises :class:`MemoryBudgetError` naming the
-    first input group that does not fit alone."""
+    largest input group when it does not fit alone (it sets the smallest budget any plan needs)."""
     groups = _input_groups(shapes)
     kept = sum(4 * s.rank * (s.in_features + s.out_features) for s in shapes)
-    for key, layers in groups.items():
-        stats, peak = _pass_peak(model, [layers], kept)
-        if budget is not None and peak > budget:
-            names = ", ".join(s.name for s in layers)
-            raise MemoryBudgetError(
-                f"input group {key!r} ({len(layers)} layer(s): {names}; in={layers[0].in_features}) needs an "
-                f"estimated {format_bytes(peak)} in a pass of its own (statistics {format_bytes(stats)}, the rest the "
-                f"solve's workspace, the pass's transients and the factors kept for all {len(shapes)} layers), but the "
-                f"memory budget is {format_bytes(budget)} ({budget_source}); raise memory_budget, free device memory, "
-                f"or exclude these layers with target_modules"
-            )
+    alone = {key: _pass_peak(model, [layers], kept) for key, layers in groups.items()}
+    key = max(alone, key=lambda k: alone[k][1])
+    stats, peak = alone[key]
+    if budget is not None and peak > budget:
+        layers = groups[key]
+        raise MemoryBudgetError(
+            f"input group {key!r} ({len(layers)} layer(s): {', '.join(s.name for s in layers)}; in="
+            f"{layers[0].in_features}) needs an estimated {format_bytes(peak)} in a pass of its own (statistics "
+            f"{format_bytes(stats)}, the rest the solve's workspace, the pass's transients and the factors kept for all "
+            f"{len(shapes)} layers), but the memory budget is {format_bytes(budget)} ({budget_source}); no plan fits "
+            f"below {format_bytes(peak)}: raise memory_budget, free device memory, or exclude these layers with "
+            "target_modules"
+        )
     passes, current = [], []
     for layers in groups.values():
         if current and budget is not None and _pass_peak(model, current + [layers], kept)[1] > budget:
@@ -314,7 +321,7 @@ def plan_passes(shapes: list[LayerShape], model: MemoryModel, budget: int | None
     if current:
         passes.append(_pass_plan(model, current, kept))
     total = sum(_group_statistics(model, g) for g in groups.values())
-    return MemoryPlan(passes, budget, budget_source, total, model.method, list(notes or []))
+    return MemoryPlan(passes, budget, budget_source, total, model.method, list(notes or []), peak)
 
 
 def _pass_plan(m: MemoryModel, groups: list[list[LayerShape]], kept: int) -> PassPlan:
