@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..targets import Target
-from .collector import _stream
+from .collector import _checked_targets, _stream
 from .hooks import Accumulator
 
 _END = object()
@@ -45,7 +45,9 @@ def first_batch(loader: Iterable) -> tuple[object, Iterable]:
 
 def input_groups(model: nn.Module, batch, targets: list[Target], *, loss_fn: Callable | None) -> dict[str, str]:
     """Layer → the first layer (in call order) that read the same input tensor, from one forward
-    of the first sequence of ``batch``; a layer the forward did not reach maps to itself."""
+    of the first sequence of ``batch``; a layer the forward did not reach maps to itself.  The
+    pass's own checks come first, so that a model the pass would refuse fails as it would."""
+    targets = _checked_targets(model, targets, target_modules=None, adapter_name=None, loss_fn=loss_fn)
     try:
         device = next(model.parameters()).device
     except StopIteration:
