@@ -20,6 +20,7 @@ Layout, in the order the data flows (docs/design.md §1):
 * :mod:`.kernels`: the pass's and the solver's hot loops (Triton, with PyTorch references);
 * :mod:`.result`: what a solve returns, as plain data;
 * :mod:`.integrations.peft`: adapter files, writing into a PeftModel, ``get_peft_model``'s wrapping;
+* :mod:`.planner` and :mod:`.passes`: the memory budget, and one statistics pass or several;
 * :mod:`.api`: ``initialize`` and ``get_peft_model``.
 """
 __version__ = "0.1.0"

@@ -6,13 +6,15 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from . import passes
 from .integrations import peft as peft_integration
 from .integrations.peft import AdapterLayout
 from .methods.registry import WEIGHT_ONLY_METHODS, build_config, get_method, method_keywords
 from .methods.solver import solve_with
+from .planner import parse_bytes
 from .options import MethodConfig, check_pass_options, check_rank, check_ranks
 from .result import InitResult
-from .statistics.collector import collect, is_causal_lm
+from .statistics.collector import is_causal_lm
 from .targets import base_model_of, find_targets, is_peft_model, model_meta
 
 
@@ -20,7 +22,7 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
                config: MethodConfig | None = None, target_modules=None, lora_alpha: float | None = None,
                use_rslora: bool = False, ranks: dict[str, int] | None = None, freeze_a: bool = False,
                max_samples: int | None = 256, loss_fn: Callable | None = None, adapter_name: str | None = None,
-               progress: bool = True, **options) -> InitResult:
+               progress: bool = True, memory_budget: int | float | str | None = None, **options) -> InitResult:
     """LoRA initialisation by ``method``, data-aware ones in one streaming pass over ``loader``.
 
     A plain model is left unchanged and the result carries the adapter (``result.state_dict()``,
@@ -32,6 +34,13 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
     adapters, LoRA variants other than DoRA) are refused before the pass.
     ``rank`` defaults to 8 (or the PEFT model's rank); ``ranks`` maps layer names to other ranks.
     ``max_samples`` caps the sequences of the pass, ``loss_fn`` replaces the causal-LM loss.
+
+    ``memory_budget`` (bytes, or a string such as ``"40GB"``; default: the device's free memory
+    less a 10 % margin; ``math.inf`` for no limit) bounds the statistics and the solve
+    (docs/design.md §6.4): when they do not fit it at once, the layers are split into several
+    passes over the loader, each solved and freed before the next; the result is the same.  Then
+    ``loader`` must be re-iterable and yield the same batches each time.  The plan is printed
+    (with ``progress``), logged, and kept as ``result.plan``.
 
     ``method`` (docs/design.md §5; formulas and sources in :mod:`loradafast.methods`) takes its
     options as one validated object, ``config=`` (:mod:`loradafast.options`), or as the keywords
@@ -58,6 +67,8 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
     record = get_method(method)
     config = build_config(record, config, method_keywords("initialize", options, "solve_dtype"))
     check_pass_options(max_samples)
+    if memory_budget is not None:
+        parse_bytes(memory_budget)  # a malformed budget fails here, also for methods without a pass
     if record.data_aware and loader is None:
         raise ValueError(
             f"method {method!r} is data-aware and needs a loader of training samples; the weight-only methods "
@@ -65,19 +76,20 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
         )
     targets, layout = _targets_and_layout(model, record, rank=rank, ranks=ranks, target_modules=target_modules,
                                           adapter_name=adapter_name, lora_alpha=lora_alpha, use_rslora=use_rslora)
-    stats = None
     if record.data_aware:
-        stats = collect(model, loader, y_factor=getattr(config, "y_factor", None) or "diag",
-                        max_samples=max_samples, loss_fn=loss_fn, progress=progress, adapter_name=adapter_name,
-                        targets=targets)
-    pass_s = time.perf_counter() - started
-    # Weight-only methods read the layer shapes from the weights too; .detach() views, no copies.
-    weights = {t.name: t.weight_out_in().detach() for t in targets} if stats is None or record.needs_weights \
-        else None
-    result = solve_with(record, config, stats, layout.rank, weights=weights, kinds={t.name: t.kind for t in targets},
-                        ranks=layout.ranks, lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
-                        alphas=layout.alphas, freeze_a=freeze_a)
-    if stats is None:  # collect() records these in the statistics otherwise
+        weights = {t.name: t.weight_out_in().detach() for t in targets} if record.needs_weights else None
+        result, pass_s = passes.collect_and_solve(
+            model, loader, targets, record, config, layout, memory_budget=memory_budget, max_samples=max_samples,
+            loss_fn=loss_fn, progress=progress, adapter_name=adapter_name, freeze_a=freeze_a, weights=weights)
+    else:
+        pass_s = time.perf_counter() - started
+        # Weight-only methods read the layer shapes from the weights too; .detach() views, no copies.
+        weights = {t.name: t.weight_out_in().detach() for t in targets}
+        result = solve_with(record, config, None, layout.rank, weights=weights,
+                            kinds={t.name: t.kind for t in targets}, ranks=layout.ranks,
+                            lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora, alphas=layout.alphas,
+                            freeze_a=freeze_a)
+    if not record.data_aware:  # collect() records these in the statistics otherwise
         _record_model(result, model, targets, causal=loss_fn is None and is_causal_lm(model),
                       adapter_name=adapter_name)
     apply_started = time.perf_counter()

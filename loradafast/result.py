@@ -149,6 +149,8 @@ class InitResult:
     extra_state: dict[str, torch.Tensor] = field(default_factory=dict)
     # The validated options object the solve ran with (LoraDAConfig, PissaConfig, ...).
     config: object | None = None
+    # The memory plan of the statistics passes (loradafast.planner.MemoryPlan); None without a pass.
+    plan: object | None = None
 
     @property
     def moves_base(self) -> bool:

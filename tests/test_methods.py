@@ -225,7 +225,7 @@ def test_one_statistics_pass_serves_every_data_aware_method(llama_stats, monkeyp
         assert set(result.layers) == set(llama_stats.layers) and result.method == method
         assert all(torch.isfinite(l.lora_A).all() and torch.isfinite(l.lora_B).all() for l in result.layers.values())
     # Weight-only methods skip the pass: loader None, and collect is never called.
-    monkeypatch.setattr(loradafast.api, "collect",
+    monkeypatch.setattr(loradafast.passes, "collect",
                         lambda *a, **k: pytest.fail("statistics pass for a weight-only method"))
     for method in loradafast.WEIGHT_ONLY_METHODS:
         result = loradafast.initialize(model, None, 4, method=method, progress=False)

@@ -1,0 +1,183 @@
+"""Statistics and solve under a memory budget: one pass, or several over groups of layers
+(docs/design.md §6.4).
+
+The plan (:mod:`.planner`) splits the target layers into passes of whole input groups.  Each pass
+runs the loader through the model with hooks on its layers only, solves them, and drops their
+statistics before the next pass; the model is touched only after the last pass, as always.  Every
+layer's statistics are those of the one-pass run: the hooks of a layer see the same batches
+whichever other layers are hooked, so the adapters equal the one-pass adapters (bitwise on CPU).
+A run of several passes iterates the loader once per pass, so the loader must be re-iterable and
+yield the same batches each time; both are checked.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from . import planner
+from .methods.solver import solve_with
+from .result import InitResult
+from .statistics.collector import collect
+from .statistics.probe import _END, first_batch, input_groups
+from .targets import Target
+
+logger = logging.getLogger("loradafast")
+
+
+def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target], record, config, layout, *,
+                      memory_budget, max_samples, loss_fn, progress: bool, adapter_name, freeze_a: bool,
+                      weights) -> tuple[InitResult, float]:
+    """The factors of every target, and the seconds spent before the solves (probe and passes)."""
+    started = time.perf_counter()
+    y_factor = getattr(config, "y_factor", None) or "diag"
+    device = _device(model)
+    budget, source = planner.resolve_budget(memory_budget, device)
+    memory = planner.MemoryModel(record.name, _collected(record), y_factor, config.dtype,
+                                 getattr(config, "eigensolver", "lobpcg"), device.type)
+    groups, notes = {t.name: t.name for t in targets}, []
+    if budget is not None:  # only a limit needs the groups before the pass
+        batch, loader = first_batch(loader)
+        if batch is not _END:
+            groups = input_groups(model, batch, targets, loss_fn=loss_fn)
+    else:
+        notes.append("no limit: one pass; input groups as the pass found them")
+    shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, groups[t.name],
+                                 layout.ranks.get(t.name, layout.rank)) for t in targets]
+    plan = planner.plan_passes(shapes, memory, budget, source, notes)
+    if plan.num_passes > 1 and isinstance(loader, Iterator):
+        raise ValueError(
+            f"the memory budget ({planner.format_bytes(budget)}, {source}) needs {plan.num_passes} statistics passes, "
+            "and the loader is a one-shot iterator (a generator?) that can be iterated only once; pass a re-iterable "
+            "loader that yields the same batches each time (a list, a DataLoader without shuffling or with a seeded "
+            "sampler), or raise memory_budget"
+        )
+    kw = dict(y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn, progress=progress,
+              adapter_name=adapter_name)
+    solve_kw = dict(ranks=layout.ranks, lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
+                    alphas=layout.alphas, freeze_a=freeze_a)
+    if plan.num_passes == 1:
+        stats = collect(model, loader, targets=targets, **kw)
+        pass_s = time.perf_counter() - started
+        if budget is None:  # the plan's groups were guesses: remake it with the pass's own
+            plan = _replanned(plan, shapes, stats, memory)
+        _announce(plan, progress)
+        result = solve_with(record, config, stats, layout.rank, weights=weights, **solve_kw)
+    else:
+        _announce(plan, progress)
+        result = _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, weights)
+        pass_s = time.perf_counter() - started - result.timings["solve_s"]
+    result.plan = plan
+    return result, pass_s
+
+
+def _collected(record) -> frozenset:
+    """What :func:`collect` gathers for ``record``: today G, Y and Z for every data-aware method
+    (``record.statistics`` is what the method reads; keep this in step with ``collect``)."""
+    return frozenset("GYZ")
+
+
+def _device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _replanned(plan, shapes, stats, memory) -> planner.MemoryPlan:
+    shapes = [planner.LayerShape(s.name, s.in_features, s.out_features, stats.layers[s.name].input_group, s.rank)
+              for s in shapes]
+    return planner.plan_passes(shapes, memory, plan.budget_bytes, plan.budget_source, plan.notes)
+
+
+def _announce(plan: planner.MemoryPlan, progress: bool) -> None:
+    logger.info("%s", plan)
+    if progress:
+        print(plan, file=sys.stderr)
+
+
+def _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, weights):
+    """Pass after pass: collect the pass's layers, check the loader gave the same samples, solve,
+    drop the statistics; then one result in model order."""
+    by_name = {t.name: t for t in targets}
+    results, reference = [], None
+    for i, p in enumerate(plan.passes, 1):
+        subset = [by_name[name] for name in p.layers]
+        names = set(p.layers)
+        seen = _Fingerprint(loader)
+        stats = collect(model, seen, targets=subset, **kw)
+        fingerprint = (stats.num_sequences, stats.num_tokens, seen.value())
+        reference = fingerprint if reference is None else reference
+        if fingerprint != reference:
+            raise ValueError(
+                f"the loader yielded other samples in statistics pass {i} of {plan.num_passes} than in pass 1 "
+                f"(sequences, tokens: {reference[:2]} then {fingerprint[:2]}, or other token ids); the memory plan "
+                "iterates the loader once per pass, so it must yield the same batches each time: turn shuffling "
+                "off or seed the sampler, or raise memory_budget so that one pass suffices"
+            )
+        ranks = {k: v for k, v in (solve_kw["ranks"] or {}).items() if k in names}
+        alphas = {k: v for k, v in (solve_kw["alphas"] or {}).items() if k in names}
+        results.append(solve_with(record, config, stats, layout.rank, weights=_only(weights, names),
+                                  **{**solve_kw, "ranks": ranks, "alphas": alphas}))
+        del stats  # freed before the next pass: the plan counts one pass's statistics at a time
+    return _merged(results, targets, model, kw)
+
+
+def _only(weights, names):
+    return None if weights is None else {k: w for k, w in weights.items() if k in names}
+
+
+def _merged(results: list[InitResult], targets: list[Target], model, kw) -> InitResult:
+    """One result in model order; the targets and task recorded for all layers, not the last pass's."""
+    from .statistics.collector import is_causal_lm
+    from .targets import model_meta
+
+    first = results[0]
+    layers = {}
+    for r in results:
+        layers.update(r.layers)
+    first.layers = {t.name: layers[t.name] for t in targets}
+    for r in results[1:]:
+        first.alphas.update(r.alphas)
+    first.timings = {"solve_s": sum(r.timings["solve_s"] for r in results)}
+    meta = model_meta(model, targets, causal=kw["loss_fn"] is None and is_causal_lm(model),
+                      adapter_name=kw["adapter_name"])
+    first.target_modules = meta["target_modules"]
+    first.base_model_name_or_path = meta["base_model_name_or_path"]
+    first.task_type = meta["task_type"]
+    return first
+
+
+class _Fingerprint:
+    """The loader, iterated once, with a checksum of the integer tensors of every batch it gave
+    (token ids, masks, labels): enough to tell that a second pass saw other samples, in another
+    order, or none.  The checksum stays on the batches' device until :meth:`value`."""
+
+    def __init__(self, loader: Iterable):
+        self.loader, self.sums = loader, []
+
+    def __iter__(self):
+        for index, raw in enumerate(self.loader):
+            for t in _tensors(raw):
+                if not (t.is_floating_point() or t.is_complex()) and t.numel():
+                    flat = t.reshape(-1).long()
+                    weights = torch.arange(1, flat.numel() + 1, device=flat.device) % 8191 + index + 1
+                    self.sums.append((flat * weights).sum())
+            yield raw
+
+    def value(self) -> tuple:
+        return tuple(int(s) for s in self.sums)
+
+
+def _tensors(raw) -> list[torch.Tensor]:
+    if torch.is_tensor(raw):
+        return [raw]
+    if isinstance(raw, Mapping):
+        return [t for key in sorted(raw, key=str) for t in _tensors(raw[key])]
+    if isinstance(raw, (list, tuple)):
+        return [t for item in raw for t in _tensors(item)]
+    return []

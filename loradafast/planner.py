@@ -1,0 +1,363 @@
+"""The memory planner: how many statistics passes a budget allows (docs/design.md §6.4).
+
+The statistics of every target layer (fp32 ``G`` per layer, ``Z`` per input group, ``Y`` per
+layer) may not fit the device beside the model: Llama-2-13B's take ≈ 95 GB.  The planner estimates,
+from the layer shapes alone, what one pass over a set of input groups holds at its peak:
+
+* the statistics of those groups (what the method's pass collects);
+* plus the larger of the end of the pass (the accumulators' transients: the per-batch products of
+  the reference kernels, and the symmetric copies ``collect`` makes of ``Z`` and full ``Y``) and
+  the solve (the workspace of the largest input group: its float64 copies, Cholesky factors,
+  preconditioner factors, LOBPCG blocks and one dense fallback, or a per-layer SVD);
+* plus the factors of every layer, which are kept until the adapter is applied.
+
+Input groups are packed greedily in model order: a group joins the current pass if the pass's
+estimate stays within the budget, and starts the next pass otherwise.  An input group is never
+split (its layers share one ``Z`` and one factorisation).  A group that does not fit alone is an
+error naming it.  The estimates are a model of the code (counted from the tensors each stage
+allocates), not a measurement; the budget excludes the model itself and the activations of the
+pass, which is what the default budget's margin is for.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+# The default budget keeps this fraction of the device's total memory free: activations of the
+# pass's batches, the allocator's fragmentation and whatever else runs.
+DEFAULT_MARGIN = 0.10
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class MemoryBudgetError(ValueError):
+    """An input group needs more memory than the budget, even in a pass of its own."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the planner knows of a target layer: no weights, no model."""
+
+    name: str
+    in_features: int
+    out_features: int
+    input_group: str  # layers with the same input_group read the same input (share one Z)
+    rank: int = 8
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    layers: tuple[str, ...]
+    input_groups: tuple[str, ...]
+    statistics_bytes: int  # what the pass's statistics hold once complete
+    peak_bytes: int  # estimated peak of the pass and its solve, the kept factors included
+
+    def to_dict(self) -> dict:
+        return {"layers": list(self.layers), "input_groups": list(self.input_groups),
+                "statistics_bytes": self.statistics_bytes, "peak_bytes": self.peak_bytes}
+
+
+@dataclass
+class MemoryPlan:
+    """The passes of an initialisation: ``result.plan``.  ``str(plan)`` is a table."""
+
+    passes: list[PassPlan]
+    budget_bytes: int | None  # None: no limit
+    budget_source: str  # where the budget came from
+    statistics_bytes: int  # all layers' statistics, as one pass would hold them
+    method: str = "lora-da"
+    notes: list[str] = field(default_factory=list)
+    smallest_budget_bytes: int = 0  # the largest input group alone: no plan exists below it
+
+    @property
+    def num_passes(self) -> int:
+        return len(self.passes)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((p.peak_bytes for p in self.passes), default=0)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "budget_bytes": self.budget_bytes, "budget_source": self.budget_source,
+                "statistics_bytes": self.statistics_bytes, "peak_bytes": self.peak_bytes,
+                "smallest_budget_bytes": self.smallest_budget_bytes, "num_passes": self.num_passes,
+                "passes": [p.to_dict() for p in self.passes], "notes": list(self.notes)}
+
+    def __repr__(self) -> str:
+        budget = "no limit" if self.budget_bytes is None else format_bytes(self.budget_bytes)
+        return (f"MemoryPlan({self.num_passes} pass{'es' if self.num_passes != 1 else ''}, "
+                f"{sum(len(p.layers) for p in self.passes)} layers, statistics {format_bytes(self.statistics_bytes)}, "
+                f"estimated peak {format_bytes(self.peak_bytes)}, budget {budget} ({self.budget_source}))")
+
+    def __str__(self) -> str:
+        lines = [f"loradafast memory plan ({self.method}): " + repr(self)[len("MemoryPlan("):-1]]
+        width = len(str(self.num_passes))
+        for i, p in enumerate(self.passes, 1):
+            span = p.layers[0] if len(p.layers) == 1 else f"{p.layers[0]} … {p.layers[-1]}"
+            lines.append(f"  pass {i:>{width}}: {len(p.layers):>4} layers, {len(p.input_groups):>3} input groups, statistics "
+                         f"{format_bytes(p.statistics_bytes):>9}, peak {format_bytes(p.peak_bytes):>9}  ({span})")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_bytes(value) -> int | None:
+    """``memory_budget`` as bytes: a number, or a string such as ``"40GB"`` (10⁹) or ``"40GiB"``
+    (2³⁰); ``math.inf`` or ``"unlimited"`` for no limit (None)."""
+    if isinstance(value, bool):
+        raise TypeError(f"memory_budget must be a number of bytes or a string like '40GB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value == math.inf:
+            return None
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "").upper()
+        if text in ("UNLIMITED", "INF", "NONE"):
+            return None
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)([KMGT]I?B|B)?", text)
+        if match is None or match.group(2) not in _UNITS and match.group(2) is not None:
+            raise ValueError(f"memory_budget {value!r} is not a size; write e.g. '40GB', '512MiB' or 2e9")
+        return parse_bytes(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    raise TypeError(f"memory_budget must be a number of bytes or a string like '40GB', got {type(value).__name__}")
+
+
+def default_budget(device) -> tuple[int | None, str]:
+    """Free memory of ``device`` less :data:`DEFAULT_MARGIN` of its total, and where it came from.
+    On CUDA the allocator's cached but unused blocks count as free; on CPU the kernel's
+    ``MemAvailable``; elsewhere no limit."""
+    device = torch.device(device)
+    margin = f"less a {DEFAULT_MARGIN:.0%} margin"
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(int(free - DEFAULT_MARGIN * total), 1), f"free CUDA memory {margin}"
+    if device.type == "cpu":
+        available, total = _host_memory()
+        if available is not None:
+            return max(int(available - DEFAULT_MARGIN * total), 1), f"available RAM {margin}"
+    return None, f"free memory of {device.type} unknown: no limit"
+
+
+def _host_memory() -> tuple[int | None, int | None]:
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.available), int(vm.total)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
+        return info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None, None
+
+
+def resolve_budget(memory_budget, device) -> tuple[int | None, str]:
+    """The budget in bytes (None: no limit) and its source; the smallest over the ranks of a
+    distributed run, so that every rank makes the same plan and joins the same collectives."""
+    if memory_budget is None:
+        budget, source = default_budget(device)
+    else:
+        budget, source = parse_bytes(memory_budget), "memory_budget"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([-1 if budget is None else budget], dtype=torch.int64, device=device)
+        t = torch.where(t < 0, torch.iinfo(torch.int64).max, t)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        budget = None if int(t) == torch.iinfo(torch.int64).max else int(t)
+    return budget, source
+
+
+# ---- the memory model ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """What a pass collects and how a method solves, as far as memory goes."""
+
+    method: str = "lora-da"
+    statistics: frozenset = frozenset("GYZ")  # what the pass collects (of "G", "Y", "Z")
+    y_factor: str = "diag"
+    solve_dtype: torch.dtype = torch.float64
+    eigensolver: str = "lobpcg"  # LoRA-DA: "lobpcg", "dense", or "auto" (resolved per width below)
+    device_type: str = "cuda"
+
+    @property
+    def d(self) -> int:
+        return torch.finfo(self.solve_dtype).bits // 8
+
+    def lora_da_dense(self, n: int, rank: int) -> bool:
+        """Whether LoRA-DA solves a group of width ``n`` densely (as lora_da_solve and eigen decide)."""
+        from .methods.lora_da_solve import CPU_DENSE_MAX_N
+
+        if n <= 4 * (rank + max(rank, 8)):  # eigen.smallest_eigenpairs: the basis would be most of the space
+            return True
+        if self.eigensolver == "auto":
+            return self.device_type != "cuda" and n <= CPU_DENSE_MAX_N
+        return self.eigensolver == "dense"
+
+
+def _group_statistics(m: MemoryModel, layers: list[LayerShape]) -> int:
+    n = layers[0].in_features
+    total = 4 * n * n if "Z" in m.statistics else 0
+    for s in layers:
+        total += 4 * s.out_features * n if "G" in m.statistics else 0
+        if "Y" in m.statistics:
+            total += 4 * (s.out_features if m.y_factor == "diag" else s.out_features ** 2)
+    return total
+
+
+def _pass_transient(m: MemoryModel, groups: list[list[LayerShape]]) -> int:
+    """The accumulators' transients: per batch, the reference kernels' products (``xᵀx`` and its
+    ``tril``, ``gᵀx``); at the end of ``collect``, a symmetric copy of every ``Z`` (and full
+    ``Y``) beside the accumulators' lower triangles, plus ``symmetric_from_lower``'s two
+    temporaries for the largest."""
+    z = [s[0].in_features ** 2 for s in groups] if "Z" in m.statistics else []
+    y = [s.out_features ** 2 for g in groups for s in g] if "Y" in m.statistics and m.y_factor == "full" else []
+    g = [s.out_features * s.in_features for grp in groups for s in grp] if "G" in m.statistics else []
+    per_batch = max([2 * v for v in z + y] + g + [0])
+    end = sum(z) + sum(y) + 2 * max(z + y + [0])
+    return 4 * max(per_batch, end)
+
+
+def _lora_da_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
+    """One input group's solve (methods/lora_da_solve.py): the float64 Z, its damped copies and
+    Cholesky factor, every layer's G and Y factor, then either the dense Ω of every layer and
+    their ``eigh``, or one preconditioner factor per layer (the worst case of the clustering, three
+    more ``n × n`` while one is built) and the LOBPCG blocks.  LOBPCG's dense fallback for a layer
+    that misses its tolerance (about ``6 n²`` more) is not reserved: it is the exception, and at
+    the widths where memory is short it would be far too slow anyway."""
+    d, n, b = m.d, layers[0].in_features, len(layers)
+    n2, outs = d * n * n, [s.out_features for s in layers]
+    grads = d * n * sum(outs)
+    full_y = m.y_factor == "full"
+    y_factors = d * (sum(o * o for o in outs) if full_y else sum(outs))
+    factor = max(5 * n2, 3 * n2 + grads + d * n * max(outs)) + y_factors + (4 * d * max(outs) ** 2 if full_y else 0)
+    steady = 2 * n2 + grads + y_factors
+    rank = max(s.rank for s in layers)
+    if m.lora_da_dense(n, rank):
+        solve = steady + (2 * b + 4) * n2 + 3 * d * n * max(outs)
+    else:
+        block = 3 * (rank + max(rank, 8))
+        solve = steady + (b + 3) * n2 + 12 * b * n * block * d
+    return max(factor, solve)
+
+
+def _svd_workspace(m: MemoryModel, s: LayerShape) -> int:
+    """A per-layer exact SVD of an ``[out, in]`` matrix in the solve dtype (LoRA-GA, LoRA-One, the
+    Fisher subspace): the matrix, LAPACK's copy and workspace, U and Vᵀ."""
+    out, n = s.out_features, s.in_features
+    k = min(out, n)
+    return m.d * (3 * out * n + out * k + k * n + 4 * k * k)
+
+
+def _group_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
+    if m.method == "lora-da":
+        return _lora_da_workspace(m, layers)
+    work = max(_svd_workspace(m, s) for s in layers)
+    if m.method == "fisher-subspace":  # its Z and Y in the solve dtype, and the energies' products
+        n, out = layers[0].in_features, max(s.out_features for s in layers)
+        y = out * out if m.y_factor == "full" else out
+        work += m.d * (2 * n * n + 2 * y + 2 * min(n, out) * (n + out))
+    return work
+
+
+def _pass_peak(m: MemoryModel, groups: list[list[LayerShape]], kept: int) -> tuple[int, int]:
+    """(statistics, peak) of one pass over ``groups``; ``kept``: the factors of every layer."""
+    stats = sum(_group_statistics(m, g) for g in groups)
+    work = max(_group_workspace(m, g) for g in groups)
+    return stats, kept + stats + max(_pass_transient(m, groups), work)
+
+
+def _input_groups(shapes: Iterable[LayerShape]) -> dict[str, list[LayerShape]]:
+    """Input group → its layers, groups in the order their first layer comes in the model."""
+    groups: dict[str, list[LayerShape]] = {}
+    for s in shapes:
+        groups.setdefault(s.input_group, []).append(s)
+    for key, layers in groups.items():
+        if len({s.in_features for s in layers}) != 1:
+            raise ValueError(f"input group {key!r} has layers of different input widths: they cannot share one Z")
+    return groups
+
+
+def plan_passes(shapes: list[LayerShape], model: MemoryModel, budget: int | None, budget_source: str,
+                notes: list[str] | None = None) -> MemoryPlan:
+    """Greedy packing of whole input groups, in model order, into passes whose estimated peak
+    stays within ``budget`` (module docstring).  Raises :class:`MemoryBudgetError` naming the
+    largest input group when it does not fit alone (it sets the smallest budget any plan needs)."""
+    groups = _input_groups(shapes)
+    kept = sum(4 * s.rank * (s.in_features + s.out_features) for s in shapes)
+    alone = {key: _pass_peak(model, [layers], kept) for key, layers in groups.items()}
+    key = max(alone, key=lambda k: alone[k][1])
+    stats, peak = alone[key]
+    if budget is not None and peak > budget:
+        layers = groups[key]
+        raise MemoryBudgetError(
+            f"input group {key!r} ({len(layers)} layer(s): {', '.join(s.name for s in layers)}; in="
+            f"{layers[0].in_features}) needs an estimated {format_bytes(peak)} in a pass of its own (statistics "
+            f"{format_bytes(stats)}, the rest the solve's workspace, the pass's transients and the factors kept for all "
+            f"{len(shapes)} layers), but the memory budget is {format_bytes(budget)} ({budget_source}); no plan fits "
+            f"below {format_bytes(peak)}: raise memory_budget, free device memory, or exclude these layers with "
+            "target_modules"
+        )
+    passes, current = [], []
+    for layers in groups.values():
+        if current and budget is not None and _pass_peak(model, current + [layers], kept)[1] > budget:
+            passes.append(_pass_plan(model, current, kept))
+            current = []
+        current.append(layers)
+    if current:
+        passes.append(_pass_plan(model, current, kept))
+    total = sum(_group_statistics(model, g) for g in groups.values())
+    return MemoryPlan(passes, budget, budget_source, total, model.method, list(notes or []), peak)
+
+
+def _pass_plan(m: MemoryModel, groups: list[list[LayerShape]], kept: int) -> PassPlan:
+    stats, peak = _pass_peak(m, groups, kept)
+    return PassPlan(tuple(s.name for g in groups for s in g), tuple(g[0].input_group for g in groups), stats, peak)
+
+
+# ---- plans from shapes alone (docs, what-if) -------------------------------------------------------
+
+def plan_for_shapes(shapes: Iterable, *, memory_budget, method: str = "lora-da", y_factor: str = "diag",
+                    solve_dtype: torch.dtype = torch.float64, eigensolver: str = "lobpcg",
+                    device_type: str = "cuda", statistics: Iterable[str] | None = None) -> MemoryPlan:
+    """The plan :func:`loradafast.initialize` would make for these layers, without a model.
+
+    ``shapes``: :class:`LayerShape` or ``(name, in, out, input_group[, rank])`` tuples, in model
+    order.  ``statistics`` defaults to what the pass collects for every data-aware method today
+    (G, Y and Z).  ``memory_budget`` as in ``initialize`` (bytes or e.g. ``"80GB"``)."""
+    layers = [s if isinstance(s, LayerShape) else LayerShape(*s) for s in shapes]
+    model = MemoryModel(method, frozenset(statistics or "GYZ"), y_factor, solve_dtype, eigensolver, device_type)
+    return plan_passes(layers, model, parse_bytes(memory_budget), "memory_budget")
+
+
+def llama_shapes(hidden: int, intermediate: int, num_layers: int, *, kv_dim: int | None = None,
+                 rank: int = 8) -> list[LayerShape]:
+    """Every linear layer of a Llama decoder (q, k, v, o, gate, up, down per block), in model order,
+    with its input groups (q/k/v share the attention input, gate/up the MLP input)."""
+    kv = hidden if kv_dim is None else kv_dim
+    out = []
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        attn, mlp = f"{p}.self_attn.q_proj", f"{p}.mlp.gate_proj"
+        out += [LayerShape(f"{p}.self_attn.q_proj", hidden, hidden, attn, rank),
+                LayerShape(f"{p}.self_attn.k_proj", hidden, kv, attn, rank),
+                LayerShape(f"{p}.self_attn.v_proj", hidden, kv, attn, rank),
+                LayerShape(f"{p}.self_attn.o_proj", hidden, hidden, f"{p}.self_attn.o_proj", rank),
+                LayerShape(f"{p}.mlp.gate_proj", hidden, intermediate, mlp, rank),
+                LayerShape(f"{p}.mlp.up_proj", hidden, intermediate, mlp, rank),
+                LayerShape(f"{p}.mlp.down_proj", intermediate, hidden, f"{p}.mlp.down_proj", rank)]
+    return out
