@@ -4,9 +4,27 @@ import pytest
 import torch
 
 # Triton kernels run in the interpreter on machines without a GPU; the variable must be set
-# before any kernel module is imported, which is why it lives here and not in a test.
+# before any kernel module is imported (Triton decides between compiling and interpreting when a
+# kernel is decorated, and loradafast.kernels.kfac_triton reads it at import), which is why it
+# lives here and not in a test.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def triton_devices(cuda: bool, interpreting: bool) -> list[str]:
+    """Where the Triton-path tests run: ``"cpu"`` only in the interpreter (a compiled kernel
+    cannot read CPU tensors), ``"cuda"`` wherever there is a GPU (compiled, or interpreted with
+    host copies when ``TRITON_INTERPRET=1`` was set by hand)."""
+    return (["cpu"] if interpreting else []) + (["cuda"] if cuda else [])
+
+
+def pytest_generate_tests(metafunc):
+    # Every test that takes ``triton_device`` runs once per device the Triton path can use here,
+    # so the same tests pass on a CPU-only machine (interpreter) and on a CUDA one (compiled).
+    if "triton_device" in metafunc.fixturenames:
+        devices = triton_devices(torch.cuda.is_available(), os.environ.get("TRITON_INTERPRET", "0") == "1")
+        params = devices or [pytest.param("none", marks=pytest.mark.skip(reason="no Triton device"))]
+        metafunc.parametrize("triton_device", params)
 
 
 def pytest_collection_modifyitems(config, items):
