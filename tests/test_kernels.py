@@ -347,6 +347,45 @@ def test_omega_triton_rejects_fp64(triton_device):
 
 
 # ------------------------------------------------------------------------------------------
+# Autotuning: configs that spill on sm_90 are pruned before they are compiled
+
+
+def _kept(block, precision):
+    from loradafast.kernels import kfac_triton
+
+    kept = kfac_triton._prune(kfac_triton.TUNED_CONFIGS, {}, BLOCK=block, DOT_PRECISION=precision,
+                              HAS_MASK=True, ATOMIC=False, UPCAST=False)
+    return {(c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept}
+
+
+def test_autotune_prunes_spilling_configs():
+    # The compiles behind the register model: 16-bit tiles of 128 at 4 warps spill 88-96 B; the
+    # fp32 `ieee` paths spill up to ~40 KB at 128 unless the token depth is 32 over 8 warps.
+    kept = _kept(128, None)
+    assert kept and all(w == 8 for _, w, _ in kept)
+    assert _kept(128, "ieee") == {(32, 8, 4)}
+    assert all(w == 8 and k <= 64 for k, w, _ in _kept(128, "tf32"))  # BLOCK_K 128 overflows shared memory
+    from loradafast.kernels import kfac_triton
+
+    everything = {(c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kfac_triton.TUNED_CONFIGS}
+    assert _kept(64, None) == everything  # narrow layers: every candidate fits
+    for block in (64, 128, 256):  # never empty, even where nothing fits the model
+        for precision in (None, "ieee", "tf32"):
+            assert _kept(block, precision)
+
+
+def test_autotuners_prune_and_cache_across_processes():
+    from loradafast.kernels import kfac_triton, omega_triton
+
+    for kernel in (kfac_triton._kfac_kernel, kfac_triton._kfac_pair_kernel, kfac_triton._gradient_kernel):
+        assert kernel.early_config_prune is kfac_triton._prune
+    # Triton turns the on-disk cache off in the interpreter; on a GPU timings persist per shape.
+    assert kfac_triton._AUTOTUNE["cache_results"] is True
+    assert omega_triton.omega_warps(64, 64, 64) == 8  # 4 warps spilled 764 B
+    assert omega_triton.omega_warps(64, 16, 64) == 4
+
+
+# ------------------------------------------------------------------------------------------
 # Dispatch
 
 
