@@ -71,3 +71,31 @@ def test_statistics_mirror_the_triangles_without_a_second_copy():
         assert torch.equal(stats.z_sums[k], want_z[k])
     for name in ("l1", "l2"):
         assert torch.equal(stats.layers[name].y_sum, want_y[name])
+
+
+def _bench_eigen():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("bench_eigen", bench / "bench_eigen.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_eigen_groups_fit_an_80_gb_gpu_by_a_measured_slot_count():
+    # The slot model (PEAK_SLOTS float64 [batch, n, n] tensors) against the live bytes of one
+    # small group run as on the GPU (same code, CPU tensors), then applied to the GPU groups.
+    be = _bench_eigen()
+    batch, n, out, tokens = 3, 64, 64, 48
+    with LiveBytes() as mem:
+        z_lambda, chol, c, delta_hat = be.make_group(batch, n, out, tokens, "cpu", seed=0)
+        be.bench_group(z_lambda, chol, c, delta_hat, 4, "cpu", False)
+    assert mem.peak <= be.peak_bytes(batch, n), (mem.peak / (batch * n * n * 8), be.PEAK_SLOTS)
+    for batch, n, _, _ in be.GPU_GROUPS:
+        assert be.peak_bytes(batch, n) <= 0.9 * 80e9
+    with pytest.raises(SystemExit, match="GiB"):
+        be.check_memory([(192, 4096, 4096, 2048)], 80 * 2**30)  # the whole model's 192 layers would not

@@ -15,8 +15,8 @@ one batch by a block LOBPCG (Knyazev 2001) written for fixed shapes:
   goes to the dense fallback.  ``torch.linalg.eigh`` has no ``_ex`` variant and reads its error
   codes with ``.item()``, so on CUDA without the native solver an iteration synchronises four
   times (tests/test_eigen.py counts them); each costs the launch latency of the next kernels,
-  small beside an iteration of a batch of wide layers, but not beside one of a tiny batch —
-  which is why the solve budget (``methods/solver.py``) keeps batches large;
+  small beside an iteration of a large batch of wide layers, but not beside one of a small
+  batch (LoRA-DA solves one input group, 1–3 layers, at a time: ``methods/lora_da_solve.py``);
 * search directions are orthonormalised with masked SVQB (Stathopoulos & Wu 2002), applied twice,
   and the implicit-difference direction ``P`` is built in the coefficient space of the
   Rayleigh–Ritz step (Hetmaniuk & Lehoucq 2006; Duersch et al. 2018), so the basis ``[X, W, P]``
