@@ -38,3 +38,29 @@ def test_kernel_warm_up_covers_every_width_batch_size_and_mask(monkeypatch):
         seen = {(t, m) for n, t, m in calls if n == name}
         assert seen == {(16, False), (16, True), (32, False), (32, True)}, (name, seen)
     assert len([c for c in calls if c[0] == "kfac"]) == 2 * len(widths) * 2 * 2
+
+
+def test_every_method_is_reported_against_both_floors():
+    from _overhead.report import markdown_table, summarize
+
+    walls = {"floor": [1.0, 2.0], "floor-train": [1.5, 3.0], "lora-da-diag": [1.8, 3.3]}
+    runs = {m: [{"ok": True, "repetition": i, "wall_s": w} for i, w in enumerate(ws)] for m, ws in walls.items()}
+    summary = summarize(list(walls), runs)
+    da = summary["lora-da-diag"]
+    assert da["ratio_over_floor"] == pytest.approx(2.55 / 1.5)
+    assert da["ratio_over_training_floor"] == pytest.approx(2.55 / 2.25)
+    assert da["ratio_over_training_floor_paired"]["min"] == pytest.approx(1.1)
+    assert summary["floor"]["ratio_over_training_floor"] == pytest.approx(1.5 / 2.25)
+    table = markdown_table("m", {"summary": summary, "description": "d", "data": "x", "batch_size": 1, "rank": 8,
+                                 "device": "cpu", "repeats": 2})
+    assert "ratio over training floor" in table and "| lora-da-diag | 2.55 (1.8–3.3) | 1.70× (1.65–1.80) | 1.13×" in table
+
+
+def test_both_floors_are_always_run_first():
+    import overhead
+
+    args = overhead.argparse.Namespace(gpu=False, device="cpu", models="tiny", methods="lora-ga,floor-train",
+                                       samples=None, seq_len=None, batch_size=None, eva_max_epochs=None,
+                                       repeats=None)
+    _, _, methods, _ = overhead.resolve_choices(args, cuda_available=False)
+    assert methods == ["floor", "floor-train", "lora-ga"]
