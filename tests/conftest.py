@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from devices import triton_devices
 
 # Triton kernels run in the interpreter on machines without a GPU; the variable must be set
 # before any kernel module is imported (Triton decides between compiling and interpreting when a
@@ -9,13 +10,6 @@ import torch
 # lives here and not in a test.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def triton_devices(cuda: bool, interpreting: bool) -> list[str]:
-    """Where the Triton-path tests run: ``"cpu"`` only in the interpreter (a compiled kernel
-    cannot read CPU tensors), ``"cuda"`` wherever there is a GPU (compiled, or interpreted with
-    host copies when ``TRITON_INTERPRET=1`` was set by hand)."""
-    return (["cpu"] if interpreting else []) + (["cuda"] if cuda else [])
 
 
 def pytest_generate_tests(metafunc):

@@ -426,7 +426,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     (False, False, []),
 ])
 def test_triton_device_rule(cuda, interpreting, want):
-    from conftest import triton_devices
+    from devices import triton_devices
 
     assert triton_devices(cuda, interpreting) == want
 
