@@ -55,6 +55,37 @@ def make_group(batch, n, out, tokens, device, seed, lam=1e-6, beta=0.03, num=100
     return z_lambda, chol, c, delta_hat
 
 
+# Live float64 [batch, n, n] tensors at the peak of one group: make_group holds z, grad, z_lambda,
+# chol, delta and delta_hat at once; bench_group keeps z_lambda, chol, delta_hat, omega and the
+# dense reference's eigenvectors (5) while dense_omega's temporaries, the preconditioner's
+# (s·Zλ + cI and its Cholesky factor) or the symmetrised copy of the dense run are alive.
+# tests/test_memory_peaks.py tracks the live bytes of a small group: 9.3 slots at n = 64 (where
+# the [tokens, n] samples still count); 10 bounds it.
+PEAK_SLOTS = 10
+
+
+def peak_bytes(batch: int, n: int) -> int:
+    """Estimated peak device memory of one group: :data:`PEAK_SLOTS` float64 ``[batch, n, n]``."""
+    return PEAK_SLOTS * batch * n * n * 8
+
+
+def check_memory(groups, budget_bytes: int) -> None:
+    """Refuse to start a group that would not fit (a group is freed before the next one)."""
+    for batch, n, _out, _tokens in groups:
+        if peak_bytes(batch, n) > budget_bytes:
+            raise SystemExit(f"group of {batch} layers of width {n} needs ≈ {peak_bytes(batch, n) / 2**30:.1f} GiB "
+                             f"> the budget of {budget_bytes / 2**30:.1f} GiB (--memory-gib)")
+
+
+# (layers, n, out, tokens < n).  On CUDA a slice of Llama-2-7B's 192 + 32 layers (the whole model
+# would need ~8 float64 [192, 4096, 4096] tensors of 26 GB each); times scale per layer. Peak by
+# peak_bytes: 24 × 4096² → 32.2 GB, 4 × 11008² → 38.8 GB, within an 80 GB GPU.
+GPU_GROUPS = [(24, 4096, 4096, 2048), (4, 11008, 4096, 4096)]
+CPU_GROUPS = [(64, 256, 256, 192), (16, 512, 256, 384)]
+GPU_RAYLEIGH_RITZ = ((24, 48, 96, 192, 384), 224)  # sizes, batch
+CPU_RAYLEIGH_RITZ = ((24, 48, 72, 96, 144, 192, 288, 384), 32)
+
+
 def dense_omega(chol, c, delta_hat):
     omega = c[:, None, None] * torch.cholesky_inverse(chol) - delta_hat.mT @ delta_hat
     return 0.5 * (omega + omega.mT)
@@ -139,20 +170,20 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-lobpcg", action="store_true", help="skip the looped torch.lobpcg baseline")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="device memory budget (default: free CUDA memory less 10%%; none on CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
     if device.type == "cuda":
-        # (layers, n, out, tokens < n).  A slice of Llama-2-7B's 192 + 32 layers: the whole model
-        # would hold four float64 [192, 4096, 4096] tensors (≈ 26 GB each); times scale per layer.
-        groups = [(24, 4096, 4096, 2048), (4, 11008, 4096, 4096)]
-        ranks = (8, 64)
-        rr_sizes, rr_batch = (24, 48, 96, 192, 384), 224
+        groups, ranks, (rr_sizes, rr_batch) = GPU_GROUPS, (8, 64), GPU_RAYLEIGH_RITZ
     else:
-        groups = [(64, 256, 256, 192), (16, 512, 256, 384)]
-        ranks = (8, 32)
-        rr_sizes, rr_batch = (24, 48, 72, 96, 144, 192, 288, 384), 32
+        groups, ranks, (rr_sizes, rr_batch) = CPU_GROUPS, (8, 32), CPU_RAYLEIGH_RITZ
 
+    if args.memory_gib is not None:
+        check_memory(groups, int(args.memory_gib * 2**30))
+    elif device.type == "cuda":
+        check_memory(groups, int(0.9 * torch.cuda.mem_get_info(device)[0]))
     _native.load()  # build outside the timings
     z_lambda, chol, c, delta_hat = make_group(2, 96, 32, 64, device, seed=99)  # warm-up: first-call costs
     bench_group(z_lambda, chol, c, delta_hat, 4, device, False)

@@ -41,7 +41,11 @@ from loradafast.kernels import dispatch  # noqa: E402
 
 
 def bench(fn, device: torch.device) -> float:
-    """Median seconds per call after one warm-up call (the harness's :func:`median_time`)."""
+    """Median seconds per call after one untimed warm-up call per provider and shape (the
+    harness's :func:`median_time`). For the Triton providers that call is where the autotuner
+    compiles and times the configs left by ``kfac_triton._prune`` for the shape's key, so no timed
+    call includes tuning; the timings also go to Triton's disk cache (``cache_results``), which a
+    later process, such as each child of benchmarks/overhead.py, reads instead of re-tuning."""
     return median_time(fn, device, min_time=0.2, max_reps=200)
 
 

@@ -28,6 +28,10 @@ Methods (``--methods``, comma-separated):
   so that autograd computes the activation gradients of every decoder layer and no weight
   gradient; loss = Σ over sequences of the mean token loss of the sequence (fp32 log-softmax,
   loradafast's loss); ``use_cache=False``.  This is what any data-aware method must at least do.
+* ``floor-train``: the training-step floor, the same forward+backward with the weights of the target
+  layers requiring grad, so that autograd also computes their weight gradients (accumulated over
+  the batches, as G is); what one training step costs, and what any method that needs G
+  (LoRA-GA, LoRA-One, LoRA-DA) must at least do (docs/design.md §6.2 gives the FLOP model).
 * ``lora-da-diag``, ``lora-da-full``: ``loradafast.get_peft_model(model, loader, LoraConfig,
   method="lora-da", y_factor=...)``; ``lora-ga``, ``lora-one``: the same call with that method (all
   four from one statistics pass + solve + wrap/apply).  Skipped, with a note, when the installed
@@ -55,10 +59,11 @@ Methods (``--methods``, comma-separated):
 
 Reported per method: wall time (median, min, max over repetitions), the split pass / solve /
 apply where the method exposes it (loradafast: ``result.timings``; apply = wall − pass − solve,
-i.e. wrapping into a PeftModel and filling it), peak memory, and the ratio over the floor of the
-same run.  Results go to ``benchmarks/results/overhead_<device-slug>.json`` and a bar plot of the
-ratios to ``.png`` beside it (needs matplotlib, a benchmark-only dependency; skipped with a
-message when missing).  A Markdown table is printed at the end.
+i.e. wrapping into a PeftModel and filling it), peak memory, and the ratios over both floors of
+the same run (``ratio_over_floor``: the input-gradient floor; ``ratio_over_training_floor``).
+Results go to ``benchmarks/results/overhead_<device-slug>.json`` and a bar plot of the ratios
+(over the input-gradient floor) to ``.png`` beside it (needs matplotlib, a benchmark-only
+dependency; skipped with a message when missing).  A Markdown table is printed at the end.
 
 The parts live in ``benchmarks/_overhead/`` (config, models, methods, official, runner, report);
 this file is the command line and the results record.
@@ -81,6 +86,8 @@ from _overhead.config import (  # noqa: E402
     ALL_METHODS,
     ALTERNATION,
     FLOOR,
+    FLOOR_TRAIN,
+    FLOORS,
     LORA_DA_DEFAULTS,
     LORADAFAST_METHODS,
     METHOD_DESCRIPTIONS,
@@ -158,8 +165,10 @@ def resolve_choices(args, cuda_available: bool) -> tuple[str, list[str], list[st
     for m in methods:
         if m not in ALL_METHODS:
             raise SystemExit(f"unknown method {m!r}; choose among {ALL_METHODS}")
-    if "floor" not in methods:
-        methods.insert(0, "floor")  # the ratios need it
+    for i, floor in enumerate(FLOORS):  # the ratios need both floors, first
+        if floor in methods:
+            methods.remove(floor)
+        methods.insert(i, floor)
     settings = _parse_per_model(args.samples, models, "samples")
     for key, value in (("seq_len", args.seq_len), ("batch_size", args.batch_size),
                        ("eva_max_epochs", args.eva_max_epochs), ("repeats", args.repeats)):
@@ -242,6 +251,7 @@ def result_header(args, argv, device: str, settings: dict, dtype: str, skipped: 
                      "official_group_layers": OFFICIAL_GROUP,
                      "lora_da_defaults": LORA_DA_DEFAULTS},
         "floor": FLOOR,
+        "floor_train": FLOOR_TRAIN,
         "method_descriptions": dict(METHOD_DESCRIPTIONS),
         "skipped": skipped,
         "notes": [],

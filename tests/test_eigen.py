@@ -276,3 +276,42 @@ def test_invalid_arguments():
         eigen.smallest_eigenpairs(lambda x: x, None, 2, 1)
     with pytest.raises(ValueError):
         eigen.smallest_eigenpairs(torch.eye(5).expand(1, 5, 5), r=6)
+
+
+# ------------------------------------------------------------------------------------------
+# Host synchronisations (counted on any device by tests/syncs.py)
+
+
+def _count_syncs(apply, z_lambda, c, iters, check_every):
+    from syncs import SyncCounter
+
+    precond = eigen.omega_preconditioner(z_lambda, c)
+    with SyncCounter() as counter:
+        eigen.smallest_eigenpairs(apply, n=z_lambda.shape[-1], r=2, batch=z_lambda.shape[0], oversample=4,
+                                  precond=precond, max_iter=iters, check_every=check_every, tol=0.0,
+                                  fallback=False)
+    return counter
+
+
+@pytest.mark.parametrize("native_small", [True, False])
+def test_lobpcg_synchronises_only_at_check_points(monkeypatch, native_small):
+    # tol = 0 never converges, so every run does max_iter iterations: the difference between two
+    # lengths is the iterations' own count. With a synchronisation-free small eigensolver
+    # (the native one; block m = 6, Rayleigh-Ritz size 18) none happens inside an iteration, and
+    # the check points add exactly one each. torch.linalg.eigh checks its error codes on the
+    # host: four per iteration, and nothing else (a new .item(), nonzero or checked
+    # factorisation in the loop fails this test).
+    from loradafast.linalg import native
+
+    if native_small and not native.available():
+        pytest.skip("the native eigensolver could not be built here")
+    monkeypatch.setattr(native, "prefer_native", lambda a: native_small)
+    _, apply, z_lambda, c = _lora_da_problem(batch=2, n=48, out=24, tokens=40)
+    short, long = (_count_syncs(apply, z_lambda, c, iters, check_every=1000) for iters in (4, 9))
+    per_iteration = (long.total - short.total) / 5
+    if native_small:
+        assert per_iteration == 0, long.by_op
+    else:
+        assert per_iteration == 4 and set(long.by_op) == {"_linalg_eigh"}, long.by_op
+    checked = _count_syncs(apply, z_lambda, c, 9, check_every=3)
+    assert checked.total - long.total == 3, (checked.by_op, long.by_op)  # iterations 3, 6, 9

@@ -15,6 +15,8 @@ orders of magnitude.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -28,19 +30,20 @@ from loradafast.kernels.kfac_triton import _lower_tile_coords  # noqa: E402  (af
 U32 = 2.0 ** -24
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
-# Where the Triton path runs: the GPU when there is one (CPU tensors cannot reach a compiled
-# kernel), else the interpreter on the CPU.  Results come back to the CPU, and in-place
-# accumulators are written back, so every test reads the same on both machines.
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Where the Triton path runs: every test that takes ``triton_device`` is parametrised by
+# conftest.pytest_generate_tests over the devices the path can use here ("cpu" in the interpreter,
+# "cuda" where there is a GPU; a compiled kernel cannot read CPU tensors). Inputs are built on the
+# CPU, moved for the Triton call, and results come back to the CPU, in-place accumulators written
+# back, so every test reads the same on both machines.
 
 
-def on_impl(fn, *args, impl, **kwargs):
-    if impl != "triton" or TRITON_DEVICE == "cpu":
+def on_impl(fn, *args, impl, device="cpu", **kwargs):
+    if impl != "triton" or device == "cpu":
         return fn(*args, impl=impl, **kwargs)
-    moved = [a.to(TRITON_DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     out = fn(*moved, impl=impl, **kwargs)
     for a, m in zip(args, moved):
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, torch.Tensor) and a is not m:
             a.copy_(m.cpu())  # the accumulators are updated in place
     back = {id(m): a for a, m in zip(args, moved) if isinstance(a, torch.Tensor)}
     if isinstance(out, tuple):
@@ -106,14 +109,14 @@ def test_gradient_and_diag_references_match_float64():
     _assert_sum_close(diag.double(), (gs * gs).sum(0), (gs * gs).sum(0), gs.shape[0])
 
 
-def test_masked_padding_with_nan_is_ignored():
+def test_masked_padding_with_nan_is_ignored(triton_device):
     # Fully masked rows may hold NaN (e.g. attention over no keys); they must not reach the sums.
     x = torch.randn(9, 5)
     x[-2:] = float("nan")
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
     for impl in ("reference", "triton"):
-        acc = on_impl(kernels.kfac_accumulate, torch.zeros(5, 5), x, mask, impl=impl)
-        grad = on_impl(kernels.gradient_accumulate, torch.zeros(5, 5), x, x, mask, impl=impl)
+        acc = on_impl(kernels.kfac_accumulate, torch.zeros(5, 5), x, mask, impl=impl, device=triton_device)
+        grad = on_impl(kernels.gradient_accumulate, torch.zeros(5, 5), x, x, mask, impl=impl, device=triton_device)
         assert torch.isfinite(acc.tril()).all() and torch.isfinite(grad).all(), impl
 
 
@@ -134,18 +137,18 @@ KFAC_CASES = [
 
 
 @pytest.mark.parametrize("d,tokens,dtype,mask_kind", KFAC_CASES)
-def test_kfac_triton_matches_reference(d, tokens, dtype, mask_kind):
+def test_kfac_triton_matches_reference(d, tokens, dtype, mask_kind, triton_device):
     gen = torch.Generator().manual_seed(d * 1000 + tokens)
     x = (torch.randn(tokens, d, generator=gen) * 3).to(dtype)
     mask = _mask(mask_kind, tokens, gen)
-    got = on_impl(kernels.kfac_accumulate, torch.zeros(d, d), x, mask, impl="triton")
+    got = on_impl(kernels.kfac_accumulate, torch.zeros(d, d), x, mask, impl="triton", device=triton_device)
     want = kernels.kfac_accumulate(torch.zeros(d, d), x, mask, impl="reference")
     xs = _keep_rows(x.float(), mask).double()
     _assert_sum_close(got, want, (xs.abs().T @ xs.abs()).float(), max(1, xs.shape[0]), where=_lower(d))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kfac_accumulates_across_calls(dtype):
+def test_kfac_accumulates_across_calls(dtype, triton_device):
     # Several batches into one accumulator that starts nonzero: the kernel must add, not store.
     gen = torch.Generator().manual_seed(7)
     d = 45
@@ -156,7 +159,7 @@ def test_kfac_accumulates_across_calls(dtype):
     for tokens in (1, 33, 100):
         x = torch.randn(tokens, d, generator=gen).to(dtype)
         mask = _mask("bool", tokens, gen)
-        on_impl(kernels.kfac_accumulate, got, x, mask, impl="triton")
+        on_impl(kernels.kfac_accumulate, got, x, mask, impl="triton", device=triton_device)
         kernels.kfac_accumulate(want, x, mask, impl="reference")
         xs = _keep_rows(x.double(), mask)
         terms += xs.abs().T @ xs.abs()
@@ -164,7 +167,7 @@ def test_kfac_accumulates_across_calls(dtype):
     _assert_sum_close(got, want, terms.float(), n + 3, base=start, where=_lower(d))
 
 
-def test_kfac_skips_upper_tiles_and_split_k_atomics():
+def test_kfac_skips_upper_tiles_and_split_k_atomics(triton_device):
     from loradafast.kernels import kfac_triton
 
     gen = torch.Generator().manual_seed(3)
@@ -177,8 +180,8 @@ def test_kfac_skips_upper_tiles_and_split_k_atomics():
     xs = _keep_rows(x.double(), mask)
     terms = (xs.abs().T @ xs.abs()).float()
     for split in (1, 3):  # 3 slices of the tokens add into each tile with fp32 atomics
-        dev = TRITON_DEVICE
-        got = kfac_triton.kfac_accumulate(start.clone().to(dev), x.to(dev), mask.to(dev), split_k=split).cpu()
+        got = kfac_triton.kfac_accumulate(start.clone().to(triton_device), x.to(triton_device), mask.to(triton_device),
+                                         split_k=split).cpu()
         _assert_sum_close(got, want, terms, xs.shape[0], base=start, where=_lower(d))
         # Tiles strictly above the diagonal are never launched: their contents are untouched.
         tile = torch.arange(d) // block
@@ -195,7 +198,7 @@ def _tile_coords_probe(pid_ptr, i_ptr, j_ptr, BLOCK: tl.constexpr):
     tl.store(j_ptr + offs, j)
 
 
-def test_lower_tile_enumeration_is_exact_for_large_grids():
+def test_lower_tile_enumeration_is_exact_for_large_grids(triton_device):
     # pid -> (i, j) goes through an fp32 sqrt, which overshoots by one just below the triangular
     # numbers from about 4600 tile rows on (pid ~ 1e7); check the integer correction there and on
     # small grids, around every triangular number.
@@ -203,7 +206,7 @@ def test_lower_tile_enumeration_is_exact_for_large_grids():
     tri = rows * (rows + 1) // 2
     pid = torch.cat([tri - 1, tri, tri + 1]).clamp(min=0).to(torch.int32)
     pid = torch.nn.functional.pad(pid, (0, -pid.numel() % 1024))
-    pid = pid.to(TRITON_DEVICE)
+    pid = pid.to(triton_device)
     i, j = torch.empty_like(pid), torch.empty_like(pid)
     _tile_coords_probe[(pid.numel() // 1024,)](pid, i, j, BLOCK=1024)
     pid, i, j = pid.cpu(), i.cpu(), j.cpu()
@@ -212,40 +215,40 @@ def test_lower_tile_enumeration_is_exact_for_large_grids():
     assert torch.equal(i64 * (i64 + 1) // 2 + j64, pid.long())
 
 
-def test_kfac_strided_input_and_leading_dims():
+def test_kfac_strided_input_and_leading_dims(triton_device):
     # A [batch, seq, d] activation, and a non-contiguous column slice of a wider tensor.
     gen = torch.Generator().manual_seed(4)
     wide = torch.randn(2, 11, 60, generator=gen).to(torch.bfloat16)
     x = wide[..., 5:45]  # row stride 60, not 40
     mask = torch.ones(2, 11, dtype=torch.bool)
     mask[1, 7:] = False
-    got = on_impl(kernels.kfac_accumulate, torch.zeros(40, 40), x, mask, impl="triton")
+    got = on_impl(kernels.kfac_accumulate, torch.zeros(40, 40), x, mask, impl="triton", device=triton_device)
     want = kernels.kfac_accumulate(torch.zeros(40, 40), x.contiguous().reshape(22, 40), mask.reshape(-1),
                                    impl="reference")
     xs = _keep_rows(x.reshape(22, 40).double(), mask.reshape(-1))
     _assert_sum_close(got, want, (xs.abs().T @ xs.abs()).float(), xs.shape[0], where=_lower(40))
 
 
-def test_kfac_medium_width():
+def test_kfac_medium_width(triton_device):
     # A realistic width (SmolLM2-135M hidden size) with few tokens: 171 lower tiles of 32.
     gen = torch.Generator().manual_seed(5)
     d, tokens = 576, 40
     x = torch.randn(tokens, d, generator=gen).to(torch.bfloat16)
     mask = _mask("bool", tokens, gen)
-    got = on_impl(kernels.kfac_accumulate, torch.zeros(d, d), x, mask, impl="triton")
+    got = on_impl(kernels.kfac_accumulate, torch.zeros(d, d), x, mask, impl="triton", device=triton_device)
     want = kernels.kfac_accumulate(torch.zeros(d, d), x, mask, impl="reference")
     xs = _keep_rows(x.double(), mask)
     _assert_sum_close(got, want, (xs.abs().T @ xs.abs()).float(), xs.shape[0], where=_lower(d))
 
 
 @pytest.mark.parametrize("dx,dg,tokens,dtype", [(37, 70, 300, torch.bfloat16), (64, 9, 7, torch.float32)])
-def test_kfac_pair_matches_two_references(dx, dg, tokens, dtype):
+def test_kfac_pair_matches_two_references(dx, dg, tokens, dtype, triton_device):
     gen = torch.Generator().manual_seed(dx + dg)
     x = torch.randn(tokens, dx, generator=gen).to(dtype)
     g = (torch.randn(tokens, dg, generator=gen) * 1e-3).to(dtype)  # gradients are small
     mask = _mask("float", tokens, gen)
     ax0, ag0 = torch.randn(dx, dx, generator=gen), torch.randn(dg, dg, generator=gen) * 1e-6
-    ax, ag = on_impl(kernels.kfac_accumulate_pair, ax0.clone(), x, ag0.clone(), g, mask, impl="triton")
+    ax, ag = on_impl(kernels.kfac_accumulate_pair, ax0.clone(), x, ag0.clone(), g, mask, impl="triton", device=triton_device)
     rx, rg = kernels.kfac_accumulate_pair(ax0.clone(), x, ag0.clone(), g, mask, impl="reference")
     xs, gs = _keep_rows(x.double(), mask), _keep_rows(g.double(), mask)
     _assert_sum_close(ax, rx, (xs.abs().T @ xs.abs()).float(), xs.shape[0], base=ax0, where=_lower(dx))
@@ -262,13 +265,13 @@ def test_kfac_pair_matches_two_references(dx, dg, tokens, dtype):
     (33, 20, 7, torch.float16, "float"),
     (96, 40, 65, torch.float32, "bool"),  # several row groups in the grouped tile order
 ])
-def test_gradient_triton_matches_reference(out, inp, tokens, dtype, mask_kind):
+def test_gradient_triton_matches_reference(out, inp, tokens, dtype, mask_kind, triton_device):
     gen = torch.Generator().manual_seed(out * inp + tokens)
     g = (torch.randn(tokens, out, generator=gen) * 1e-2).to(dtype)
     x = torch.randn(tokens, inp, generator=gen).to(dtype)
     mask = _mask(mask_kind, tokens, gen)
     start = torch.randn(out, inp, generator=gen) * 1e-2
-    got = on_impl(kernels.gradient_accumulate, start.clone(), g, x, mask, impl="triton")
+    got = on_impl(kernels.gradient_accumulate, start.clone(), g, x, mask, impl="triton", device=triton_device)
     want = kernels.gradient_accumulate(start.clone(), g, x, mask, impl="reference")
     gs, xs = _keep_rows(g.double(), mask), _keep_rows(x.double(), mask)
     _assert_sum_close(got, want, (gs.abs().T @ xs.abs()).float(), max(1, gs.shape[0]), base=start)
@@ -304,11 +307,11 @@ def test_omega_dense_matches_explicit_formula():
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("z_is_inverse", [False, True])
-def test_omega_apply_matches_dense(impl, z_is_inverse):
+def test_omega_apply_matches_dense(impl, z_is_inverse, triton_device):
     gen = torch.Generator().manual_seed(11 + z_is_inverse)
     X, chol, c, delta, z = _omega_problem(3, 37, [45, 20, 1], 5, gen)
     zarg = torch.linalg.inv(z).float() if z_is_inverse else chol
-    got = on_impl(kernels.omega_apply, X, zarg, c, delta, 0.7, z_is_inverse=z_is_inverse, impl=impl)
+    got = on_impl(kernels.omega_apply, X, zarg, c, delta, 0.7, z_is_inverse=z_is_inverse, impl=impl, device=triton_device)
     # Ground truth in float64 from the float32 inputs. fp32 error of a solve with cond(Zλ) ≈ 100 on
     # n = 37 is ~cond·n·u ≈ 2e-4 relative to ‖c·Zλ⁻¹X‖ in the worst case, typically far less;
     # 1e-4 of the column scale with a 1e-4 rtol separates round-off from a wrong term (O(1)).
@@ -320,12 +323,12 @@ def test_omega_apply_matches_dense(impl, z_is_inverse):
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_omega_zero_padded_rows_change_nothing(impl):
+def test_omega_zero_padded_rows_change_nothing(impl, triton_device):
     # Layers of width n and different output sizes are batched by zero-padding Δ̂'s rows.
     gen = torch.Generator().manual_seed(12)
     ms = [45, 20, 3]
     X, chol, c, delta, _ = _omega_problem(3, 33, ms, 4, gen)
-    batched = on_impl(kernels.omega_apply, X, chol, c, delta, 0.5, impl=impl)
+    batched = on_impl(kernels.omega_apply, X, chol, c, delta, 0.5, impl=impl, device=triton_device)
     for i, mi in enumerate(ms):
         alone = kernels.omega_apply(X[i], chol[i], c[i], delta[i, :mi], 0.5, impl="reference")
         # fp32 sums of the same O(1) terms in another order (or another program): 1e-5 is
@@ -335,12 +338,51 @@ def test_omega_zero_padded_rows_change_nothing(impl):
         torch.testing.assert_close(delta[i].mT @ delta[i], delta[i, :mi].mT @ delta[i, :mi])
 
 
-def test_omega_triton_rejects_fp64():
+def test_omega_triton_rejects_fp64(triton_device):
     gen = torch.Generator().manual_seed(13)
     X, chol, c, delta, _ = _omega_problem(1, 5, [4], 2, gen, torch.float64)
     with pytest.raises(TypeError):
-        on_impl(kernels.omega_apply, X, chol, c, delta, impl="triton")
+        on_impl(kernels.omega_apply, X, chol, c, delta, impl="triton", device=triton_device)
     kernels.omega_apply(X, chol, c, delta, impl="auto")  # fp64 runs on the reference path
+
+
+# ------------------------------------------------------------------------------------------
+# Autotuning: configs that spill on sm_90 are pruned before they are compiled
+
+
+def _kept(block, precision):
+    from loradafast.kernels import kfac_triton
+
+    kept = kfac_triton._prune(kfac_triton.TUNED_CONFIGS, {}, BLOCK=block, DOT_PRECISION=precision,
+                              HAS_MASK=True, ATOMIC=False, UPCAST=False)
+    return {(c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept}
+
+
+def test_autotune_prunes_spilling_configs():
+    # The compiles behind the register model: 16-bit tiles of 128 at 4 warps spill 88-96 B; the
+    # fp32 `ieee` paths spill up to ~40 KB at 128 unless the token depth is 32 over 8 warps.
+    kept = _kept(128, None)
+    assert kept and all(w == 8 for _, w, _ in kept)
+    assert _kept(128, "ieee") == {(32, 8, 4)}
+    assert all(w == 8 and k <= 64 for k, w, _ in _kept(128, "tf32"))  # BLOCK_K 128 overflows shared memory
+    from loradafast.kernels import kfac_triton
+
+    everything = {(c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kfac_triton.TUNED_CONFIGS}
+    assert _kept(64, None) == everything  # narrow layers: every candidate fits
+    for block in (64, 128, 256):  # never empty, even where nothing fits the model
+        for precision in (None, "ieee", "tf32"):
+            assert _kept(block, precision)
+
+
+def test_autotuners_prune_and_cache_across_processes():
+    from loradafast.kernels import kfac_triton, omega_triton
+
+    for kernel in (kfac_triton._kfac_kernel, kfac_triton._kfac_pair_kernel, kfac_triton._gradient_kernel):
+        assert kernel.early_config_prune is kfac_triton._prune
+    # Triton turns the on-disk cache off in the interpreter; on a GPU timings persist per shape.
+    assert kfac_triton._AUTOTUNE["cache_results"] is True
+    assert omega_triton.omega_warps(64, 64, 64) == 8  # 4 warps spilled 764 B
+    assert omega_triton.omega_warps(64, 16, 64) == 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -375,6 +417,29 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         kernels.kfac_accumulate(torch.zeros(3, 3), torch.randn(2, 3), impl="triton")
+
+
+@pytest.mark.parametrize("cuda,interpreting,want", [
+    (False, True, ["cpu"]),  # the CPU test machine
+    (True, False, ["cuda"]),  # a GPU machine: CPU tensors cannot reach a compiled kernel
+    (True, True, ["cpu", "cuda"]),  # interpreter chosen by hand on a GPU machine
+    (False, False, []),
+])
+def test_triton_device_rule(cuda, interpreting, want):
+    from devices import triton_devices
+
+    assert triton_devices(cuda, interpreting) == want
+
+
+def test_triton_device_matches_kernel_mode(triton_device):
+    # The kernels' interpreter mode is fixed at import: "cpu" is offered exactly when it is on, and
+    # a CUDA machine without TRITON_INTERPRET compiles (no test feeds CPU tensors to a kernel).
+    from loradafast.kernels import kfac_triton
+
+    assert (triton_device == "cpu") <= kfac_triton.INTERPRET
+    assert kfac_triton.INTERPRET == (os.environ.get("TRITON_INTERPRET", "0") == "1")
+    if torch.cuda.is_available() and not kfac_triton.INTERPRET:
+        assert triton_device == "cuda"
 
 
 def test_argument_checks():
@@ -436,7 +501,7 @@ def test_gpu_gradient_matches_reference(impl):
     x = torch.randn(3000, 576, device="cuda", dtype=torch.bfloat16)
     mask = torch.rand(3000, device="cuda") > 0.2
     start = torch.randn(1536, 576, device="cuda")
-    got = on_impl(kernels.gradient_accumulate, start.clone(), g, x, mask, impl=impl)
+    got = on_impl(kernels.gradient_accumulate, start.clone(), g, x, mask, impl=impl, device="cuda")
     want = kernels.gradient_accumulate(start.clone(), g, x, mask, impl="reference")
     gs, xs = g.float() * mask[:, None], x.float() * mask[:, None]
     _assert_sum_close(got, want, gs.abs().T @ xs.abs(), 3000, base=start)
@@ -448,6 +513,6 @@ def test_gpu_omega_triton_matches_reference(z_is_inverse):
     gen = torch.Generator().manual_seed(14)
     X, chol, c, delta, z = (t.cuda() for t in _omega_problem(4, 576, [576, 1536, 100, 64], 48, gen))
     zarg = torch.linalg.inv(z).float() if z_is_inverse else chol
-    got = on_impl(kernels.omega_apply, X, zarg, c, delta, z_is_inverse=z_is_inverse, impl="triton")
+    got = on_impl(kernels.omega_apply, X, zarg, c, delta, z_is_inverse=z_is_inverse, impl="triton", device="cuda")
     want = kernels.omega_apply(X, zarg, c, delta, z_is_inverse=z_is_inverse, impl="reference")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_METHODS = ["floor", "lora-da-diag", "lora-da-full", "lora-ga", "lora-one", "peft-lora-ga", "peft-eva",
-               "official-lora-da"]
+ALL_METHODS = ["floor", "floor-train", "lora-da-diag", "lora-da-full", "lora-ga", "lora-one", "peft-lora-ga",
+               "peft-eva", "official-lora-da"]
 LORADAFAST_METHODS = {  # benchmark name -> (loradafast method, extra options)
     "lora-da-diag": ("lora-da", {"y_factor": "diag"}),
     "lora-da-full": ("lora-da", {"y_factor": "full"}),
@@ -34,8 +34,13 @@ FLOOR = ("one forward+backward over the initialisation samples in the same batch
          "methods: all parameters frozen, the embedding output made a leaf requiring grad, so autograd "
          "computes every decoder layer's activation gradients and no weight gradient; loss = sum over "
          "sequences of the per-sequence mean token loss (fp32 log-softmax); use_cache=False")
+FLOOR_TRAIN = ("the training-step floor: the same forward+backward as 'floor', but the weights of the target "
+               "layers require grad, so autograd also computes their weight gradients (what G costs, and what "
+               "one training step must do); accumulated over the batches, freed after the run")
+FLOORS = ("floor", "floor-train")
 METHOD_DESCRIPTIONS = {
     "floor": "see 'floor'",
+    "floor-train": "see 'floor_train'",
     "lora-da-diag": "loradafast.get_peft_model(..., method='lora-da', y_factor='diag'); apply_s = wall − "
                     "pass_s − solve_s (PEFT wrap + fill)",
     "lora-da-full": "the same with y_factor='full'",

@@ -30,6 +30,34 @@ def run_floor(model, batches, spec):
     return {"pass_s": None, "solve_s": None, "apply_s": None}
 
 
+def run_training_floor(model, batches, spec):
+    """The training-step floor: :func:`run_floor` plus the weight gradients of the target layers
+    (their weights require grad, everything else frozen), accumulated over the batches as G is."""
+    from .config import TARGETS
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = [m.weight for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS]
+    for w in weights:
+        w.requires_grad_(True)
+    handle = model.get_input_embeddings().register_forward_hook(embedding_leaf_hook)
+    try:
+        with torch.enable_grad():
+            for b in batches:
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                sequence_loss_sum(out.logits, b["input_ids"]).backward()
+                del out
+        sync(spec["device"])
+    finally:
+        handle.remove()
+        for w in weights:
+            w.grad = None
+            w.requires_grad_(False)
+    return {"pass_s": None, "solve_s": None, "apply_s": None,
+            "extra": {"weight_gradients": len(weights)}}
+
+
 def run_loradafast(model, batches, spec, name):
     import loradafast
 
@@ -132,6 +160,7 @@ def run_peft_eva(model, batches, spec):
 
 PROVIDERS = {
     "floor": run_floor,
+    "floor-train": run_training_floor,
     **{name: partial(run_loradafast, name=name) for name in LORADAFAST_METHODS},
     "peft-lora-ga": run_peft_lora_ga,
     "peft-eva": run_peft_eva,

@@ -16,8 +16,21 @@ def _stats(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def _ratios(s: dict, ok: list[dict], floor_runs: dict, suffix: str) -> None:
+    """``ratio_over_<suffix>`` (median over median) and its per-repetition pairs, into ``s``."""
+    floor_median = _stats([r["wall_s"] for r in floor_runs.values()])
+    if floor_median and s["wall_s"]:
+        s[f"ratio_over_{suffix}"] = s["wall_s"]["median"] / floor_median["median"]
+        paired = [r["wall_s"] / floor_runs[r["repetition"]]["wall_s"] for r in ok if r["repetition"] in floor_runs]
+        s[f"ratio_over_{suffix}_paired"] = _stats(paired)  # per repetition: method / floor of that repetition
+
+
 def summarize(methods: list[str], runs: dict[str, list[dict]]) -> dict:
+    """Per method: run counts, errors, time and memory statistics, and the ratios over the
+    input-gradient floor (``ratio_over_floor``) and the training-step floor
+    (``ratio_over_training_floor``)."""
     floor_runs = {r["repetition"]: r for r in runs.get("floor", []) if r.get("ok")}
+    train_runs = {r["repetition"]: r for r in runs.get("floor-train", []) if r.get("ok")}
     floor_median = _stats([r["wall_s"] for r in floor_runs.values()])
     out = {}
     for m in methods:
@@ -34,10 +47,8 @@ def summarize(methods: list[str], runs: dict[str, list[dict]]) -> dict:
                 s["capped_ratio_over_floor"] = s["capped_wall_s"]["median"] / floor_median["median"]
         for key in ("wall_s", "pass_s", "solve_s", "apply_s", "peak_mem_delta_bytes"):
             s[key] = _stats([r.get(key) for r in ok])
-        if floor_median and s["wall_s"]:
-            s["ratio_over_floor"] = s["wall_s"]["median"] / floor_median["median"]
-            paired = [r["wall_s"] / floor_runs[r["repetition"]]["wall_s"] for r in ok if r["repetition"] in floor_runs]
-            s["ratio_over_floor_paired"] = _stats(paired)  # per repetition: method / floor of that repetition
+        _ratios(s, ok, floor_runs, "floor")
+        _ratios(s, ok, train_runs, "training_floor")
         out[m] = s
     return out
 
@@ -56,32 +67,39 @@ def _fmt_mem(st):
     return f"{st['median'] / 2**20:.0f} MiB"
 
 
+def _fmt_ratio(s: dict, key: str) -> str:
+    if s.get(key) is None:
+        return "—"
+    text = f"{s[key]:.2f}×"
+    p = s.get(f"{key}_paired")
+    if p and p["n"] > 1:
+        text += f" ({p['min']:.2f}–{p['max']:.2f})"
+    return text
+
+
 def markdown_table(model: str, block: dict) -> str:
     summary = block["summary"]
     lines = [f"**{model}** — {block['description']}; {block['data']}; batch size {block['batch_size']} "
              f"(official schedule: 1); rank {block['rank']}; {block['device']}; {block['repeats']} repetition(s)",
              "",
-             "| method | wall s, median (min–max) | ratio over floor | pass s | solve s | apply s | peak mem Δ |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | wall s, median (min–max) | ratio over floor | ratio over training floor | pass s | solve s "
+             "| apply s | peak mem Δ |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m, s in summary.items():
         if s["wall_s"] is None:
             if s.get("capped_wall_s"):
                 c = s["capped_wall_s"]
                 ratio = f"≥ {s['capped_ratio_over_floor']:.2f}×" if s.get("capped_ratio_over_floor") else "—"
                 lines.append(f"| {m} | ≥ {_fmt_s(c)} (stopped at the cap of {s['cap_passes']} passes, not "
-                             f"converged) | {ratio} | — | — | — | — |")
+                             f"converged) | {ratio} | — | — | — | — | — |")
                 continue
             why = "; ".join(s.get("errors", [])) or "not run"
-            lines.append(f"| {m} | failed: {why[:150]} | — | — | — | — | — |")
+            lines.append(f"| {m} | failed: {why[:150]} | — | — | — | — | — | — |")
             continue
-        ratio = "1.00" if m == "floor" else "—"
-        if m != "floor" and s.get("ratio_over_floor") is not None:
-            p = s.get("ratio_over_floor_paired")
-            ratio = f"{s['ratio_over_floor']:.2f}×"
-            if p and p["n"] > 1:
-                ratio += f" ({p['min']:.2f}–{p['max']:.2f})"
-        lines.append(f"| {m} | {_fmt_s(s['wall_s'])} | {ratio} | {_fmt_s(s['pass_s'])} | {_fmt_s(s['solve_s'])} | "
-                     f"{_fmt_s(s['apply_s'])} | {_fmt_mem(s['peak_mem_delta_bytes'])} |")
+        ratio = "1.00" if m == "floor" else _fmt_ratio(s, "ratio_over_floor")
+        train = "1.00" if m == "floor-train" else _fmt_ratio(s, "ratio_over_training_floor")
+        lines.append(f"| {m} | {_fmt_s(s['wall_s'])} | {ratio} | {train} | {_fmt_s(s['pass_s'])} | "
+                     f"{_fmt_s(s['solve_s'])} | {_fmt_s(s['apply_s'])} | {_fmt_mem(s['peak_mem_delta_bytes'])} |")
     return "\n".join(lines)
 
 

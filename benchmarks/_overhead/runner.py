@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from _common import PeakMemory, run_child, sync
 
+from .config import TARGETS
 from .methods import EvaCapReached, run_method
 from .models import build_model, make_batches, prepare_model_data, warm_up
 
@@ -24,6 +25,7 @@ def timed_run(name, model, ids, spec, *, sample_cpu_memory: bool) -> dict:
     device = spec["device"]
     batches = make_batches(ids, spec["batch_size"], device)
     warm_up(model, ids, device)
+    warm_up_kernels(model, batches, device)
     gc.collect()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     record = {"method": name, "load_avg_1min_at_start": load,
@@ -49,6 +51,40 @@ def timed_run(name, model, ids, spec, *, sample_cpu_memory: bool) -> dict:
     record["peak_mem_delta_bytes"] = mem.peak_delta if record.get("ok") else None
     record["peak_mem_how"] = mem.how
     return record
+
+
+def kernel_warm_up_shapes(model, batches) -> tuple[set, list]:
+    """The ``(in, out)`` widths of the target layers and the distinct token counts of the batches:
+    what keys the Triton kernels' autotuning (width, tile, split over tokens, mask)."""
+    widths = {(m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS}
+    return widths, sorted({b["input_ids"].numel() for b in batches})
+
+
+def warm_up_kernels(model, batches, device, *, force: bool = False) -> None:
+    """Run the statistics kernels once per target width, batch size and mask case, untimed, so that
+    Triton's autotuning (a few milliseconds per config and shape, re-read from its disk cache in a
+    later process) stays out of the timed region: the tiny warm-up model has other widths. On CPU
+    the kernels are the PyTorch references and nothing is tuned (``force`` runs it anyway)."""
+    if torch.device(device).type != "cuda" and not force:
+        return
+    from loradafast import kernels
+
+    widths, token_counts = kernel_warm_up_shapes(model, batches)
+    dtype = next(model.parameters()).dtype
+    for tokens in token_counts:
+        for mask in (None, torch.ones(tokens, dtype=torch.bool, device=device)):
+            for d_in, d_out in sorted(widths):
+                x = torch.randn(tokens, d_in, device=device, dtype=dtype)
+                g = torch.randn(tokens, d_out, device=device, dtype=dtype)
+                z, y = torch.zeros(d_in, d_in, device=device), torch.zeros(d_out, d_out, device=device)
+                kernels.kfac_accumulate(z, x, mask)
+                kernels.kfac_accumulate(y, g, mask)
+                kernels.kfac_accumulate_pair(z, x, y, g, mask)
+                kernels.gradient_accumulate(torch.zeros(d_out, d_in, device=device), g, x, mask)
+    sync(device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def warm_up_method(name: str, spec: dict) -> None:

@@ -15,7 +15,7 @@ from .dispatch import (  # noqa: F401
     omega_dense,
     triton_available,
 )
-from .reference import diag_accumulate, symmetric_from_lower  # noqa: F401
+from .reference import diag_accumulate, symmetric_from_lower, symmetrize_lower_  # noqa: F401
 
 __all__ = [
     "diag_accumulate",
@@ -26,5 +26,6 @@ __all__ = [
     "omega_apply",
     "omega_dense",
     "symmetric_from_lower",
+    "symmetrize_lower_",
     "triton_available",
 ]

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kfac_triton import INTERPRET  # one reading of TRITON_INTERPRET, when the kernels are imported
+from .kfac_triton import INTERPRET, REGISTER_BUDGET, tile_registers  # one reading of TRITON_INTERPRET
 
 
 @triton.jit
@@ -88,10 +88,24 @@ def omega_apply(X: torch.Tensor, z_factor: torch.Tensor, c: torch.Tensor, delta_
     # Eigenvector residuals need full fp32: TF32 (10-bit mantissa) would cap them near 1e-3.
     precision = "ieee"
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k), b)
+    num_warps = omega_warps(block_n, block_k, block_r)
     _omega_kernel[grid](
         out, z, X, delta_hat, p, c, float(alpha), n, k, m,
         *z.stride(), *X.stride(), *delta_hat.stride(), *p.stride(), *out.stride(),
         Z_IS_INVERSE=z_is_inverse, DOT_PRECISION=precision,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-        num_warps=4, num_stages=1 if INTERPRET else 3)
+        num_warps=num_warps, num_stages=1 if INTERPRET else 3)
     return out
+
+
+def omega_warps(block_n: int, block_k: int, block_r: int) -> int:
+    """Fewest warps (4 or 8) at which the kernel fits the register model of :mod:`.kfac_triton`:
+    the ``Zλ⁻¹X`` tile stays live (``block_n·block_k`` fp32 over the threads) while the fp32
+    `ieee` accumulation of ``Δ̂ᵀP`` runs (its accumulator and both operand tiles in registers).
+    At 64/64/64 that is 128 registers a thread at 4 warps (the sm_90 compile spilled 764 B) and 64
+    at 8."""
+    for warps in (4, 8):
+        regs = block_n * block_k // (32 * warps) + tile_registers(block_n, block_k, block_r, warps, True)
+        if regs <= REGISTER_BUDGET:
+            return warps
+    return 8

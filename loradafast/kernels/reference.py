@@ -53,6 +53,27 @@ def symmetric_from_lower(acc: torch.Tensor) -> torch.Tensor:
     return lower + torch.tril(acc, -1).T
 
 
+def symmetrize_lower_(acc: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """:func:`symmetric_from_lower` in place: the lower triangle (with diagonal) of ``acc`` is
+    mirrored into its upper triangle; returns ``acc``.
+
+    Each block of rows copies its strictly-upper part from the (disjoint) lower block of columns,
+    and only the diagonal ``block × block`` tiles go through a temporary, so turning every
+    accumulator of a 7B model into full matrices needs ``block²`` extra elements instead of a
+    second copy of all of them.
+    """
+    n = acc.shape[-1]
+    if acc.shape != (n, n):
+        raise ValueError(f"acc must be square [n, n], got {tuple(acc.shape)}")
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        diag = acc[r0:r1, r0:r1]
+        diag.copy_(symmetric_from_lower(diag))
+        if r1 < n:
+            acc[r0:r1, r1:].copy_(acc[r1:, r0:r1].T)
+    return acc
+
+
 def kfac_accumulate_pair(acc_x: torch.Tensor, x: torch.Tensor, acc_g: torch.Tensor, g: torch.Tensor,
                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both K-FAC factors of one layer over the same tokens: ``kfac_accumulate`` on (acc_x, x) and

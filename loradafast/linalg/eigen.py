@@ -6,8 +6,17 @@ one batch by a block LOBPCG (Knyazev 2001) written for fixed shapes:
 
 * every tensor keeps its shape through the iteration (no column dropping); layers that converge
   are frozen by masking, and rank-deficient search directions are masked instead of removed;
-* the only host synchronisations are the early-exit test every ``check_every`` iterations and the
-  final convergence test;
+* the solver's own host synchronisations are the early-exit test every ``check_every`` iterations
+  and the final convergence test.  The four small eigendecompositions of an iteration (two SVQB
+  passes on ``W``, the Rayleigh–Ritz step, the SVQB of ``P``'s coefficients) are synchronisation
+  free only on the native solver of csrc/ (on CPU up to 40 rows; on CUDA with
+  ``LORADAFAST_NATIVE_CUDA=1``), whose error codes are never read on the host: a failed small
+  solve yields non-finite Ritz vectors, whose residual fails the convergence test, and the layer
+  goes to the dense fallback.  ``torch.linalg.eigh`` has no ``_ex`` variant and reads its error
+  codes with ``.item()``, so on CUDA without the native solver an iteration synchronises four
+  times (tests/test_eigen.py counts them); each costs the launch latency of the next kernels,
+  small beside an iteration of a large batch of wide layers, but not beside one of a small
+  batch (LoRA-DA solves one input group, 1–3 layers, at a time: ``methods/lora_da_solve.py``);
 * search directions are orthonormalised with masked SVQB (Stathopoulos & Wu 2002), applied twice,
   and the implicit-difference direction ``P`` is built in the coefficient space of the
   Rayleigh–Ritz step (Hetmaniuk & Lehoucq 2006; Duersch et al. 2018), so the basis ``[X, W, P]``
@@ -272,7 +281,9 @@ def smallest_eigenpairs(
     ``dense``: the dense operators for the fallback, ``[batch, n, n]`` or a callable taking a
     ``LongTensor`` of layer indices and returning their ``[k, n, n]`` matrices; by default a
     callable ``op`` is applied to identity columns.
-    ``check_every``: iterations between early-exit tests (each is one host synchronisation).
+    ``check_every``: iterations between early-exit tests (each is one host synchronisation; the
+    small eigendecompositions add four per iteration where they run on ``torch.linalg.eigh``, see
+    the module docstring).
     ``op_norm``: a known ``‖Ω‖₂`` (scalar or ``[batch]``) to use instead of the estimate.
     ``dense_below``: solve the whole batch densely when ``n`` is at most this (default ``4m``:
     the ``3m``-column LOBPCG basis would be most of the space).

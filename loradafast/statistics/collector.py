@@ -228,10 +228,11 @@ def _statistics(acc: Accumulator, targets: list[Target], counts: torch.Tensor, y
         y = acc.y_sum[t.name]
         layers[t.name] = LayerStats(
             t.name, t.in_features, t.out_features, acc.g_sum[t.name],
-            kernels.symmetric_from_lower(y) if y_factor == "full" else y, acc.input_group[t.name], t.kind,
+            kernels.symmetrize_lower_(y) if y_factor == "full" else y, acc.input_group[t.name], t.kind,
         )
-    # The accumulators hold lower triangles only (the kernels skip the upper tiles).
-    z_sums = {k: kernels.symmetric_from_lower(v) for k, v in acc.z_sum.items()}
+    # The accumulators hold lower triangles only (the kernels skip the upper tiles); mirrored in
+    # place, so the peak is one diagonal tile more than the statistics, not twice Z and full Y.
+    z_sums = {k: kernels.symmetrize_lower_(v) for k, v in acc.z_sum.items()}
     return Statistics(layers, z_sums, int(counts[0].item()), int(counts[1].item()), y_factor, meta)
 
 
