@@ -221,14 +221,13 @@ def _group_statistics(m: MemoryModel, layers: list[LayerShape]) -> int:
 
 def _pass_transient(m: MemoryModel, groups: list[list[LayerShape]]) -> int:
     """The accumulators' transients: per batch, the reference kernels' products (``xᵀx`` and its
-    ``tril``, ``gᵀx``); at the end of ``collect``, a symmetric copy of every ``Z`` (and full
-    ``Y``) beside the accumulators' lower triangles, plus ``symmetric_from_lower``'s two
-    temporaries for the largest."""
+    ``tril``, ``gᵀx``); at the end of ``collect``, the in-place mirroring of every lower-triangle
+    accumulator (:func:`..kernels.reference.symmetrize_lower_`), which needs a few diagonal tiles."""
     z = [s[0].in_features ** 2 for s in groups] if "Z" in m.statistics else []
     y = [s.out_features ** 2 for g in groups for s in g] if "Y" in m.statistics and m.y_factor == "full" else []
     g = [s.out_features * s.in_features for grp in groups for s in grp] if "G" in m.statistics else []
     per_batch = max([2 * v for v in z + y] + g + [0])
-    end = sum(z) + sum(y) + 2 * max(z + y + [0])
+    end = 3 * 256 * 256 if z or y else 0
     return 4 * max(per_batch, end)
 
 
