@@ -76,7 +76,7 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
         else None
     result = solve_with(record, config, stats, layout.rank, weights=weights, kinds={t.name: t.kind for t in targets},
                         ranks=layout.ranks, lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
-                        alphas=layout.alphas, freeze_a=freeze_a)
+                        alphas=layout.alphas, freeze_a=freeze_a, progress=progress)
     if stats is None:  # collect() records these in the statistics otherwise
         _record_model(result, model, targets, causal=loss_fn is None and is_causal_lm(model),
                       adapter_name=adapter_name)
