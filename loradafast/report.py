@@ -35,7 +35,7 @@ TABLE_FILE = "layers.csv"
 MARKDOWN_FILE = "report.md"
 FORMAT_VERSION = 1
 # Ω is formed densely per layer for the spectrum around the cut: O(n³) each, so only up to this width.
-SPECTRUM_MAX_WIDTH = 4096
+SPECTRUM_MAX_WIDTH = 2048
 # Columns of the table, in order; a column no layer has is left out.
 COLUMNS = ("layer", "kind", "in", "out", "rank", "sigma", "lambda_1", "lambda_r", "lambda_r+1", "residual",
            "residual_floor", "omega_norm", "eigensolver", "iterations", "converged", "fallback", "damping_z",
@@ -102,11 +102,24 @@ def omega_spectra(result, stats, *, max_width: int = SPECTRUM_MAX_WIDTH) -> dict
     kept ones), recomputed with the result's options.  Empty for other methods."""
     if result.method != "lora-da":
         return {}
+    config = result.config if result.config is not None else _lora_da_config(result.options)
+    return _spectra({name: layer.rank for name, layer in result.layers.items()}, config, stats, max_width)
+
+
+def add_spectra(data: dict, stats, *, max_width: int = SPECTRUM_MAX_WIDTH) -> dict:
+    """:func:`omega_spectra` for diagnostics loaded with :func:`load_diagnostics`, added in place."""
+    if data["method"] == "lora-da":
+        ranks = {name: entry["rank"] for name, entry in data["layers"].items()}
+        for name, values in _spectra(ranks, _lora_da_config(data["options"]), stats, max_width).items():
+            data["layers"][name]["omega_spectrum"] = values
+    return data
+
+
+def _spectra(ranks: dict[str, int], config, stats, max_width: int) -> dict[str, list[float]]:
     from .methods import lora_da
 
-    config = _lora_da_config(result)
     out = {}
-    for name, layer in result.layers.items():
+    for name, rank in ranks.items():
         s = stats.layers.get(name)
         if s is None or s.in_features > max_width:
             continue
@@ -115,21 +128,19 @@ def omega_spectra(result, stats, *, max_width: int = SPECTRUM_MAX_WIDTH) -> dict
         terms = lora_da.omega_terms(stats.G(name, config.dtype), factors, beta=config.beta,
                                     num_train_samples=config.num_train_samples, alpha_b=config.alpha_b,
                                     gradient=config.gradient)
-        values = torch.linalg.eigvalsh(terms.dense())
-        out[name] = [float(v) for v in values[: 3 * layer.rank].tolist()]
+        out[name] = [float(v) for v in torch.linalg.eigvalsh(terms.dense())[: 3 * rank].tolist()]
     return out
 
 
-def _lora_da_config(result):
-    from .options import LoraDAConfig
-
-    if isinstance(result.config, LoraDAConfig):
-        return result.config
+def _lora_da_config(options: dict):
+    """The :class:`~loradafast.LoraDAConfig` of recorded options (``InitResult.options``)."""
     import dataclasses
 
+    from .options import LoraDAConfig
+
     fields = {f.name for f in dataclasses.fields(LoraDAConfig)} - {"dtype"}
-    options = {k: v for k, v in result.options.items() if k in fields}
-    return LoraDAConfig(**options, dtype=getattr(torch, str(result.options.get("dtype", "float64"))))
+    kept = {k: v for k, v in options.items() if k in fields}
+    return LoraDAConfig(**kept, dtype=getattr(torch, str(options.get("dtype", "float64")).replace("torch.", "")))
 
 
 # ---- files ----------------------------------------------------------------------------------------

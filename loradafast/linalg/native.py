@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# Shipped inside the package (package data), so that an installed wheel finds it too.
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 # Largest matrix the CPU native path takes; beyond it LAPACK's blocked algorithms win.
 CPU_NATIVE_MAX_N = 40
