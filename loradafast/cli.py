@@ -65,13 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loradafast", description=DESCRIPTION,
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="more log output (debug)")
+    common = argparse.ArgumentParser(add_help=False)  # the options every command takes
+    verbosity = common.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="more log output, tracebacks on errors")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = _HelpFormatter
 
-    init = commands.add_parser("init", formatter_class=fmt, help="model + data -> PEFT adapter directory",
+    init = commands.add_parser("init", parents=[common], formatter_class=fmt, help="model + data -> PEFT adapter directory",
                                description="Run the data through the model once and save the initialised LoRA "
                                            "adapter as a PEFT adapter directory.")
     _model_arguments(init, data_required=False)
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--save-stats", metavar="FILE", help="also save the statistics there, for `loradafast solve`")
     init.set_defaults(run=run_init)
 
-    collect = commands.add_parser("collect", formatter_class=fmt, help="model + data -> statistics file",
+    collect = commands.add_parser("collect", parents=[common], formatter_class=fmt, help="model + data -> statistics file",
                                   description="Run the statistics pass only and save the statistics (one "
                                               "safetensors file) for `loradafast solve`.")
     _model_arguments(collect, data_required=True)
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--out", required=True, metavar="FILE", help="the statistics file to write (.safetensors)")
     collect.set_defaults(run=run_collect)
 
-    solve = commands.add_parser("solve", formatter_class=fmt, help="statistics file -> PEFT adapter directory",
+    solve = commands.add_parser("solve", parents=[common], formatter_class=fmt, help="statistics file -> PEFT adapter directory",
                                 description="Turn statistics saved by `collect` (or `init --save-stats`) into a "
                                             "PEFT adapter, without running the model.")
     solve.add_argument("--stats", required=True, metavar="FILE", help="statistics file written by `collect`")
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_arguments(solve)
     solve.set_defaults(run=run_solve)
 
-    report = commands.add_parser("report", formatter_class=fmt, help="per-layer table and plots of an adapter",
+    report = commands.add_parser("report", parents=[common], formatter_class=fmt, help="per-layer table and plots of an adapter",
                                  description="Write a per-layer table (layers.csv, report.md) and PNG plots "
                                              "(with matplotlib) of an adapter directory made by init or solve.")
     report.add_argument("directory", metavar="DIR", help="adapter directory written by `loradafast init` or `solve`")
@@ -374,23 +375,35 @@ def run_report(args) -> Path:
 
 # ---- entry point -------------------------------------------------------------------------------------
 
-def _configure_logging(args) -> None:
+def _configure_logging(args):
+    """Log records of loradafast (and warnings) to stderr at the chosen level; returns the undo."""
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("loradafast: %(message)s"))
+    saved = []
     for name in ("loradafast", "py.warnings"):
         log = logging.getLogger(name)
-        log.handlers = [h for h in log.handlers if not isinstance(h, logging.StreamHandler)] + [handler]
+        saved.append((log, log.level, log.propagate))
+        log.addHandler(handler)
         log.setLevel(level)
         log.propagate = False
     logging.captureWarnings(True)
+
+    def undo():  # main() may run inside another program (or a test): leave logging as it was
+        logging.captureWarnings(False)
+        for log, old_level, old_propagate in saved:
+            log.removeHandler(handler)
+            log.setLevel(old_level)
+            log.propagate = old_propagate
+
+    return undo
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args)
+    undo = _configure_logging(args)
     try:
         path = args.run(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as exc:
@@ -398,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"loradafast {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        undo()
     print(path)
     return 0
 
