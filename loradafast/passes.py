@@ -59,7 +59,7 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
     kw = dict(y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn, progress=progress,
               adapter_name=adapter_name)
     solve_kw = dict(ranks=layout.ranks, lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
-                    alphas=layout.alphas, freeze_a=freeze_a)
+                    alphas=layout.alphas, freeze_a=freeze_a, progress=progress)
     if plan.num_passes == 1:
         stats = collect(model, loader, targets=targets, **kw)
         pass_s = time.perf_counter() - started

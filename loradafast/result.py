@@ -65,6 +65,8 @@ class GradientDiagnostics(LayerDiagnostics):
 
 @dataclass
 class FisherSubspaceDiagnostics(SingularDiagnostics):
+    """Fisher subspace: the Fisher energy of the kept singular triplets of the weight."""
+
     fisher_energy: torch.Tensor | None = None  # of the kept triplets, in decreasing order
     energy_fraction: float | None = None
     singular_indices: torch.Tensor | None = None  # positions in the σ-descending order
@@ -98,6 +100,15 @@ class LoraDADiagnostics(LayerDiagnostics):
 
 @dataclass
 class LayerInit:
+    """The initial LoRA factors of one layer, in PEFT's layout, with what the solve reports.
+
+    ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` (float32) are ``lora_A.weight`` and
+    ``lora_B.weight`` of the layer's adapter; ``kind`` is how the base layer stores its weight
+    ("linear" ``[out, in]`` or "conv1d" ``[in, out]``).  ``subtract_scaling`` is set for methods that
+    move the base weight (it becomes ``W − s·B·A``); ``diagnostics`` is a
+    :class:`LayerDiagnostics` of the method's family (``LoraDADiagnostics`` for LoRA-DA).
+    """
+
     name: str
     lora_A: torch.Tensor  # [r, in]
     lora_B: torch.Tensor  # [out, r]
@@ -127,6 +138,15 @@ class LayerInit:
 
 @dataclass
 class InitResult:
+    """What :func:`loradafast.initialize` and :func:`loradafast.solve` return: every layer's
+    :class:`LayerInit` (``layers``, by module name), the method and its options, the adapter's
+    rank and scaling, the model it was made for, and the stage times (``timings``).
+
+    Write it out with :meth:`save` (a PEFT adapter directory), :meth:`state_dict` and
+    :attr:`lora_config`, or into a ``PeftModel`` with :meth:`apply_to`; look at it with
+    :meth:`summary` (a text table) or :meth:`report` (a per-layer table and plots on disk).
+    """
+
     layers: dict[str, LayerInit]
     method: str
     rank: int
@@ -178,6 +198,20 @@ class InitResult:
     def apply_to(self, peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         """Fill the LoRA layers of ``peft_model`` in place: :func:`loradafast.integrations.peft.apply_to`."""
         return _peft().apply_to(self, peft_model, adapter_name)
+
+    def report(self, directory, *, stats=None, plots: bool = True) -> Path:
+        """A per-layer table (CSV and Markdown) and, with matplotlib, PNG plots in ``directory``:
+        :func:`loradafast.report.write_report`.  ``stats`` (the statistics the result was solved
+        from) adds Ω's spectrum around the cut for LoRA-DA."""
+        from .report import write_report
+
+        return write_report(self, directory, stats=stats, plots=plots)
+
+    def __repr__(self) -> str:  # no tensors, no per-layer dump
+        seconds = ", ".join(f"{k}={v:.2f}" for k, v in self.timings.items() if isinstance(v, (int, float)))
+        return (f"InitResult(method={self.method!r}, {len(self.layers)} layers, rank={self.rank}, "
+                f"lora_alpha={self.lora_alpha}, moves_base={self.moves_base}, "
+                f"base_model={self.base_model_name_or_path!r}{', timings(s): ' + seconds if seconds else ''})")
 
     def summary(self) -> str:
         """One line per layer: shapes, the extreme kept eigenvalue, residual, damping."""

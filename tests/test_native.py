@@ -129,7 +129,7 @@ def test_cuda_source_compiles(tmp_path):
     stub.mkdir(parents=True)
     if not (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    src = Path(__file__).resolve().parent.parent / "csrc" / "eigh_cuda.cu"
+    src = Path(__file__).resolve().parent.parent / "loradafast" / "csrc" / "eigh_cuda.cu"
     cmd = [nvcc, "-c", "-std=c++20", "-O3", f"-I{tmp_path / 'stub'}", f"-I{include}",
            f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
            "-o", str(tmp_path / "eigh_cuda.o"), str(src)]

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# Shipped inside the package (package data), so that an installed wheel finds it too.
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 # Largest matrix the CPU native path takes; beyond it LAPACK's blocked algorithms win.
 CPU_NATIVE_MAX_N = 40
@@ -63,7 +64,7 @@ def load(verbose: bool = False):
                 sources.append(str(_CSRC / "eigh_cuda.cu"))
                 cflags.append("-DLORADAFAST_WITH_CUDA")
             _module = cpp_extension.load(
-                name="loradafast_native_cuda" if with_cuda else "loradafast_native",
+                name=("loradafast_native_cuda" if with_cuda else "loradafast_native") + _build_key(),
                 sources=sources,
                 extra_cflags=cflags,
                 extra_cuda_cflags=["-O3", "-DLORADAFAST_WITH_CUDA"] if with_cuda else None,
@@ -80,6 +81,15 @@ def load(verbose: bool = False):
             )
             _module = None
     return _module
+
+
+def _build_key() -> str:
+    """A suffix naming this copy of the sources: torch caches an extension by name and rebuilds it
+    whenever the sources' paths change, so two installs (venvs, checkouts) sharing one name would
+    rebuild each other's on every alternate run."""
+    import hashlib
+
+    return "_" + hashlib.sha1(str(_CSRC).encode()).hexdigest()[:10]
 
 
 def available() -> bool:

@@ -28,6 +28,8 @@ from ..result import FisherSubspaceDiagnostics, GradientDiagnostics, LayerDiagno
 
 @dataclass
 class Factors:
+    """What a method's formula returns for one layer (the solver turns it into a ``LayerInit``)."""
+
     lora_A: torch.Tensor  # [r, in]
     lora_B: torch.Tensor  # [out, r]
     moves_base: bool  # True: the base weight becomes W − s·B·A

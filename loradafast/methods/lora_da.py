@@ -22,6 +22,8 @@ from ..linalg.dense import damped_cholesky, damping_for
 
 @dataclass
 class DampedFactors:
+    """The damped K-FAC factors ``Zλ``, ``Yλ`` of one layer, factorised, and the damping used."""
+
     z_chol: torch.Tensor  # lower Cholesky factor of Zλ [in, in]
     # Yλ through one of: its inverse's diagonal [out] (diagonal Y), or its lower Cholesky factor [out, out].
     y_inverse_diag: torch.Tensor | None

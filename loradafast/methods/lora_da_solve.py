@@ -17,6 +17,7 @@ import torch
 
 from ..linalg import eigen
 from ..options import LoraDAConfig
+from ..progress import track
 from ..result import LoraDADiagnostics
 from ..statistics.store import Statistics
 from . import lora_da
@@ -52,7 +53,8 @@ def solve_lora_da(stats: Statistics, ranks: dict[str, int], config: LoraDAConfig
     """The LoRA-DA factors (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``, diagnostics) of the
     layers in ``ranks``, one input group after the other."""
     out: dict[str, Factors] = {}
-    for key, names in _input_groups(stats, ranks).items():
+    groups = _input_groups(stats, ranks)
+    for key, names in track(groups.items(), total=len(groups), desc="loradafast: LoRA-DA solve", unit="group"):
         dev = torch.device(device) if device is not None else stats.layers[names[0]].g_sum.device
         out.update(_solve_input_group(stats, names, ranks, config, dev, key))
     return {name: out[name] for name in ranks}

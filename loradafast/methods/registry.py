@@ -14,6 +14,7 @@ import torch
 
 from ..options import (KEYWORDS, FisherSubspaceConfig, LoraDAConfig, LoraGAConfig, LoraOneConfig, MethodConfig,
                        MiloraConfig, PissaConfig, RandomLoraConfig)
+from ..progress import track
 from . import baselines
 from .baselines import Factors
 from .problem import Problem
@@ -21,6 +22,8 @@ from .problem import Problem
 
 @dataclass(frozen=True)
 class Method:
+    """One initialisation method: its name, options class, solve function and what it needs."""
+
     name: str
     title: str  # as papers write it, for messages
     config: type[MethodConfig]  # its options class
@@ -45,7 +48,7 @@ class Method:
 def per_layer(formula: Callable[[Problem, str, MethodConfig], Factors]):
     """A method solved layer by layer with ``formula(problem, name, config)``."""
     def solve(problem: Problem, config: MethodConfig) -> dict[str, Factors]:
-        return {name: formula(problem, name, config) for name in problem.shapes}
+        return {name: formula(problem, name, config) for name in track(problem.shapes, desc="loradafast: solve")}
     return solve
 
 

@@ -9,12 +9,14 @@ its :mod:`.registry` record; its options in :mod:`loradafast.options`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections import defaultdict
 
 import torch
 
 from ..options import MethodConfig
+from ..progress import solve_progress
 from ..result import InitResult, LayerInit, LoraDADiagnostics
 from ..statistics.store import Statistics
 from .baselines import lora_scaling
@@ -23,6 +25,8 @@ from ..options import check_rank, check_ranks
 from .registry import Method, build_config, generator_for, get_method, method_keywords
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's own default
+
+logger = logging.getLogger(__name__)
 
 
 def solve(
@@ -39,6 +43,7 @@ def solve(
     alphas: dict[str, float] | None = None,
     freeze_a: bool = False,
     device=None,
+    progress: bool = False,
     **options,
 ) -> InitResult:
     """Factors for every layer, by ``method`` (docs/design.md §4-5; formulas in :mod:`.baselines`).
@@ -54,6 +59,7 @@ def solve(
       ``use_rslora`` give PEFT's scaling ``s`` used by the methods that move the base weight,
       ``alphas`` overrides ``lora_alpha`` per layer (PEFT's ``alpha_pattern``).
     * ``freeze_a``: LoRA-FA; recorded in the result, honoured by ``apply_to``.
+    * ``progress``: a progress bar over the layers (LoRA-DA: over the input groups).
     * the method's options: ``config=`` (a :class:`~loradafast.options.LoraDAConfig`,
       :class:`~loradafast.options.LoraGAConfig`, ... as the method's registry record names), or
       the keywords that build it (``options``: ``beta``, ``gamma``, ``num_train_samples``,
@@ -68,12 +74,12 @@ def solve(
     record = get_method(method)
     config = build_config(record, config, method_keywords("solve", options, "dtype"))
     return solve_with(record, config, stats, rank, weights=weights, kinds=kinds, ranks=ranks, lora_alpha=lora_alpha,
-                      use_rslora=use_rslora, alphas=alphas, freeze_a=freeze_a, device=device)
+                      use_rslora=use_rslora, alphas=alphas, freeze_a=freeze_a, device=device, progress=progress)
 
 
 def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, rank: int | None, *,
                weights=None, kinds=None, ranks=None, lora_alpha=None, use_rslora=False, alphas=None,
-               freeze_a=False, device=None) -> InitResult:
+               freeze_a=False, device=None, progress: bool = False) -> InitResult:
     """:func:`solve` with the method's record and validated options already in hand (what
     :func:`loradafast.initialize` calls: the options are checked once, where they are built)."""
     _check_inputs(record, config, stats, weights)
@@ -90,7 +96,9 @@ def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, r
     problem = Problem(stats, weights, shapes, full_ranks, scalings, device, generator_for(config))
 
     started = time.perf_counter()
-    layers = _layer_inits(record, config, problem)
+    with solve_progress(progress):
+        layers = _layer_inits(record, config, problem)
+    _log_solve(record.name, layers, time.perf_counter() - started)
     meta = stats.meta if stats is not None else {}
     return InitResult(
         layers=layers,
@@ -107,6 +115,17 @@ def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, r
         freeze_a=freeze_a,
         config=config,
     )
+
+
+def _log_solve(method: str, layers: dict[str, LayerInit], seconds: float) -> None:
+    """The solve's one summary line: method, layers, time, and the layers that took a fallback."""
+    diags = [layer.diagnostics for layer in layers.values() if isinstance(layer.diagnostics, LoraDADiagnostics)]
+    fallbacks = sum(bool(d.eigensolver_fallback) for d in diags)
+    raised = sum(bool(d.damping_raised) for d in diags)
+    worst = max((d.residual for d in diags if d.residual is not None), default=None)
+    logger.info("solve: method=%s, %d layers, %.1f s, %d eigensolver fallback(s), damping raised on %d layer(s)%s",
+                method, len(layers), seconds, fallbacks, raised,
+                "" if worst is None else f", largest eigen-residual {worst:.1e}")
 
 
 def _check_inputs(record: Method, config: MethodConfig, stats, weights) -> None:

@@ -11,6 +11,8 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Batch:
+    """One batch as the pass uses it: model inputs, token labels, attention mask, size."""
+
     inputs: dict  # keyword arguments for the model's forward (no labels)
     labels: torch.Tensor | None  # [B, S], IGNORE_INDEX where no loss is taken
     attention_mask: torch.Tensor  # [B, S] of 0/1

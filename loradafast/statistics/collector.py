@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from .. import kernels
+from .. import kernels, progress as _progress
 from ..options import Y_FACTORS, check_choice, check_pass_options
 from .batches import IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
@@ -34,6 +35,9 @@ from .hooks import Accumulator, all_reduce
 from .store import LayerStats, Statistics
 from ..integrations.peft import base_model_only
 from ..targets import Target, base_model_of, find_targets, model_meta
+
+logger = logging.getLogger(__name__)
+
 
 def is_causal_lm(model: nn.Module) -> bool:
     base = base_model_of(model)
@@ -124,7 +128,11 @@ def collect(
         "pass_seconds": time.perf_counter() - started,
         **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
     }
-    return _statistics(acc, targets, counts, y_factor, meta)
+    stats = _statistics(acc, targets, counts, y_factor, meta)
+    logger.info("collect: %d tokens in %d sequences, %d layers (%d input groups), y_factor=%s, %.1f s",
+                stats.num_tokens, stats.num_sequences, len(stats.layers), len(stats.z_sums), y_factor,
+                meta["pass_seconds"])
+    return stats
 
 
 def _version() -> str:
@@ -169,10 +177,7 @@ def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, ma
             for p in model.parameters():
                 p.requires_grad_(False)
             handles = [t.module.register_forward_hook(acc.forward_hook(t)) for t in acc.targets]
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=max_samples, unit="seq", desc="loradafast: statistics pass", leave=False)
+            bar = _progress.pass_bar(loader, max_samples, progress)
             batches = iter(loader)
             for index in itertools.count():
                 if max_samples is not None and num_sequences >= max_samples:
@@ -191,8 +196,7 @@ def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, ma
         finally:
             for h in handles:
                 h.remove()
-            if bar is not None:
-                bar.close()
+            _progress.finish_bar(bar)
     return num_sequences, num_tokens
 
 

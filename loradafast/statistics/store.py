@@ -25,15 +25,36 @@ class LayerStats:
     input_group: str  # the key of this layer's Z in Statistics.z_sums
     kind: str = "linear"
 
+    def __repr__(self) -> str:
+        return (f"LayerStats({self.name!r}, in={self.in_features}, out={self.out_features}, "
+                f"y={'diag' if self.y_sum.dim() == 1 else 'full'}, input_group={self.input_group!r})")
+
 
 @dataclass
 class Statistics:
+    """The statistics of one pass (docs/design.md §3), every method's input to the solve.
+
+    ``layers``: per layer, its :class:`LayerStats` (sums of G and Y); ``z_sums``: the Z sums, one
+    per input group (layers that read the same input tensor share one); ``num_tokens`` and
+    ``num_sequences``: the counts the sums are divided by (:meth:`G`, :meth:`Y`, :meth:`Z` return the
+    divided statistics); ``y_factor``: "diag" or "full"; ``meta``: the model and the pass
+    (``model_class``, ``target_modules``, ``pass_seconds``, ...).  :meth:`save` / :meth:`load`: one
+    safetensors file.
+    """
+
     layers: dict[str, LayerStats]
     z_sums: dict[str, torch.Tensor]  # [in, in], symmetric
     num_tokens: int
     num_sequences: int
     y_factor: str
     meta: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # no tensors: a model's statistics are gigabytes
+        widths = sorted({(s.in_features, s.out_features) for s in self.layers.values()})
+        shown = ", ".join(f"{i}→{o}" for i, o in widths[:4]) + (", ..." if len(widths) > 4 else "")
+        return (f"Statistics({len(self.layers)} layers, {len(self.z_sums)} input groups, "
+                f"{self.num_sequences} sequences, {self.num_tokens} tokens, y_factor={self.y_factor!r}, "
+                f"shapes: {shown}, model={self.meta.get('model_class')!r})")
 
     # The divided statistics, in the dtype the solve asks for.
     def G(self, name: str, dtype=torch.float64) -> torch.Tensor:
