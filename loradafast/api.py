@@ -67,9 +67,10 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
                                           adapter_name=adapter_name, lora_alpha=lora_alpha, use_rslora=use_rslora)
     stats = None
     if record.data_aware:
+        # Only what the method reads: LoRA-GA's pass accumulates no K-FAC factor at all.
         stats = collect(model, loader, y_factor=getattr(config, "y_factor", None) or "diag",
                         max_samples=max_samples, loss_fn=loss_fn, progress=progress, adapter_name=adapter_name,
-                        targets=targets)
+                        targets=targets, factors=record.statistics)
     pass_s = time.perf_counter() - started
     # Weight-only methods read the layer shapes from the weights too; .detach() views, no copies.
     weights = {t.name: t.weight_out_in().detach() for t in targets} if stats is None or record.needs_weights \

@@ -7,7 +7,8 @@ token loss of sequence n), accumulate in fp32
 * ``Σ x_t x_tᵀ`` once per distinct input tensor (Z, shared by q/k/v, gate/up),
 * ``Σ g_t²`` or ``Σ g_t g_tᵀ`` (Y, diag or full),
 
-over the valid tokens (attention mask, sequences that have at least one label).
+over the valid tokens (attention mask, sequences that have at least one label); ``factors=``
+restricts the pass to some of them (a method's own needs: LoRA-GA and LoRA-One read G only).
 
 The pass leaves the model as it found it: parameters' ``requires_grad``, train/eval modes and
 hooks are restored even when it fails.  It never needs a parameter to require grad: every target
@@ -31,7 +32,7 @@ from ..options import Y_FACTORS, check_choice, check_pass_options
 from .batches import IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
 from .hooks import Accumulator, all_reduce
-from .store import LayerStats, Statistics
+from .store import LayerStats, Statistics, check_factors
 from ..integrations.peft import base_model_only
 from ..targets import Target, base_model_of, find_targets, model_meta
 
@@ -95,6 +96,7 @@ def collect(
     progress: bool = True,
     adapter_name: str | None = None,
     targets: list[Target] | None = None,
+    factors=None,
 ) -> Statistics:
     """Run ``loader`` once through ``model`` and return the per-layer statistics (docs/design.md §3).
 
@@ -103,7 +105,10 @@ def collect(
     ``batch.labels``: token labels shaped like ``input_ids`` (-100 where ``attention_mask`` is 0),
     or labels of any other shape with one row per sequence, such as class ids ``[B]``.
     ``max_samples`` caps the number of sequences (None: the whole loader).
+    ``factors`` (a collection of "G", "Y", "Z"; None: all three, so that the statistics serve
+    every method) are what the pass accumulates; ``y_factor`` matters only when Y is among them.
     """
+    factors = check_factors(factors)
     check_choice("y_factor", y_factor, Y_FACTORS)
     check_pass_options(max_samples)
     targets = _checked_targets(model, targets, target_modules=target_modules, adapter_name=adapter_name,
@@ -112,7 +117,7 @@ def collect(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    acc = Accumulator(targets, y_factor, device)
+    acc = Accumulator(targets, y_factor, device, factors)
     started = time.perf_counter()
     num_sequences, num_tokens = _stream(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples,
                                         progress=progress)
@@ -124,7 +129,7 @@ def collect(
         "pass_seconds": time.perf_counter() - started,
         **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
     }
-    return _statistics(acc, targets, counts, y_factor, meta)
+    return _statistics(acc, targets, counts, y_factor if "Y" in factors else None, meta)
 
 
 def _version() -> str:
@@ -220,18 +225,19 @@ def _statistics(acc: Accumulator, targets: list[Target], counts: torch.Tensor, y
                 meta: dict) -> Statistics:
     layers = {}
     for t in targets:
-        if t.name not in acc.g_sum:
+        if t.name not in acc.got_grad:
             raise RuntimeError(
                 f"layer {t.name!r} received no gradient: it does not influence the loss. Exclude it "
                 "with target_modules"
             )
-        y = acc.y_sum[t.name]
-        layers[t.name] = LayerStats(
-            t.name, t.in_features, t.out_features, acc.g_sum[t.name],
-            kernels.symmetric_from_lower(y) if y_factor == "full" else y, acc.input_group[t.name], t.kind,
-        )
-    # The accumulators hold lower triangles only (the kernels skip the upper tiles).
-    z_sums = {k: kernels.symmetric_from_lower(v) for k, v in acc.z_sum.items()}
+        y = acc.y_sum.pop(t.name, None)
+        if y is not None and y_factor == "full":
+            y = kernels.symmetric_from_lower(y)
+        layers[t.name] = LayerStats(t.name, t.in_features, t.out_features, acc.g_sum.get(t.name), y,
+                                    acc.input_group[t.name], t.kind)
+    # The accumulators hold lower triangles only (the kernels skip the upper tiles); popped one at a
+    # time so that at most one lower-triangle copy is alive beside the symmetric ones.
+    z_sums = {k: kernels.symmetric_from_lower(acc.z_sum.pop(k)) for k in list(acc.z_sum)}
     return Statistics(layers, z_sums, int(counts[0].item()), int(counts[1].item()), y_factor, meta)
 
 
