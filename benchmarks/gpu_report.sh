@@ -36,6 +36,7 @@ step eigen "$PY" benchmarks/bench_eigen.py --no-lobpcg --out "$REPORT/eigen.json
 step scale "$PY" benchmarks/bench_scale.py --device cuda --scales 0.5,1 --dtypes float64,float32 --out "$REPORT/scale.json"
 step solve "$PY" benchmarks/bench_solve.py --out "$REPORT/solve.json"
 step overhead "$PY" benchmarks/overhead.py --gpu --timeout 500 --out "$REPORT/overhead.json"
+step loraga "$PY" benchmarks/bench_loraga.py --gpu --repeats 2 --timeout 250 --out "$REPORT/loraga.json"
 
 {
   echo "# GPU report"; echo; cat "$REPORT/machine.txt"; echo; cat "$REPORT/steps.md"; echo

@@ -22,6 +22,7 @@ DAMPING_MODES = ("absolute", "relative")
 GRADIENTS = ("fisher", "raw")  # LoRA-DA's Δ: natural gradient, or −G (ablation)
 EIGENSOLVERS = ("auto", "lobpcg", "dense")
 LORAGA_VARIANTS = ("paper", "peft")
+SVD_MODES = ("auto", "exact", "randomized")  # LoRA-GA, LoRA-One: the gradient's top singular triplets
 SOLVE_DTYPES = (torch.float32, torch.float64)
 
 # The keyword arguments of initialize/solve/get_peft_model that set a field of a method's options
@@ -39,6 +40,7 @@ KEYWORDS = {
     "residual_tol": "residual_tol",
     "loraga_variant": "variant",
     "pissa_niter": "niter",
+    "svd": "svd",
     "seed": "seed",
     "solve_dtype": "dtype",  # initialize's name
     "dtype": "dtype",  # solve's name
@@ -130,26 +132,33 @@ class LoraDAConfig(MethodConfig):
 
 @dataclass(kw_only=True)
 class LoraGAConfig(MethodConfig):
-    """LoRA-GA: ``gamma`` (16) and ``variant`` ("paper": the authors' code, "peft": PEFT's)."""
+    """LoRA-GA: ``gamma`` (16), ``variant`` ("paper": the authors' code, "peft": PEFT's) and
+    ``svd``: how the gradient's top 2r singular triplets are found, "auto" (randomized subspace
+    iteration, checked, the exact SVD where the check fails; :mod:`loradafast.linalg.lowrank`),
+    "exact" (``torch.linalg.svd``) or "randomized" (never falls back)."""
 
     gamma: float = 16.0
     variant: str = "paper"
+    svd: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
         _check_positive("gamma", self.gamma)
         check_choice("loraga_variant", self.variant, LORAGA_VARIANTS)
+        check_choice("svd", self.svd, SVD_MODES)
 
 
 @dataclass(kw_only=True)
 class LoraOneConfig(MethodConfig):
-    """LoRA-One: ``gamma`` (128)."""
+    """LoRA-One: ``gamma`` (128) and ``svd`` as in :class:`LoraGAConfig` (top r triplets)."""
 
     gamma: float = 128.0
+    svd: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
         _check_positive("gamma", self.gamma)
+        check_choice("svd", self.svd, SVD_MODES)
 
 
 @dataclass(kw_only=True)

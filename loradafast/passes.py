@@ -57,7 +57,7 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
             "sampler), or raise memory_budget"
         )
     kw = dict(y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn, progress=progress,
-              adapter_name=adapter_name)
+              adapter_name=adapter_name, factors=record.statistics)
     solve_kw = dict(ranks=layout.ranks, lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
                     alphas=layout.alphas, freeze_a=freeze_a, progress=progress)
     if plan.num_passes == 1:
@@ -76,9 +76,8 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
 
 
 def _collected(record) -> frozenset:
-    """What :func:`collect` gathers for ``record``: today G, Y and Z for every data-aware method
-    (``record.statistics`` is what the method reads; keep this in step with ``collect``)."""
-    return frozenset("GYZ")
+    """What :func:`collect` gathers for ``record``: what the method reads (LoRA-GA: G alone)."""
+    return frozenset(record.statistics)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -58,9 +58,13 @@ class SingularDiagnostics(LayerDiagnostics):
 
 @dataclass
 class GradientDiagnostics(LayerDiagnostics):
-    """LoRA-GA, LoRA-One: the gradient's singular values they used."""
+    """LoRA-GA, LoRA-One: the gradient's singular values they used, and how they were found
+    (:mod:`loradafast.linalg.lowrank`)."""
 
     gradient_singular_values: torch.Tensor | None = None
+    svd: str | None = None  # "exact", "randomized", or "exact-fallback" (the randomized check failed)
+    svd_backward_error: float | None = None  # ‖GV − US‖_F / σ₁ of the randomized triplets (the check)
+    svd_sine_estimate: float | None = None  # estimated sin θ to the exact SVD's subspaces (inf: no gap)
 
 
 @dataclass

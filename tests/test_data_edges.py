@@ -250,7 +250,8 @@ def _free_port() -> int:
 
 
 def _distributed_worker(rank, world, port, scenarios, out_dir):
-    """Run ``collect`` once per scenario (one shard per rank each) and save what each run gave."""
+    """Run ``collect`` once per scenario (one shard per rank each, or ``(shards, factors)``) and save
+    what each run gave."""
     import datetime
 
     import torch.distributed as dist
@@ -260,10 +261,11 @@ def _distributed_worker(rank, world, port, scenarios, out_dir):
                             timeout=datetime.timedelta(seconds=60))
     results = []
     try:
-        for shards in scenarios:
+        for scenario in scenarios:
+            shards, factors = scenario if isinstance(scenario, tuple) else (scenario, None)
             try:
                 results.append({"stats": loradafast.collect(tiny_llama(), shards[rank], y_factor="full",
-                                                            progress=False)})
+                                                            progress=False, factors=factors)})
             except Exception as e:  # noqa: BLE001 - the parent checks the message
                 results.append({"error": f"{type(e).__name__}: {e}"})
     finally:
@@ -306,6 +308,20 @@ def test_distributed_empty_shard(tmp_path):
     # Every rank empty: the same clear error on every rank, and no hang.
     for r in none:
         assert "no sequence" in r.get("error", "") and "on any rank" in r["error"], r
+
+
+def test_distributed_g_only_empty_shard(tmp_path):
+    """A G-only pass reduces G alone, also from a rank that saw no batch (zeros made for G only)."""
+    batches = padded_batches(random_sequences(5, lengths=(3, 12), seed=7), 2)
+    (some,) = _run_distributed([([batches, []], {"G"})], 2, tmp_path)
+    assert all("error" not in r for r in some), [r.get("error") for r in some]
+    union = loradafast.collect(tiny_llama(), batches, progress=False, factors={"G"})
+    for stats in (r["stats"] for r in some):
+        assert stats.factors == {"G"} and stats.z_sums == {} and stats.y_factor is None
+        assert (stats.num_tokens, stats.num_sequences) == (union.num_tokens, union.num_sequences)
+        for name, layer in union.layers.items():
+            assert stats.layers[name].y_sum is None
+            torch.testing.assert_close(stats.layers[name].g_sum, layer.g_sum, rtol=0, atol=0)
 
 
 # ---- item 8: smaller ones ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ LORADAFAST_METHODS = {  # benchmark name -> (loradafast method, extra options)
     "lora-da-diag": ("lora-da", {"y_factor": "diag"}),
     "lora-da-full": ("lora-da", {"y_factor": "full"}),
     "lora-ga": ("lora-ga", {}),
+    "lora-ga-exact": ("lora-ga", {"svd": "exact"}),  # bench_loraga.py's reference
     "lora-one": ("lora-one", {}),
 }
 MODEL_DEFAULTS = {  # samples, seq_len, batch size, EVA's cap in passes over the samples
@@ -45,6 +46,7 @@ METHOD_DESCRIPTIONS = {
                     "pass_s − solve_s (PEFT wrap + fill)",
     "lora-da-full": "the same with y_factor='full'",
     "lora-ga": "loradafast.get_peft_model(..., method='lora-ga') (gamma 16, variant 'paper')",
+    "lora-ga-exact": "the same with svd='exact' (torch.linalg.svd of every gradient, float64)",
     "lora-one": "loradafast.get_peft_model(..., method='lora-one') (gamma 128)",
     "peft-lora-ga": "PEFT preprocess_loraga (train_step: model(**batch).loss.backward() per batch) + "
                     "get_peft_model with LoraGAConfig() defaults; solve_s = time inside "

@@ -4,6 +4,7 @@ split); the caller measures the wall time around it."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from functools import partial
 
 import torch
@@ -73,6 +74,10 @@ def run_loradafast(model, batches, spec, name):
                  if layer.diagnostics.get("eigensolver_fallback")]
     if fallbacks:
         extra["eigensolver_fallbacks"] = len(fallbacks)
+    svd_paths = Counter(layer.diagnostics.get("svd") for layer in peft_model.loradafast_result.layers.values())
+    svd_paths.pop(None, None)
+    if svd_paths:  # lora-ga / lora-one: how many layers took the randomized SVD, the exact one, a fallback
+        extra["svd_paths"] = dict(svd_paths)
     return {"pass_s": t["pass_s"], "solve_s": t["solve_s"], "apply_s": wall - t["pass_s"] - t["solve_s"],
             "extra": extra}
 

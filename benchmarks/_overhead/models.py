@@ -89,6 +89,18 @@ def prepare_model_data(name: str, settings: dict, workdir: Path, log) -> dict:
     return info
 
 
+def save_lora_factors(model, path) -> None:
+    """``{layer: (lora_A [r, in], lora_B [out, r])}`` of a model that PEFT wrapped in place, as fp32
+    CPU tensors, keyed by the layer's name in the unwrapped model (comparable across methods)."""
+    factors = {}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, torch.nn.ModuleDict) and "default" in lora_a:
+            factors[name] = (lora_a["default"].weight.detach().float().cpu(),
+                             module.lora_B["default"].weight.detach().float().cpu())
+    torch.save(factors, path)
+
+
 def embedding_leaf_hook(module, args, output):
     """Make the embedding output a leaf that requires grad (backward to the activations only)."""
     return output.detach().requires_grad_(True)

@@ -15,7 +15,7 @@ from _common import PeakMemory, run_child, sync
 
 from .config import TARGETS
 from .methods import EvaCapReached, run_method
-from .models import build_model, make_batches, prepare_model_data, warm_up
+from .models import build_model, make_batches, prepare_model_data, save_lora_factors, warm_up
 
 SCRIPT = Path(__file__).resolve().parents[1] / "overhead.py"  # the worker is the script itself (--worker)
 
@@ -50,6 +50,10 @@ def timed_run(name, model, ids, spec, *, sample_cpu_memory: bool) -> dict:
         record.update(ok=False, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-2000:])
     record["peak_mem_delta_bytes"] = mem.peak_delta if record.get("ok") else None
     record["peak_mem_how"] = mem.how
+    if record.get("ok") and spec.get("factors_dir"):  # after the timed region (bench_loraga.py compares them)
+        path = Path(spec["factors_dir"]) / f"{name}_{spec.get('repetition', 0)}.pt"
+        save_lora_factors(model, path)
+        record["factors_path"] = str(path)
     return record
 
 

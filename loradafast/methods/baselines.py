@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..linalg.dense import canonical_sign_factors, canonical_signs
-from ..options import LORAGA_VARIANTS, check_choice
+from ..linalg.lowrank import TopSingular, top_singular_triplets
+from ..options import LORAGA_VARIANTS, SVD_MODES, check_choice
 from ..result import FisherSubspaceDiagnostics, GradientDiagnostics, LayerDiagnostics, SingularDiagnostics
 
 
@@ -101,7 +102,13 @@ def milora(weight: torch.Tensor, rank: int, scaling: float) -> Factors:
 
 # ---- gradient methods ---------------------------------------------------------------------------
 
-def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str = "paper") -> Factors:
+def _gradient_diagnostics(top: TopSingular, singular_values: torch.Tensor) -> GradientDiagnostics:
+    return GradientDiagnostics(gradient_singular_values=singular_values.detach().cpu(), svd=top.path,
+                               svd_backward_error=top.backward_error, svd_sine_estimate=top.sine_estimate)
+
+
+def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str = "paper",
+            svd: str = "auto") -> Factors:
     """LoRA-GA (Wang et al., arXiv 2407.05000), "ArB2r" directions with "stable" scale.
 
     From the gradient ``G = U S Vᵀ`` ``[out, in]`` (docs/design.md §3), with ``c = out^¼/√γ``:
@@ -115,20 +122,24 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
       PEFT 0.21 takes ``out`` from the stored ``[in, out]`` weight, i.e. uses ``in^¼``; this
       variant uses the layer's true ``out``.)
 
-    Both move the base weight to ``W − s·B·A``.  The SVD here is exact; both reference
-    implementations use ``torch.svd_lowrank(q=4r, niter=4)``, an approximation of it.  Their
+    Both move the base weight to ``W − s·B·A``.  ``svd`` (:func:`.linalg.lowrank.top_singular_triplets`):
+    "auto" takes randomized triplets whose backward error is below 1e-3, the exact SVD otherwise;
+    "exact" always the exact SVD; "randomized" never falls back.  Both reference implementations use
+    ``torch.svd_lowrank(q=4r, niter=4)`` unchecked (backward error up to ~1e-2 on SmolLM2).  Their
     gradient is the mean over batches of the batch's token-mean loss gradient; ours (docs/design.md §3)
     is the mean over sequences of each sequence's token-mean loss gradient.  The two agree when
     all sequences have equally many labelled tokens and all batches equally many sequences.
     """
     check_choice("loraga_variant", variant, LORAGA_VARIANTS)  # a direct call has no LoraGAConfig
+    check_choice("svd", svd, SVD_MODES)
     out_features, in_features = grad.shape
     if 2 * rank > min(out_features, in_features):
         raise ValueError(
             f"LoRA-GA takes 2r = {2 * rank} singular triplets of the gradient but the layer has only "
             f"min(in, out) = {min(out_features, in_features)}; lower the rank or exclude the layer"
         )
-    u, s, vh = torch.linalg.svd(grad, full_matrices=False)
+    top = top_singular_triplets(grad, 2 * rank, boundaries=(rank, 2 * rank), mode=svd)
+    u, s, vh = top.u, top.s, top.vh
     scale = out_features**0.25 / math.sqrt(gamma)
     # A and B come from different triplets, so each gets its own canonical sign.
     a = canonical_signs(vh[:rank].T).T
@@ -137,26 +148,28 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
         a, b = a * scale, b * scale
     else:
         b = b * s[rank:2 * rank] * scale
-    return Factors(a, b, moves_base=True,
-                   diagnostics=GradientDiagnostics(gradient_singular_values=s[:2 * rank].detach().cpu()))
+    return Factors(a, b, moves_base=True, diagnostics=_gradient_diagnostics(top, s[:2 * rank]))
 
 
-def lora_one(grad: torch.Tensor, rank: int, *, gamma: float = 128.0) -> Factors:
+def lora_one(grad: torch.Tensor, rank: int, *, gamma: float = 128.0, svd: str = "auto") -> Factors:
     """LoRA-One (Zhang et al., arXiv 2502.01235; the authors' ``gradient_reinit``).
 
     From ``−G = U S Vᵀ``: ``lora_A = diag(√S_r) V_rᵀ / √(S_1 γ)``, ``lora_B = U_r diag(√S_r) / √(S_1 γ)``,
     so ``B·A = −G_r / (S_1 γ)``: the adapter starts one (normalised) gradient-descent step along
     the best rank-r approximation of the negative gradient.  The base weight is unchanged, so the
-    model's output moves at initialisation (by design).
+    model's output moves at initialisation (by design).  ``svd`` as in :func:`lora_ga`, for the
+    top r triplets.
     """
-    u, s, vh = torch.linalg.svd(-grad, full_matrices=False)
+    check_choice("svd", svd, SVD_MODES)
+    if not bool(torch.isfinite(grad).all()):
+        raise FloatingPointError("the layer's gradient is zero or not finite; LoRA-One has no direction for it")
+    top = top_singular_triplets(-grad, rank, mode=svd)
+    u, s, vh = top.u, top.s, top.vh
     if not bool(torch.isfinite(s[0])) or float(s[0]) == 0.0:
         raise FloatingPointError("the layer's gradient is zero or not finite; LoRA-One has no direction for it")
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     u, vh = _paired_signs(u, vh)
     root = s.sqrt() / (s[0] * gamma).sqrt()
-    return Factors(root[:, None] * vh, u * root, moves_base=False,
-                   diagnostics=GradientDiagnostics(gradient_singular_values=s.detach().cpu()))
+    return Factors(root[:, None] * vh, u * root, moves_base=False, diagnostics=_gradient_diagnostics(top, s))
 
 
 # ---- Fisher-weighted weight subspace ------------------------------------------------------------

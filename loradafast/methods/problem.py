@@ -30,7 +30,7 @@ class Problem:
             return self.device
         if self.weights is not None and name in self.weights:
             return self.weights[name].device
-        return self.stats.layers[name].g_sum.device
+        return self.stats.device_of(name)
 
     def weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         return self.weights[name].to(self.device_of(name), dtype)

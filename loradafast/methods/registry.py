@@ -66,11 +66,11 @@ def _milora(p: Problem, name: str, c: MiloraConfig) -> Factors:
 
 
 def _lora_ga(p: Problem, name: str, c: LoraGAConfig) -> Factors:
-    return baselines.lora_ga(p.G(name, c.dtype), p.ranks[name], gamma=c.gamma, variant=c.variant)
+    return baselines.lora_ga(p.G(name, c.dtype), p.ranks[name], gamma=c.gamma, variant=c.variant, svd=c.svd)
 
 
 def _lora_one(p: Problem, name: str, c: LoraOneConfig) -> Factors:
-    return baselines.lora_one(p.G(name, c.dtype), p.ranks[name], gamma=c.gamma)
+    return baselines.lora_one(p.G(name, c.dtype), p.ranks[name], gamma=c.gamma, svd=c.svd)
 
 
 def _fisher_subspace(p: Problem, name: str, c: FisherSubspaceConfig) -> Factors:

@@ -22,7 +22,7 @@ from ..statistics.store import Statistics
 from .baselines import lora_scaling
 from .problem import Problem
 from ..options import check_rank, check_ranks
-from .registry import Method, build_config, generator_for, get_method, method_keywords
+from .registry import REGISTRY, Method, build_config, generator_for, get_method, method_keywords
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's own default
 
@@ -135,6 +135,11 @@ def _check_inputs(record: Method, config: MethodConfig, stats, weights) -> None:
         raise ValueError(f"method {record.name!r} needs the base weights: pass weights={{name: W [out, in]}}")
     if stats is None and weights is None:
         raise ValueError(f"method {record.name!r} needs the layers: pass weights={{name: W [out, in]}} (or statistics)")
+    if stats is not None:
+        served = [m.name for m in REGISTRY.values() if m.data_aware and m.statistics <= stats.factors]
+        stats.require(record.statistics, f"method {record.name!r} ({record.title})",
+                      f", and initialize(..., method={record.name!r}) collects what it needs"
+                      + (f"; these statistics serve {', '.join(served)}" if served else ""))
     wanted = getattr(config, "y_factor", None)
     if stats is not None and wanted is not None and wanted != stats.y_factor:
         raise ValueError(f"the options ask y_factor={wanted!r} but the statistics hold y_factor={stats.y_factor!r}; "
@@ -161,7 +166,7 @@ def _layer_inits(record: Method, config: MethodConfig, problem: Problem) -> dict
 
 def _recorded_options(config: MethodConfig, stats: Statistics | None) -> dict:
     options = config.options()
-    if stats is not None:
+    if stats is not None and stats.y_factor is not None:
         options["y_factor"] = stats.y_factor
     else:
         options.pop("y_factor", None)

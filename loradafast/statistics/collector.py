@@ -7,7 +7,8 @@ token loss of sequence n), accumulate in fp32
 * ``Σ x_t x_tᵀ`` once per distinct input tensor (Z, shared by q/k/v, gate/up),
 * ``Σ g_t²`` or ``Σ g_t g_tᵀ`` (Y, diag or full),
 
-over the valid tokens (attention mask, sequences that have at least one label).
+over the valid tokens (attention mask, sequences that have at least one label); ``factors=``
+restricts the pass to some of them (a method's own needs: LoRA-GA and LoRA-One read G only).
 
 The pass leaves the model as it found it: parameters' ``requires_grad``, train/eval modes and
 hooks are restored even when it fails.  It never needs a parameter to require grad: every target
@@ -32,7 +33,7 @@ from ..options import Y_FACTORS, check_choice, check_pass_options
 from .batches import IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
 from .hooks import Accumulator, all_reduce
-from .store import LayerStats, Statistics
+from .store import LayerStats, Statistics, check_factors
 from ..integrations.peft import base_model_only
 from ..targets import Target, base_model_of, find_targets, model_meta
 
@@ -99,6 +100,7 @@ def collect(
     progress: bool = True,
     adapter_name: str | None = None,
     targets: list[Target] | None = None,
+    factors=None,
 ) -> Statistics:
     """Run ``loader`` once through ``model`` and return the per-layer statistics (docs/design.md §3).
 
@@ -107,7 +109,10 @@ def collect(
     ``batch.labels``: token labels shaped like ``input_ids`` (-100 where ``attention_mask`` is 0),
     or labels of any other shape with one row per sequence, such as class ids ``[B]``.
     ``max_samples`` caps the number of sequences (None: the whole loader).
+    ``factors`` (a collection of "G", "Y", "Z"; None: all three, so that the statistics serve
+    every method) are what the pass accumulates; ``y_factor`` matters only when Y is among them.
     """
+    factors = check_factors(factors)
     check_choice("y_factor", y_factor, Y_FACTORS)
     check_pass_options(max_samples)
     targets = _checked_targets(model, targets, target_modules=target_modules, adapter_name=adapter_name,
@@ -116,7 +121,7 @@ def collect(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    acc = Accumulator(targets, y_factor, device)
+    acc = Accumulator(targets, y_factor, device, factors)
     started = time.perf_counter()
     num_sequences, num_tokens = _stream(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples,
                                         progress=progress)
@@ -128,7 +133,7 @@ def collect(
         "pass_seconds": time.perf_counter() - started,
         **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
     }
-    stats = _statistics(acc, targets, counts, y_factor, meta)
+    stats = _statistics(acc, targets, counts, y_factor if "Y" in factors else None, meta)
     logger.info("collect: %d tokens in %d sequences, %d layers (%d input groups), y_factor=%s, %.1f s",
                 stats.num_tokens, stats.num_sequences, len(stats.layers), len(stats.z_sums), y_factor,
                 meta["pass_seconds"])
@@ -224,16 +229,16 @@ def _statistics(acc: Accumulator, targets: list[Target], counts: torch.Tensor, y
                 meta: dict) -> Statistics:
     layers = {}
     for t in targets:
-        if t.name not in acc.g_sum:
+        if t.name not in acc.got_grad:
             raise RuntimeError(
                 f"layer {t.name!r} received no gradient: it does not influence the loss. Exclude it "
                 "with target_modules"
             )
-        y = acc.y_sum[t.name]
-        layers[t.name] = LayerStats(
-            t.name, t.in_features, t.out_features, acc.g_sum[t.name],
-            kernels.symmetrize_lower_(y) if y_factor == "full" else y, acc.input_group[t.name], t.kind,
-        )
+        y = acc.y_sum.get(t.name)
+        if y is not None and y_factor == "full":
+            y = kernels.symmetrize_lower_(y)
+        layers[t.name] = LayerStats(t.name, t.in_features, t.out_features, acc.g_sum.get(t.name), y,
+                                    acc.input_group[t.name], t.kind)
     # The accumulators hold lower triangles only (the kernels skip the upper tiles); mirrored in
     # place, so the peak is one diagonal tile more than the statistics, not twice Z and full Y.
     z_sums = {k: kernels.symmetrize_lower_(v) for k, v in acc.z_sum.items()}

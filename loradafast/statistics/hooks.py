@@ -6,6 +6,9 @@ input tensor (Z, shared by the layers that read it); the output passes through
 which adds ``Σ g xᵀ`` (G) and ``Σ g²`` or ``Σ g gᵀ`` (Y).  With the full Y, the Z of an input
 group is added in the backward of its first layer too, so that one launch adds Z and that
 layer's Y (:func:`loradafast.kernels.kfac_accumulate_pair`).
+
+Only the requested ``factors`` are accumulated: a factor left out costs no kernel launch and no
+accumulator (a G-only pass keeps no K-FAC state at all).
 """
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ class _CaptureGrad(torch.autograd.Function):
 class Accumulator:
     """Hook state for one pass."""
 
-    def __init__(self, targets: list[Target], y_factor: str, device: torch.device):
+    def __init__(self, targets: list[Target], y_factor: str, device: torch.device, factors=frozenset("GYZ")):
         self.targets = targets
+        self.factors = frozenset(factors)
         # Makes every captured output require grad, even in a model whose parameters are all frozen.
         self.anchor = torch.zeros(0, device=device, requires_grad=True)
         self.y_factor = y_factor
@@ -48,6 +52,7 @@ class Accumulator:
         self.g_sum: dict[str, torch.Tensor] = {}
         self.y_sum: dict[str, torch.Tensor] = {}
         self.z_sum: dict[str, torch.Tensor] = {}
+        self.got_grad: set[str] = set()  # layers whose output received a gradient
         self.input_group: dict[str, str] = {}  # layer -> leader of its input-sharing group
         self.first_batch = True
         # Per-batch state.
@@ -104,18 +109,23 @@ class Accumulator:
                 raise RuntimeError(f"layer {name!r} was called without a tensor input")
             leader = self._group_leader(name, x)
             rows = self._rows(name, x.detach())
-            self.inputs[name] = rows
-            if leader == name:
+            if "G" in self.factors or self._pairs_z_with_y:
+                self.inputs[name] = rows  # read in the backward; otherwise not kept alive
+            if leader == name and "Z" in self.factors:
                 self._add_z(name, rows)
             return _CaptureGrad.apply(output, self.anchor, self._grad_hook(target))
 
         return hook
 
+    @property
+    def _pairs_z_with_y(self) -> bool:
+        return self.y_factor == "full" and {"Y", "Z"} <= self.factors
+
     def _add_z(self, name: str, rows: torch.Tensor) -> None:
         acc = self.z_sum.get(name)
         if acc is None:
             acc = self.z_sum[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
-        if self.y_factor == "full":
+        if self._pairs_z_with_y:
             self.z_pending.add(name)  # added with this layer's Y in its backward, or by flush_pending
         else:
             kernels.kfac_accumulate(acc, rows, self.mask)
@@ -138,19 +148,21 @@ class Accumulator:
         name = target.name
 
         def hook(grad):
-            x = self.inputs.get(name)
-            if x is None:
+            if self.mask is None or self.calls.get(name) is None:
                 return None
             g = self._rows(name, grad)
-            acc = self.g_sum.get(name)
-            if acc is None:
-                acc = self.g_sum[name] = torch.zeros(g.shape[1], x.shape[1], dtype=torch.float32, device=g.device)
-            kernels.gradient_accumulate(acc, g, x, self.mask)
-            self._add_y(name, g, x)
+            self.got_grad.add(name)
+            x = self.inputs.get(name)
+            if "G" in self.factors:
+                acc = self.g_sum.get(name)
+                if acc is None:
+                    acc = self.g_sum[name] = torch.zeros(g.shape[1], x.shape[1], dtype=torch.float32, device=g.device)
+                kernels.gradient_accumulate(acc, g, x, self.mask)
+            if "Y" in self.factors:
+                self._add_y(name, g, x)
             return None
 
         return hook
-
 
     def _add_y(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
         y = self.y_sum.get(name)
@@ -182,10 +194,9 @@ def all_reduce(acc: Accumulator, targets: list[Target], counts: torch.Tensor) ->
     names = sorted(t.name for t in targets)
     _agree_on_layers(acc, names, counts.device)
     for name in names:
-        if name not in acc.g_sum:
-            continue
-        dist.all_reduce(acc.g_sum[name])
-        dist.all_reduce(acc.y_sum[name])
+        for sums in (acc.g_sum, acc.y_sum):  # holds every layer that got a gradient, or none (not collected)
+            if name in sums:
+                dist.all_reduce(sums[name])
     for leader in sorted(acc.z_sum):
         dist.all_reduce(acc.z_sum[leader])
 
@@ -201,7 +212,7 @@ def _agree_on_layers(acc: Accumulator, names: list[str], device: torch.device) -
     # leader over the ranks that ran it, and whether any rank got a gradient for it.
     flags = torch.tensor([-1 if i is None else i for i in leader]
                          + [-n if i is None else -i for i in leader]
-                         + [int(name in acc.g_sum) for name in names], dtype=torch.int64, device=device)
+                         + [int(name in acc.got_grad) for name in names], dtype=torch.int64, device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     highest, lowest, got_grad = flags[:n].tolist(), (-flags[n:2 * n]).tolist(), flags[2 * n:].tolist()
     by_name = {t.name: t for t in acc.targets}
@@ -215,15 +226,18 @@ def _agree_on_layers(acc: Accumulator, names: list[str], device: torch.device) -
             )
         acc.input_group[name] = names[highest[i]]
         target = by_name[name]
-        if got_grad[i] and name not in acc.g_sum:
+        if got_grad[i] and name not in acc.got_grad:
             _zero_sums(acc, target)
-        if highest[i] == i and name not in acc.z_sum:
+        if highest[i] == i and name not in acc.z_sum and "Z" in acc.factors:
             acc.z_sum[name] = torch.zeros(target.in_features, target.in_features, dtype=torch.float32,
                                           device=target.module.weight.device)
 
 
 def _zero_sums(acc: Accumulator, target: Target) -> None:
     out, inp, device = target.out_features, target.in_features, target.module.weight.device
-    acc.g_sum[target.name] = torch.zeros(out, inp, dtype=torch.float32, device=device)
-    y_shape = (out,) if acc.y_factor == "diag" else (out, out)
-    acc.y_sum[target.name] = torch.zeros(y_shape, dtype=torch.float32, device=device)
+    acc.got_grad.add(target.name)
+    if "G" in acc.factors:
+        acc.g_sum[target.name] = torch.zeros(out, inp, dtype=torch.float32, device=device)
+    if "Y" in acc.factors:
+        y_shape = (out,) if acc.y_factor == "diag" else (out, out)
+        acc.y_sum[target.name] = torch.zeros(y_shape, dtype=torch.float32, device=device)

@@ -1,4 +1,8 @@
-"""Per-layer statistics of one collect pass (docs/design.md §3), stored as fp32 sums plus counts."""
+"""Per-layer statistics of one collect pass (docs/design.md §3), stored as fp32 sums plus counts.
+
+A pass may collect only some of the factors G, Y and Z (``collect(..., factors=...)``: LoRA-GA and
+LoRA-One need G only); the others are then None, and asking for one says how to collect it.
+"""
 from __future__ import annotations
 
 import json
@@ -7,8 +11,22 @@ from pathlib import Path
 
 import torch
 
+FACTORS = ("G", "Y", "Z")
+# Version 2 may leave factors out; version 1 files always hold all three and are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
-FORMAT_VERSION = 1
+
+def check_factors(factors) -> frozenset:
+    """``factors`` (an iterable of "G", "Y", "Z"; None: all three) as a non-empty frozenset."""
+    chosen = frozenset(FACTORS if factors is None else factors)
+    if isinstance(factors, str) or not chosen or not chosen <= set(FACTORS):
+        raise ValueError(f"factors must be a non-empty collection of {FACTORS} (None: all), got {factors!r}")
+    return chosen
+
+
+class MissingStatisticsError(ValueError):
+    """The statistics lack a factor that a method needs."""
 
 
 @dataclass
@@ -20,14 +38,15 @@ class LayerStats:
     name: str
     in_features: int
     out_features: int
-    g_sum: torch.Tensor  # [out, in]: Σ_n Σ_t g_t x_tᵀ
-    y_sum: torch.Tensor  # [out] (diag) or [out, out] (full, symmetric)
+    g_sum: torch.Tensor | None  # [out, in]: Σ_n Σ_t g_t x_tᵀ (None: not collected)
+    y_sum: torch.Tensor | None  # [out] (diag) or [out, out] (full, symmetric) (None: not collected)
     input_group: str  # the key of this layer's Z in Statistics.z_sums
     kind: str = "linear"
 
     def __repr__(self) -> str:
+        y = "none" if self.y_sum is None else "diag" if self.y_sum.dim() == 1 else "full"
         return (f"LayerStats({self.name!r}, in={self.in_features}, out={self.out_features}, "
-                f"y={'diag' if self.y_sum.dim() == 1 else 'full'}, input_group={self.input_group!r})")
+                f"g={'yes' if self.g_sum is not None else 'none'}, y={y}, input_group={self.input_group!r})")
 
 
 @dataclass
@@ -43,33 +62,70 @@ class Statistics:
     """
 
     layers: dict[str, LayerStats]
-    z_sums: dict[str, torch.Tensor]  # [in, in], symmetric
+    z_sums: dict[str, torch.Tensor]  # [in, in], symmetric (empty: Z not collected)
     num_tokens: int
     num_sequences: int
-    y_factor: str
+    y_factor: str | None  # None when Y was not collected
     meta: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:  # no tensors: a model's statistics are gigabytes
         widths = sorted({(s.in_features, s.out_features) for s in self.layers.values()})
         shown = ", ".join(f"{i}→{o}" for i, o in widths[:4]) + (", ..." if len(widths) > 4 else "")
         return (f"Statistics({len(self.layers)} layers, {len(self.z_sums)} input groups, "
-                f"{self.num_sequences} sequences, {self.num_tokens} tokens, y_factor={self.y_factor!r}, "
+                f"factors={''.join(sorted(self.factors)) or 'none'}, {self.num_sequences} sequences, "
+                f"{self.num_tokens} tokens, y_factor={self.y_factor!r}, {self.nbytes / 2**20:.1f} MiB, "
                 f"shapes: {shown}, model={self.meta.get('model_class')!r})")
+
+    @property
+    def factors(self) -> frozenset:
+        """Which of "G", "Y", "Z" these statistics hold for every layer."""
+        layers = self.layers.values()
+        held = {"G": all(s.g_sum is not None for s in layers), "Y": all(s.y_sum is not None for s in layers),
+                "Z": all(s.input_group in self.z_sums for s in layers)}
+        return frozenset(k for k, ok in held.items() if ok)
+
+    def require(self, factors, what: str, hint: str = "") -> None:
+        """Raise :class:`MissingStatisticsError` naming ``what`` unless every factor is held."""
+        missing = sorted(set(factors) - self.factors)
+        if missing:
+            held = ", ".join(sorted(self.factors)) or "none"
+            raise MissingStatisticsError(
+                f"{what} needs the statistics {', '.join(sorted(factors))}, but these hold only {held} (the pass "
+                f"collected factors={sorted(self.factors)}); run the pass again with {', '.join(missing)}: "
+                f"loradafast.collect(model, loader) collects all three{hint}"
+            )
 
     # The divided statistics, in the dtype the solve asks for.
     def G(self, name: str, dtype=torch.float64) -> torch.Tensor:
+        self.require("G", "Statistics.G()")
         return self.layers[name].g_sum.to(dtype) / self.num_sequences
 
     def Z(self, name: str, dtype=torch.float64) -> torch.Tensor:
+        self.require("Z", "Statistics.Z()")
         return self.z_sums[self.layers[name].input_group].to(dtype) / self.num_tokens
 
     def Y(self, name: str, dtype=torch.float64) -> torch.Tensor:
+        self.require("Y", "Statistics.Y()")
         return self.layers[name].y_sum.to(dtype) / self.num_tokens
 
+    def device_of(self, name: str) -> torch.device:
+        """Where layer ``name``'s statistics live."""
+        s = self.layers[name]
+        held = s.g_sum if s.g_sum is not None else s.y_sum if s.y_sum is not None else self.z_sums[s.input_group]
+        return held.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the sums."""
+        tensors = [t for s in self.layers.values() for t in (s.g_sum, s.y_sum) if t is not None]
+        return sum(t.numel() * t.element_size() for t in [*tensors, *self.z_sums.values()])
+
     def to(self, device) -> "Statistics":
+        def move(t):
+            return None if t is None else t.to(device)
+
         layers = {
-            n: LayerStats(s.name, s.in_features, s.out_features, s.g_sum.to(device), s.y_sum.to(device),
-                          s.input_group, s.kind)
+            n: LayerStats(s.name, s.in_features, s.out_features, move(s.g_sum), move(s.y_sum), s.input_group, s.kind)
             for n, s in self.layers.items()
         }
         z = {k: v.to(device) for k, v in self.z_sums.items()}
@@ -81,8 +137,9 @@ class Statistics:
 
         tensors = {}
         for name, s in self.layers.items():
-            tensors[f"g/{name}"] = s.g_sum.contiguous().cpu()
-            tensors[f"y/{name}"] = s.y_sum.contiguous().cpu()
+            for prefix, t in (("g", s.g_sum), ("y", s.y_sum)):
+                if t is not None:
+                    tensors[f"{prefix}/{name}"] = t.contiguous().cpu()
         for key, z in self.z_sums.items():
             tensors[f"z/{key}"] = z.contiguous().cpu()
         header = {
@@ -91,6 +148,7 @@ class Statistics:
             "num_tokens": self.num_tokens,
             "num_sequences": self.num_sequences,
             "y_factor": self.y_factor,
+            "factors": sorted(self.factors),
             "layers": {n: [s.in_features, s.out_features, s.input_group, s.kind] for n, s in self.layers.items()},
             "meta": self.meta,
         }
@@ -106,18 +164,23 @@ class Statistics:
             if raw is None:
                 raise ValueError(f"{path} is not a loradafast statistics file (no 'loradafast' metadata)")
             header = json.loads(raw)
-            if header.get("format_version") != FORMAT_VERSION:
+            if header.get("format_version") not in READABLE_VERSIONS:
                 raise ValueError(
                     f"{path} holds statistics in format version {header.get('format_version')}, this "
-                    f"loradafast reads version {FORMAT_VERSION}; collect the statistics again"
+                    f"loradafast reads versions {READABLE_VERSIONS}; collect the statistics again"
                 )
+            factors = set(header.get("factors", FACTORS))
             layers = {}
             z_sums = {}
+
+            def tensor(factor, key):
+                return f.get_tensor(key) if factor in factors else None
+
             # Each layer's entry is [in, out, input group, kind] (the input group was called z_key).
             for name, (fin, fout, group, kind) in header["layers"].items():
-                layers[name] = LayerStats(name, fin, fout, f.get_tensor(f"g/{name}"), f.get_tensor(f"y/{name}"),
+                layers[name] = LayerStats(name, fin, fout, tensor("G", f"g/{name}"), tensor("Y", f"y/{name}"),
                                           group, kind)
-                if group not in z_sums:
+                if "Z" in factors and group not in z_sums:
                     z_sums[group] = f.get_tensor(f"z/{group}")
         return cls(layers, z_sums, header["num_tokens"], header["num_sequences"], header["y_factor"],
                    header.get("meta", {}))

@@ -1,0 +1,112 @@
+"""LoRA-GA's and LoRA-One's randomized SVD (loradafast.linalg.lowrank) against the exact one: the
+same subspaces where the spectrum has a gap (sin θ ≤ 1e-6 here), the exact SVD where the
+spectrum is too flat for the check, and the path taken recorded in the diagnostics."""
+import pytest
+import torch
+
+import loradafast
+from loradafast import methods
+from loradafast.linalg.eigen import span_sine
+from loradafast.linalg.lowrank import BACKWARD_TOL, top_singular_triplets
+from loradafast.statistics import LayerStats, Statistics
+
+SHAPES = [(300, 130), (130, 300), (257, 257)]  # tall, wide, odd square: no power of two
+
+
+def _with_spectrum(out, inp, singular_values, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = min(out, inp)
+    u = torch.linalg.qr(torch.randn(out, n, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(inp, n, generator=g, dtype=torch.float64))[0]
+    return u @ torch.diag(singular_values) @ v.T
+
+
+def _decaying(out, inp, ratio=0.85, seed=0):
+    """A gradient-like spectrum: geometric decay, every consecutive gap 15 %."""
+    return _with_spectrum(out, inp, ratio ** torch.arange(min(out, inp), dtype=torch.float64), seed)
+
+
+def _flat(out, inp, seed=0):
+    """Singular values from 1 down to 0.9 in even steps: power iterations barely separate them."""
+    return _with_spectrum(out, inp, torch.linspace(1.0, 0.9, min(out, inp), dtype=torch.float64), seed)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", ["paper", "peft"])
+def test_randomized_lora_ga_spans_the_exact_subspaces(shape, variant):
+    G, r = _decaying(*shape), 4
+    exact = methods.lora_ga(G, r, variant=variant, svd="exact")
+    auto = methods.lora_ga(G, r, variant=variant)
+    assert exact.diagnostics.svd == "exact" and auto.diagnostics.svd == "randomized"
+    assert auto.diagnostics.svd_backward_error <= BACKWARD_TOL
+    assert span_sine(auto.lora_A.T, exact.lora_A.T) < 1e-6  # top-r right vectors
+    assert span_sine(auto.lora_B, exact.lora_B) < 1e-6  # the next r left vectors
+    # Canonical signs make the factors themselves agree, not only their spans.
+    torch.testing.assert_close(auto.lora_A, exact.lora_A, rtol=0, atol=1e-6)
+    torch.testing.assert_close(auto.lora_B, exact.lora_B, rtol=0, atol=1e-6 * float(exact.lora_B.abs().max()))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_randomized_lora_one_is_the_exact_descent_step(shape):
+    G, r = _decaying(*shape, seed=1), 5
+    exact = methods.lora_one(G, r, svd="exact")
+    auto = methods.lora_one(G, r)
+    assert auto.diagnostics.svd == "randomized"
+    assert span_sine(auto.lora_A.T, exact.lora_A.T) < 1e-6
+    step = exact.lora_B @ exact.lora_A
+    torch.testing.assert_close(auto.lora_B @ auto.lora_A, step, rtol=0, atol=1e-6 * float(step.abs().max()))
+
+
+def test_flat_spectrum_falls_back_to_the_exact_svd():
+    G, r = _flat(300, 200), 4
+    forced = methods.lora_ga(G, r, svd="randomized")
+    assert forced.diagnostics.svd == "randomized" and forced.diagnostics.svd_backward_error > BACKWARD_TOL
+    auto = methods.lora_ga(G, r)
+    exact = methods.lora_ga(G, r, svd="exact")
+    assert auto.diagnostics.svd == "exact-fallback"
+    assert auto.diagnostics.svd_backward_error == forced.diagnostics.svd_backward_error
+    torch.testing.assert_close(auto.lora_A, exact.lora_A, rtol=0, atol=0)
+    torch.testing.assert_close(auto.lora_B, exact.lora_B, rtol=0, atol=0)
+    assert methods.lora_one(G, r).diagnostics.svd == "exact-fallback"
+
+
+def test_the_sine_estimate_covers_the_actual_error():
+    """Few iterations leave a measurable error; the Wedin estimate must not understate it."""
+    G, k = _with_spectrum(400, 300, 0.97 ** torch.arange(300, dtype=torch.float64)), 8
+    u, s, vh = torch.linalg.svd(G, full_matrices=False)
+    for niter in (0, 1, 2):
+        top = top_singular_triplets(G, k, mode="randomized", niter=niter)
+        actual = max(span_sine(top.vh.T, vh[:k].T), span_sine(top.u, u[:, :k]))
+        assert 1e-12 < actual <= top.sine_estimate, (niter, actual, top.sine_estimate)
+
+
+def test_small_layers_take_the_exact_svd_and_randomized_is_deterministic():
+    G = _decaying(40, 24)  # min(out, in) < 64: the exact SVD is as fast as the sketch
+    assert methods.lora_ga(G, 2).diagnostics.svd == "exact"
+    G = _decaying(300, 130)
+    a, b = methods.lora_ga(G, 4, svd="randomized"), methods.lora_ga(G, 4, svd="randomized")
+    assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    with pytest.raises(ValueError, match="svd"):
+        methods.lora_ga(G, 4, svd="lowrank")
+
+
+def _stats(layers: dict[str, torch.Tensor]) -> Statistics:
+    return Statistics({n: LayerStats(n, g.shape[1], g.shape[0], g.float(), None, n) for n, g in layers.items()},
+                      {}, num_tokens=100, num_sequences=1, y_factor=None)
+
+
+@pytest.mark.parametrize("method", ["lora-ga", "lora-one"])
+def test_solve_records_the_svd_path_and_obeys_the_option(method):
+    stats = _stats({"decaying": _decaying(300, 130), "flat": _flat(130, 300)})
+    auto = loradafast.solve(stats, 4, method=method)
+    assert auto.layers["decaying"].diagnostics.svd == "randomized"
+    assert auto.layers["flat"].diagnostics.svd == "exact-fallback"
+    assert auto.options["svd"] == "auto"
+    config = loradafast.LoraGAConfig if method == "lora-ga" else loradafast.LoraOneConfig
+    exact = loradafast.solve(stats, 4, method=method, config=config(svd="exact"))
+    assert {layer.diagnostics.svd for layer in exact.layers.values()} == {"exact"}
+    assert span_sine(auto.layers["decaying"].lora_A.T, exact.layers["decaying"].lora_A.T) < 1e-6
+    forced = loradafast.solve(stats, 4, method=method, svd="randomized")
+    assert {layer.diagnostics.svd for layer in forced.layers.values()} == {"randomized"}
+    with pytest.raises(ValueError, match="svd"):
+        config(svd="fast")
