@@ -139,7 +139,9 @@ def _factor_group(stats, names, config: LoraDAConfig, dev):
                for k in names]
     if any(f.cholesky_dtype == torch.float64 for f in factors):
         work = torch.float64  # one working precision for the group: the highest any factor needed
-    z_lambda = z_mat.to(work) + z.damping * torch.eye(z_mat.shape[-1], dtype=work, device=dev)
+    # Zλ for the preconditioner, made in place from Z, which is not needed any more.
+    z_lambda = z_mat.to(work)
+    z_lambda.diagonal().add_(z.damping)
     grads = [stats.G(k, dtype).to(dev) for k in names]
     return GroupOmega(z, z_lambda, grads, factors, beta=config.beta, num_train_samples=config.num_train_samples,
                       alpha_b=config.alpha_b, gradient=config.gradient, dtype=work,
