@@ -51,6 +51,9 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class PassPlan:
+    """One statistics pass of a :class:`MemoryPlan`: its layers (whole input groups), its
+    statistics' size once complete and its estimated peak."""
+
     layers: tuple[str, ...]
     input_groups: tuple[str, ...]
     statistics_bytes: int  # what the pass's statistics hold once complete
