@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import loradafast
+import loradafast.passes
 from loradafast import kernels
 from loradafast.statistics import MissingStatisticsError
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
@@ -52,8 +53,8 @@ def test_initialize_collects_what_the_method_reads(method, monkeypatch):
     weights = {n: model.get_submodule(n).weight.detach() for n in full.layers}
     expected = loradafast.solve(full, 2, method=method, weights=weights)
     seen = []
-    real = loradafast.api.collect
-    monkeypatch.setattr(loradafast.api, "collect", lambda *a, **k: seen.append(k["factors"]) or real(*a, **k))
+    real = loradafast.passes.collect  # initialize's passes (loradafast/passes.py) call it
+    monkeypatch.setattr(loradafast.passes, "collect", lambda *a, **k: seen.append(k["factors"]) or real(*a, **k))
     if method != "fisher-subspace":
         _no_kfac_work(monkeypatch)
     result = loradafast.initialize(model, batches, 2, method=method, progress=False)

@@ -58,6 +58,7 @@ def test_statistics_mirror_the_triangles_without_a_second_copy():
         g_sum={"l1": torch.randn(600, 1200, generator=gen), "l2": torch.randn(1040, 1040, generator=gen)},
         y_sum={"l1": torch.randn(600, 600, generator=gen), "l2": torch.randn(1040, 1040, generator=gen)},
         input_group={"l1": "a", "l2": "b"},
+        got_grad={"l1", "l2"},
     )
     targets = [SimpleNamespace(name="l1", in_features=1200, out_features=600, kind="linear"),
                SimpleNamespace(name="l2", in_features=1040, out_features=1040, kind="linear")]

@@ -23,7 +23,9 @@ def _batches():
 
 
 def _memory(method: str) -> planner.MemoryModel:
-    return planner.MemoryModel(method, frozenset("GYZ"), "diag", torch.float64, "auto", "cpu")
+    # What the method's pass collects (LoRA-GA: G alone), as initialize plans it.
+    return planner.MemoryModel(method, frozenset(loradafast.REGISTRY[method].statistics), "diag", torch.float64,
+                               "auto", "cpu")
 
 
 def _shapes(model, batches) -> list[planner.LayerShape]:
@@ -97,7 +99,8 @@ def _track_statistics(monkeypatch) -> list[dict]:
     def tracked(*args, **kwargs):
         alive = sum(t.numel() * t.element_size() for r in refs if (t := r()) is not None)
         stats = real(*args, **kwargs)
-        tensors = [*stats.z_sums.values()] + [t for s in stats.layers.values() for t in (s.g_sum, s.y_sum)]
+        tensors = [*stats.z_sums.values()] + [t for s in stats.layers.values() for t in (s.g_sum, s.y_sum)
+                                              if t is not None]  # LoRA-GA's pass collects G alone
         refs.extend(weakref.ref(t) for t in tensors)
         held.append({"collected": sum(t.numel() * t.element_size() for t in tensors), "alive_before": alive})
         return stats
