@@ -11,7 +11,7 @@ from peft import get_peft_model as peft_get_peft_model
 
 import loradafast
 from loradafast.integrations.peft import init_lora_layer
-from tests.tiny import padded_batches, random_sequences, tiny_llama
+from tiny import padded_batches, random_sequences, tiny_llama
 
 
 def _loader():

@@ -8,7 +8,7 @@ from peft import LoraConfig
 from peft import get_peft_model as peft_get_peft_model
 
 import loradafast
-from tests.tiny import padded_batches, random_sequences, tiny_llama
+from tiny import padded_batches, random_sequences, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 

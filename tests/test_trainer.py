@@ -9,7 +9,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import loradafast
 from loradafast.integrations import LoraDACallback
-from tests.tiny import padded_batches, random_sequences, tiny_llama
+from tiny import padded_batches, random_sequences, tiny_llama
 
 SEQS = random_sequences(8)
 
