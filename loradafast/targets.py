@@ -66,7 +66,11 @@ def is_peft_model(model: nn.Module) -> bool:
 def base_model_of(model: nn.Module) -> nn.Module:
     """The transformers (or plain) model under any PEFT wrapping."""
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    if callable(get_base):
+        return get_base()
+    if type(model).__name__ == "PeftMixedModel":  # get_peft_model(..., mixed=True): no get_base_model
+        return model.base_model.model
+    return model
 
 
 def layer_kind(module: nn.Module) -> str | None:

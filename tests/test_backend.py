@@ -164,3 +164,12 @@ def test_the_lines_a_peft_init_would_call(reference):
     assert all(written) and len(written) == 6
     _same(_factors(peft_model), reference)
     assert not any(init_lora_layer(m, "default") for m in peft_model.modules() if isinstance(m, LoraLayer))
+
+
+def test_mixed_peft_model(reference):
+    peft_model = loradafast.get_peft_model(tiny_llama(), _config(), mixed=True, loader=_loader(), progress=False)
+    assert type(peft_model).__name__ == "PeftMixedModel"
+    lora = {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert lora.keys() == reference.keys()
+    for k, v in reference.items():
+        torch.testing.assert_close(lora[k], v, atol=0, rtol=0)
