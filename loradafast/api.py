@@ -239,6 +239,7 @@ def get_peft_model(model: nn.Module, peft_config=None, *args, loader: Iterable |
     adapter_name = peft_kwargs["adapter_name"]
     preprocessed = getattr(model, peft_integration.PREPROCESSED, None)
     if preprocessed is not None and loader is None and stats is None:
+        options.pop("progress", None)  # nothing left to show: the pass and the solve ran in preprocess
         if options:
             raise ValueError(f"{', '.join(options)}: the model was preprocessed (preprocess_lora_da), whose options "
                              "hold; pass them to preprocess_lora_da")

@@ -97,3 +97,13 @@ def test_random_lora_and_collect_on_a_quantized_base():
     assert stats.layers["model.layers.0.self_attn.q_proj"].in_features == 24
     peft_model = peft_get_peft_model(model, LoraConfig(r=2, target_modules=TARGETS))
     loradafast.initialize(peft_model, stats=stats, progress=False)
+
+
+def test_preprocess_on_a_quantized_base():
+    model, _ = _quantized(8)
+    config = LoraConfig(r=2, target_modules=TARGETS)
+    with pytest.raises(ValueError, match="quantized"):
+        loradafast.preprocess_lora_da(model, config, None, method="pissa", progress=False)
+    result = loradafast.preprocess_lora_da(model, config, _loader(), progress=False)
+    peft_model = loradafast.get_peft_model(model, config, progress=False)
+    assert peft_model.loradafast_result is result and len(result.layers) == 4
