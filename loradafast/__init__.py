@@ -2,7 +2,9 @@
 
     result = loradafast.initialize(model, loader, rank=8)
     result.save("adapter")                      # a PEFT adapter directory
-    peft_model = loradafast.get_peft_model(model, loader, lora_config)
+    peft_model = loradafast.get_peft_model(model, lora_config, loader=loader)   # PEFT's order
+    loradafast.preprocess_lora_da(model, lora_config, loader, cache_file="stats.safetensors")
+    peft_model = loradafast.get_peft_model(model, lora_config)   # from the preprocessed factors
     stats = loradafast.collect(model, loader)   # statistics only
     result = loradafast.solve(stats, rank=8)    # factors, no model pass
     result = loradafast.solve(stats, 8, method="lora-ga")   # another method, same statistics
@@ -21,7 +23,7 @@ Layout, in the order the data flows (docs/design.md §1):
 * :mod:`.result`: what a solve returns, as plain data;
 * :mod:`.integrations.peft`: adapter files, writing into a PeftModel, ``get_peft_model``'s wrapping;
 * :mod:`.planner` and :mod:`.passes`: the memory budget, and one statistics pass or several;
-* :mod:`.api`: ``initialize`` and ``get_peft_model``.
+* :mod:`.api`: ``initialize`` and ``get_peft_model``; :mod:`.backend`: PEFT-shaped entry points.
 """
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ import logging as _logging  # noqa: E402
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 from .api import get_peft_model, initialize  # noqa: E402
+from .backend import get_lora_da_state_dict, preprocess_lora_da  # noqa: E402
 from .statistics import collect  # noqa: E402
 from .integrations.peft import apply_base_update, freeze_lora_a  # noqa: E402
 from .result import InitResult, LayerDiagnostics, LayerInit, LoraDADiagnostics  # noqa: E402
@@ -61,8 +64,10 @@ __all__ = [
     "apply_base_update",
     "collect",
     "freeze_lora_a",
+    "get_lora_da_state_dict",
     "get_peft_model",
     "initialize",
+    "preprocess_lora_da",
     "solve",
     "__version__",
 ]

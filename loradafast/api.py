@@ -1,28 +1,34 @@
 """The public entry points: ``initialize`` and ``get_peft_model``."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 from . import passes
 from .integrations import peft as peft_integration
 from .integrations.peft import AdapterLayout
-from .methods.registry import WEIGHT_ONLY_METHODS, build_config, get_method, method_keywords
+from .methods.registry import REGISTRY, WEIGHT_ONLY_METHODS, build_config, get_method, method_keywords
 from .methods.solver import solve_with
 from .planner import parse_bytes
 from .options import MethodConfig, check_pass_options, check_rank, check_ranks
 from .result import InitResult
 from .statistics.collector import is_causal_lm
+from .statistics.store import Statistics
 from .targets import base_model_of, find_targets, is_peft_model, model_meta
 
 
-def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = None, *, method: str = "lora-da",
+def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | None = None, *, method: str = "lora-da",
                config: MethodConfig | None = None, target_modules=None, lora_alpha: float | None = None,
                use_rslora: bool = False, ranks: dict[str, int] | None = None, freeze_a: bool = False,
                max_samples: int | None = 256, loss_fn: Callable | None = None, adapter_name: str | None = None,
-               progress: bool = True, memory_budget: int | float | str | None = None, **options) -> InitResult:
+               progress: bool = True, memory_budget: int | float | str | None = None, stats=None, apply: bool = True,
+               **options) -> InitResult:
     """LoRA initialisation by ``method``, data-aware ones in one streaming pass over ``loader``.
 
     A plain model is left unchanged and the result carries the adapter (``result.state_dict()``,
@@ -62,6 +68,12 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
     ``pissa``, ``milora``, ``lora-ga`` and ``fisher-subspace`` move the base weight to
     ``W − s·B·A`` so the output is unchanged at initialisation: see :meth:`InitResult.save` for the
     two ways to save them.  ``freeze_a=True`` gives LoRA-FA (``lora_A`` frozen when applied).
+
+    ``stats`` (a :class:`Statistics`, or the path of a file saved with ``Statistics.save``) replaces
+    ``loader``: no pass runs, the solve reads the saved statistics of the target layers.
+    ``apply=False`` leaves a ``PeftModel`` untouched (the result only).  A quantized base
+    (bitsandbytes ``Linear4bit``/``Linear8bitLt``) works with the methods that never read or move
+    the base weight (``lora-da``, ``lora-one``, ``lora``); the others refuse it before the pass.
     """
     started = time.perf_counter()
     record = get_method(method)
@@ -69,35 +81,104 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
     check_pass_options(max_samples)
     if memory_budget is not None:
         parse_bytes(memory_budget)  # a malformed budget fails here, also for methods without a pass
-    if record.data_aware and loader is None:
-        raise ValueError(
-            f"method {method!r} is data-aware and needs a loader of training samples; the weight-only methods "
-            f"{', '.join(WEIGHT_ONLY_METHODS)} run without one"
-        )
+    check_data_source(record, loader, stats)
     targets, layout = _targets_and_layout(model, record, rank=rank, ranks=ranks, target_modules=target_modules,
                                           adapter_name=adapter_name, lora_alpha=lora_alpha, use_rslora=use_rslora)
-    if record.data_aware:
-        weights = {t.name: t.weight_out_in().detach() for t in targets} if record.needs_weights else None
-        result, pass_s = passes.collect_and_solve(
-            model, loader, targets, record, config, layout, memory_budget=memory_budget, max_samples=max_samples,
-            loss_fn=loss_fn, progress=progress, adapter_name=adapter_name, freeze_a=freeze_a, weights=weights)
-    else:
-        pass_s = time.perf_counter() - started
-        # Weight-only methods read the layer shapes from the weights too; .detach() views, no copies.
-        weights = {t.name: t.weight_out_in().detach() for t in targets}
-        result = solve_with(record, config, None, layout.rank, weights=weights,
-                            kinds={t.name: t.kind for t in targets}, ranks=layout.ranks,
-                            lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora, alphas=layout.alphas,
-                            freeze_a=freeze_a, progress=progress)
-    if not record.data_aware:  # collect() records these in the statistics otherwise
-        _record_model(result, model, targets, causal=loss_fn is None and is_causal_lm(model),
-                      adapter_name=adapter_name)
+    result, pass_s = solve_targets(model, loader, targets, record, config, layout, stats=stats,
+                                   memory_budget=memory_budget, max_samples=max_samples, loss_fn=loss_fn,
+                                   progress=progress, adapter_name=adapter_name, freeze_a=freeze_a, started=started)
     apply_started = time.perf_counter()
-    if is_peft_model(model):
+    if is_peft_model(model) and apply:
         peft_integration.attach(result, model, targets, layout, adapter_name)
     result.timings = {"pass_s": pass_s, "solve_s": result.timings["solve_s"],
                       "apply_s": time.perf_counter() - apply_started, "total_s": time.perf_counter() - started}
     return result
+
+
+def check_data_source(record, loader, stats) -> None:
+    """A data-aware method needs exactly one of a loader and saved statistics."""
+    if loader is not None and stats is not None:
+        raise ValueError("pass either a loader (to run the statistics pass) or stats= (saved statistics), not both")
+    if record.data_aware and loader is None and stats is None:
+        raise ValueError(
+            f"method {record.name!r} is data-aware and needs a loader of training samples, or stats= (a Statistics "
+            f"object or the path of one saved with Statistics.save); the weight-only methods "
+            f"{', '.join(WEIGHT_ONLY_METHODS)} run without either"
+        )
+
+
+def solve_targets(model, loader, targets, record, config, layout, *, stats, memory_budget, max_samples, loss_fn,
+                  progress, adapter_name, freeze_a, started) -> tuple[InitResult, float]:
+    """The factors of ``targets``: from ``stats``, from a pass over ``loader``, or from the weights
+    alone (weight-only methods); and the seconds spent before the solve.  Touches no weight."""
+    check_weights_readable(targets, record)
+    weights = _weights(targets, record)
+    if stats is not None:
+        stats = statistics_for(load_statistics(stats), targets)
+        result = solve_with(record, config, stats, layout.rank, ranks=layout.ranks, lora_alpha=layout.lora_alpha,
+                            use_rslora=layout.use_rslora, alphas=layout.alphas, freeze_a=freeze_a, progress=progress,
+                            weights=weights if record.needs_weights else None)
+        pass_s = time.perf_counter() - started
+    elif record.data_aware:
+        result, pass_s = passes.collect_and_solve(
+            model, loader, targets, record, config, layout, memory_budget=memory_budget, max_samples=max_samples,
+            loss_fn=loss_fn, progress=progress, adapter_name=adapter_name, freeze_a=freeze_a,
+            weights=weights if record.needs_weights else None)
+        return result, pass_s  # collect() recorded the model in the statistics
+    else:
+        pass_s = time.perf_counter() - started
+        result = solve_with(record, config, None, layout.rank, weights=weights,
+                            kinds={t.name: t.kind for t in targets}, ranks=layout.ranks,
+                            lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora, alphas=layout.alphas,
+                            freeze_a=freeze_a, progress=progress)
+    _record_model(result, model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name)
+    return result, pass_s
+
+
+def _weights(targets, record) -> dict:
+    """The base weights as ``[out, in]`` (.detach() views, no copies); for a quantized layer, whose
+    weight a method here never reads, an empty ``meta`` tensor of its shape."""
+    return {t.name: (torch.empty(t.out_features, t.in_features, device="meta") if t.quantized
+                     else t.weight_out_in().detach()) for t in targets}
+
+
+def check_weights_readable(targets, record) -> None:
+    """Methods that read or move the base weight refuse quantized layers (docs/design.md §5)."""
+    quantized = [t for t in targets if t.quantized]
+    if quantized and (record.needs_weights or record.moves_base):
+        t = quantized[0]
+        fine = ", ".join(name for name, m in REGISTRY.items() if not (m.needs_weights or m.moves_base))
+        raise ValueError(
+            f"method {record.name!r} ({record.title}) {'reads' if record.needs_weights else 'moves'} the base weight, "
+            f"and {len(quantized)} target layer(s) are quantized (e.g. {t.name!r}, a {type(t.module).__name__}); "
+            f"on a quantized base use a method that never touches the weight ({fine}), or load the model unquantized"
+        )
+
+
+def load_statistics(stats) -> Statistics:
+    """``stats`` as a :class:`Statistics`: the object itself, or loaded from its path."""
+    if isinstance(stats, Statistics):
+        return stats
+    if isinstance(stats, (str, os.PathLike)):
+        return Statistics.load(stats)
+    raise TypeError(f"stats must be a loradafast.Statistics or the path of one saved with Statistics.save, got "
+                    f"{type(stats).__name__}")
+
+
+def statistics_for(stats: Statistics, targets) -> Statistics:
+    """``stats`` restricted to ``targets``, each of which it must hold with the same shape."""
+    missing = [t.name for t in targets if t.name not in stats.layers]
+    if missing:
+        raise ValueError(f"the statistics hold no entry for {len(missing)} target layer(s), e.g. {missing[:3]} (they "
+                         f"hold {len(stats.layers)} layers); collect them with the same target_modules")
+    for t in targets:
+        s = stats.layers[t.name]
+        if (s.in_features, s.out_features) != (t.in_features, t.out_features):
+            raise ValueError(f"layer {t.name!r}: the statistics are for a {s.in_features}→{s.out_features} layer, the "
+                             f"model's is {t.in_features}→{t.out_features}; they come from another model")
+    layers = {t.name: stats.layers[t.name] for t in targets}
+    groups = {s.input_group for s in layers.values()}
+    return dataclasses.replace(stats, layers=layers, z_sums={k: v for k, v in stats.z_sums.items() if k in groups})
 
 
 def _record_model(result: InitResult, model: nn.Module, targets, *, causal: bool, adapter_name) -> None:
@@ -109,7 +190,7 @@ def _record_model(result: InitResult, model: nn.Module, targets, *, causal: bool
 
 def _targets_and_layout(model, record, *, rank, ranks, target_modules, adapter_name, lora_alpha, use_rslora):
     """The target layers and their layout, every rank checked: all before the pass."""
-    targets = find_targets(model, target_modules, adapter_name=adapter_name)
+    targets = find_targets(model, target_modules, adapter_name=adapter_name, allow_quantized=True)
     if not targets:
         raise ValueError(
             f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "
@@ -127,21 +208,86 @@ def _targets_and_layout(model, record, *, rank, ranks, target_modules, adapter_n
     return targets, layout
 
 
-def get_peft_model(model: nn.Module, loader: Iterable | None, lora_config, *, adapter_name: str = "default",
-                   **options):
-    """``peft.get_peft_model`` with the LoRA layers initialised by loradafast.
+# PEFT's get_peft_model(model, peft_config, adapter_name, mixed, autocast_adapter_dtype, revision,
+# low_cpu_mem_usage): its arguments after peft_config, in its order, with its defaults.
+PEFT_ARGUMENTS = {"adapter_name": "default", "mixed": False, "autocast_adapter_dtype": True, "revision": None,
+                  "low_cpu_mem_usage": False}
+
+
+def get_peft_model(model: nn.Module, peft_config=None, *args, loader: Iterable | None = None, stats=None,
+                   **kwargs):
+    """``peft.get_peft_model(model, peft_config, ...)`` with the LoRA layers initialised by loradafast.
+
+    PEFT's own arguments (``adapter_name``, ``mixed``, ``autocast_adapter_dtype``, ``revision``,
+    ``low_cpu_mem_usage``), positional in PEFT's order or by keyword, go to PEFT; the data come as
+    ``loader=`` (a statistics pass) or ``stats=`` (a :class:`Statistics` or its path), or from a
+    :func:`~loradafast.preprocess_lora_da` run on ``model`` before (neither given); the other keywords
+    go to :func:`initialize` (``method=...``, the method's options, ``max_samples``, ...).  Weight-only
+    methods need no data.  ``get_peft_model(model, loader, lora_config, **options)``, the older
+    argument order, still works.
 
     PEFT wraps ``model`` first, so the layers initialised are exactly those PEFT chooses from
-    ``lora_config`` (its per-architecture default targets, ``layers_to_transform``,
+    ``peft_config`` (its per-architecture default targets, ``layers_to_transform``,
     ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ...).  The PEFT model is then
     filled as by ``initialize(peft_model, loader, **options)``, whose statistics pass sees the
     base model only (and, for methods that move the base weight, its base weights are updated, as
     PEFT's own PiSSA does).  On any failure the wrapping is undone: ``model`` is left exactly as
-    it was (modules, parameters, flags, modes, hooks, attributes).  ``options`` go to
-    :func:`initialize` (``method=...``; ``loader`` may be None for weight-only methods).
+    it was (modules, parameters, flags, modes, hooks, attributes).
     The :class:`InitResult` is attached as ``peft_model.loradafast_result``.
     """
-    def fill(peft_model):
-        return initialize(peft_model, loader, adapter_name=adapter_name, **options)
+    peft_config, loader, peft_kwargs, options = _peft_model_arguments(peft_config, args, loader, kwargs)
+    adapter_name = peft_kwargs["adapter_name"]
+    preprocessed = getattr(model, peft_integration.PREPROCESSED, None)
+    if preprocessed is not None and loader is None and stats is None:
+        options.pop("progress", None)  # nothing left to show: the pass and the solve ran in preprocess
+        if options:
+            raise ValueError(f"{', '.join(options)}: the model was preprocessed (preprocess_lora_da), whose options "
+                             "hold; pass them to preprocess_lora_da")
 
-    return peft_integration.wrap(model, lora_config, adapter_name, options, fill)
+        def fill(peft_model):
+            return peft_integration.fill_preprocessed(peft_model, preprocessed, adapter_name)
+    else:
+        def fill(peft_model):
+            return initialize(peft_model, loader, adapter_name=adapter_name, stats=stats, **options)
+
+    return peft_integration.wrap(model, peft_config, peft_kwargs, options, fill)
+
+
+def _peft_model_arguments(peft_config, args: tuple, loader, kwargs: dict):
+    """(peft_config, loader, PEFT's keyword arguments, initialize's options) from either argument order."""
+    from peft import PeftConfig
+
+    kwargs = dict(kwargs)
+    if "lora_config" in kwargs:  # the older keyword name: get_peft_model(model, loader, lora_config=...)
+        if isinstance(peft_config, PeftConfig) or args:
+            raise TypeError("get_peft_model() got both peft_config and lora_config")
+        if peft_config is not None and loader is not None:
+            raise TypeError("get_peft_model() got the loader twice (positionally and as loader=)")
+        loader = loader if loader is not None else peft_config
+        peft_config = kwargs.pop("lora_config")
+    if not isinstance(peft_config, PeftConfig) and args and isinstance(args[0], PeftConfig):
+        # The older order, get_peft_model(model, loader, lora_config, **options).
+        if loader is not None:
+            raise TypeError("get_peft_model() got the loader twice (positionally and as loader=)")
+        warnings.warn("loradafast.get_peft_model(model, loader, lora_config) is the older argument order; use "
+                      "PEFT's: get_peft_model(model, lora_config, loader=loader)", DeprecationWarning, stacklevel=3)
+        peft_config, loader, args = args[0], peft_config, args[1:]
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"get_peft_model(model, peft_config, ...) takes a peft.LoraConfig as its second argument (PEFT's "
+                        f"order), got {type(peft_config).__name__}; the data go as loader=... or stats=...")
+    if len(args) > len(PEFT_ARGUMENTS):
+        raise TypeError(f"get_peft_model() takes at most {2 + len(PEFT_ARGUMENTS)} positional arguments (PEFT's)")
+    peft_kwargs = dict(PEFT_ARGUMENTS)
+    for (name, _), value in zip(PEFT_ARGUMENTS.items(), args):
+        if name in kwargs:
+            raise TypeError(f"get_peft_model() got multiple values for argument {name!r}")
+        peft_kwargs[name] = value
+    for name in PEFT_ARGUMENTS:
+        if name in kwargs:
+            peft_kwargs[name] = kwargs.pop(name)
+    if not isinstance(peft_kwargs["adapter_name"], str):
+        raise TypeError(
+            f"the third positional argument of get_peft_model is adapter_name, as in PEFT, and got a "
+            f"{type(peft_kwargs['adapter_name']).__name__}; pass the data by keyword: "
+            "get_peft_model(model, lora_config, loader=loader) (or stats=...)")
+    return peft_config, loader, peft_kwargs, kwargs

@@ -35,19 +35,26 @@ class Target:
     rank: int | None = None  # set by the PEFT layer when there is one
     alpha: float | None = None  # the PEFT layer's lora_alpha (alpha_pattern applied)
     use_rslora: bool = False  # the PEFT layer's
+    quantized: bool = False  # a packed or quantized weight (bitsandbytes, ...): its shape says nothing
 
     @property
     def in_features(self) -> int:
+        if self.quantized:
+            return self.module.in_features
         w = self.module.weight
         return w.shape[0] if self.kind == "conv1d" else w.shape[1]
 
     @property
     def out_features(self) -> int:
+        if self.quantized:
+            return self.module.out_features
         w = self.module.weight
         return w.shape[1] if self.kind == "conv1d" else w.shape[0]
 
     def weight_out_in(self) -> torch.Tensor:
         """The weight as ``[out, in]`` (transposed view for ``Conv1D``)."""
+        if self.quantized:
+            raise TypeError(f"layer {self.name!r} is quantized ({type(self.module).__name__}); its weight cannot be read")
         w = self.module.weight
         return w.T if self.kind == "conv1d" else w
 
@@ -59,7 +66,11 @@ def is_peft_model(model: nn.Module) -> bool:
 def base_model_of(model: nn.Module) -> nn.Module:
     """The transformers (or plain) model under any PEFT wrapping."""
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    if callable(get_base):
+        return get_base()
+    if type(model).__name__ == "PeftMixedModel":  # get_peft_model(..., mixed=True): no get_base_model
+        return model.base_model.model
+    return model
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -72,15 +83,32 @@ def layer_kind(module: nn.Module) -> str | None:
     return kind
 
 
-def _check_real_weight(name: str, module: nn.Module) -> None:
+def is_quantized(module: nn.Module) -> bool:
+    """A linear layer whose weight is packed or quantized (bitsandbytes ``Linear4bit``/``Linear8bitLt``,
+    GPTQ, AWQ, ...): its class comes from a quantization library, or its weight is not a float tensor."""
     weight = getattr(module, "weight", None)
-    quantized = type(module).__module__.split(".")[0] in QUANTIZED_LIBRARIES
-    if quantized or not (torch.is_tensor(weight) and weight.is_floating_point()):
+    return type(module).__module__.split(".")[0] in QUANTIZED_LIBRARIES or not (
+        torch.is_tensor(weight) and weight.is_floating_point())
+
+
+def _check_real_weight(name: str, module: nn.Module, allow_quantized: bool = False) -> bool:
+    """Whether ``module`` is quantized; raises for one if ``allow_quantized`` is False, and for one
+    that does not say its shape (``in_features``/``out_features``) in any case."""
+    weight = getattr(module, "weight", None)
+    quantized = is_quantized(module)
+    if quantized and allow_quantized:
+        if not (isinstance(getattr(module, "in_features", None), int)
+                and isinstance(getattr(module, "out_features", None), int)):
+            raise TypeError(f"layer {name!r} is a quantized {type(module).__name__} without in_features/out_features "
+                            "attributes; loradafast cannot tell its shape")
+        return True
+    if quantized:
         raise TypeError(
             f"layer {name!r} is a {type(module).__module__}.{type(module).__name__} with a quantized or non-float "
             f"weight ({getattr(weight, 'dtype', None)}); loradafast needs the real weight of every target layer: "
             "load the model unquantized (or dequantize it), or exclude these layers with target_modules"
         )
+    return False
 
 
 def _relative_name(model: nn.Module, name: str) -> str:
@@ -90,7 +118,8 @@ def _relative_name(model: nn.Module, name: str) -> str:
     return name
 
 
-def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | None = None) -> list[Target]:
+def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | None = None,
+                 allow_quantized: bool = False) -> list[Target]:
     """The layers to initialise, in module order.
 
     * A model carrying PEFT LoRA layers: exactly its LoRA layers of the active adapter (their
@@ -98,6 +127,9 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
     * Otherwise ``target_modules`` follows PEFT's rules (a list of names or suffixes, a regex
       string, or "all-linear"); None means "all-linear": every ``nn.Linear`` and ``Conv1D``
       except the output embedding, as PEFT does.
+
+    A quantized layer raises, unless ``allow_quantized`` (its Target says ``quantized``: the
+    statistics pass needs only its input and output gradient, never its weight).
     """
     if is_peft_model(model):
         if target_modules is not None:
@@ -117,12 +149,12 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
             if kind is None:
                 raise TypeError(
                     f"LoRA layer {name!r} wraps a {type(base).__name__}; loradafast initialises LoRA on "
-                    "nn.Linear and transformers Conv1D layers only (quantized layers are not supported)"
+                    "nn.Linear and transformers Conv1D layers only"
                 )
-            _check_real_weight(name, base)
+            quantized = _check_real_weight(name, base, allow_quantized)
             targets.append(Target(_relative_name(model, name), base, kind, lora_layer=module,
                                   rank=module.r[adapter], alpha=module.lora_alpha[adapter],
-                                  use_rslora=bool(module.use_rslora.get(adapter, False))))
+                                  use_rslora=bool(module.use_rslora.get(adapter, False)), quantized=quantized))
         return targets
 
     base = base_model_of(model)
@@ -152,8 +184,8 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
                 continue
         elif not bool(check_target_module_exists(config, name)):
             continue
-        _check_real_weight(name, module)
-        targets.append(Target(_relative_name(model, name), module, kind))
+        quantized = _check_real_weight(name, module, allow_quantized)
+        targets.append(Target(_relative_name(model, name), module, kind, quantized=quantized))
     return targets
 
 

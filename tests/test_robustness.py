@@ -262,11 +262,15 @@ class FakeLinear4bit(nn.Linear):
 
 
 def test_quantized_base_layers():
+    """Methods that read or move the weight refuse a quantized layer before the pass (the others
+    run on it: tests/test_quantized.py, with bitsandbytes)."""
     model = tiny_llama()
     model.model.layers[0].self_attn.q_proj = FakeLinear4bit(24, 24)
-    expect_error(model, TypeError, "quantized", lambda: loradafast.initialize(model, batches(), progress=False))
+    for method in ("pissa", "lora-ga"):
+        expect_error(model, ValueError, "quantized", lambda method=method: loradafast.initialize(
+            model, None if method == "pissa" else batches(), 2, method=method, progress=False))
     # Not targeted, not a problem.
-    loradafast.initialize(model, batches(), target_modules=["v_proj"], progress=False)
+    loradafast.initialize(model, batches(), target_modules=["v_proj"], method="pissa", progress=False)
 
 
 def test_gradient_checkpointing_is_refused():

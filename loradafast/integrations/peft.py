@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from ..options import check_ranks
-from ..targets import (PEFT_PREFIX, Target, active_adapter, base_model_of, find_targets, is_peft_model, layer_kind,
-                       peft_config_of)
+from ..targets import (PEFT_PREFIX, Target, active_adapter, base_model_of, find_targets, is_peft_model, is_quantized,
+                       layer_kind, peft_config_of)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INIT_SUMMARY = "loradafast_init.json"
@@ -204,6 +204,7 @@ def apply_to(result, peft_model: nn.Module, adapter_name: str | None = None) -> 
     with torch.no_grad():
         for name, target, adapter in plan:
             layer = result.layers[name]
+            _materialise(target, adapter)
             a = target.lora_layer.lora_A[adapter].weight
             b = target.lora_layer.lora_B[adapter].weight
             a.copy_(layer.lora_A.to(device=a.device, dtype=a.dtype))
@@ -217,9 +218,19 @@ def apply_to(result, peft_model: nn.Module, adapter_name: str | None = None) -> 
     return peft_model
 
 
+def _materialise(target: Target, adapter: str) -> None:
+    """LoRA factors that PEFT left on the ``meta`` device (``low_cpu_mem_usage=True``) become real
+    tensors next to the base weight, to be written."""
+    for factors in (target.lora_layer.lora_A, target.lora_layer.lora_B):
+        w = factors[adapter].weight
+        if w.is_meta:
+            factors[adapter].weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device=target.module.weight.device),
+                                                   requires_grad=w.requires_grad)
+
+
 def _plan(result, peft_model: nn.Module, adapter_name: str | None) -> list[tuple[str, Target, str]]:
     """(layer, target, adapter) for every layer, after checking that each can be written."""
-    targets = {t.name: t for t in find_targets(peft_model, adapter_name=adapter_name)}
+    targets = {t.name: t for t in find_targets(peft_model, adapter_name=adapter_name, allow_quantized=True)}
     missing = sorted(set(result.layers) - set(targets))
     if missing:
         raise ValueError(
@@ -237,6 +248,9 @@ def _plan(result, peft_model: nn.Module, adapter_name: str | None) -> list[tuple
                 f"layer {name!r}: the PEFT model has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, the "
                 f"initialisation has {tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}; use the same rank"
             )
+        if layer.subtract_scaling is not None and target.quantized:
+            raise ValueError(f"layer {name!r} is quantized ({type(target.module).__name__}); method {result.method!r} "
+                             "moves the base weight and cannot be applied to it")
         if layer.subtract_scaling is not None:
             _check_movable(name, target, adapter, layer.subtract_scaling, result.method)
         plan.append((name, target, adapter))
@@ -386,7 +400,7 @@ def freeze_lora_a(peft_model: nn.Module, adapter_name: str | None = None) -> nn.
     A saved adapter does not record this; call it after ``PeftModel.from_pretrained(...,
     is_trainable=True)``, and again after ``set_adapter``/``add_adapter``, which make it trainable.
     """
-    targets = find_targets(peft_model, adapter_name=adapter_name)
+    targets = find_targets(peft_model, adapter_name=adapter_name, allow_quantized=True)
     if not targets:
         raise ValueError("the model has no LoRA layer to freeze")
     for t in targets:
@@ -556,11 +570,14 @@ def attach(result, peft_model: nn.Module, targets: list[Target], layout: Adapter
     result.extra_state = peft_extra_state(peft_model, adapter, result.layers)
 
 
-def wrap(model: nn.Module, lora_config, adapter_name: str, options: dict, fill):
-    """``peft.get_peft_model(model, lora_config)`` filled by ``fill(peft_model)``; on any failure the
-    wrapping is undone and ``model`` is left exactly as it was."""
+def wrap(model: nn.Module, lora_config, peft_kwargs: dict, options: dict, fill):
+    """``peft.get_peft_model(model, lora_config, **peft_kwargs)`` filled by ``fill(peft_model)``; on
+    any failure the wrapping is undone and ``model`` is left exactly as it was."""
     import peft
 
+    if not isinstance(lora_config, peft.LoraConfig):
+        raise TypeError(f"loradafast initialises LoRA adapters: peft_config must be a peft.LoraConfig, got "
+                        f"{type(lora_config).__name__}")
     if is_peft_model(model):
         raise ValueError("the model already carries LoRA layers; call loradafast.initialize(peft_model, loader)")
     owned = [name for name in options if name in _CONFIG_OPTIONS]
@@ -574,7 +591,73 @@ def wrap(model: nn.Module, lora_config, adapter_name: str, options: dict, fill):
         raise ValueError(_PEFT_OWN_INIT.format(init=init) + ": leave init_lora_weights=True and choose the method "
                          "with method=...")
     with undone_on_failure(model):
-        peft_model = peft.get_peft_model(model, copy.deepcopy(lora_config), adapter_name=adapter_name)
+        peft_model = peft.get_peft_model(model, copy.deepcopy(lora_config), **peft_kwargs)
         result = fill(peft_model)
     peft_model.loradafast_result = result
     return peft_model
+
+
+# ---- preprocess_lora_da's hand-over to get_peft_model (and to a PEFT init) ----------------------
+
+# On the base model: the InitResult of preprocess_lora_da; on each target layer: its LayerInit.
+PREPROCESSED = "_loradafast_preprocessed"
+LAYER_INIT = "_loradafast_init"
+
+
+def mark_preprocessed(model: nn.Module, result, targets: list[Target]) -> None:
+    """Leave ``result`` on ``model`` and each layer's factors on its layer, for get_peft_model."""
+    clear_preprocessed(model)
+    object.__setattr__(model, PREPROCESSED, result)
+    for t in targets:
+        object.__setattr__(t.module, LAYER_INIT, result.layers[t.name])
+
+
+def clear_preprocessed(model: nn.Module) -> None:
+    for m in [model, *model.modules()]:
+        for attr in (PREPROCESSED, LAYER_INIT):
+            if attr in vars(m):
+                delattr(m, attr)
+
+
+def fill_preprocessed(peft_model: nn.Module, result, adapter_name: str):
+    """Write the factors left by preprocess_lora_da into the PEFT model that PEFT just built; every
+    LoRA layer PEFT created must have been preprocessed (the same LoraConfig)."""
+    targets = find_targets(peft_model, adapter_name=adapter_name, allow_quantized=True)
+    extra = sorted({t.name for t in targets} - set(result.layers))
+    if extra:
+        raise ValueError(f"PEFT created {len(extra)} LoRA layer(s) that preprocess_lora_da did not initialise (e.g. "
+                         f"{extra[:3]}); give get_peft_model the LoraConfig given to preprocess_lora_da")
+    layout = AdapterLayout(result.rank, {}, result.lora_alpha, result.use_rslora,
+                           peft_config=peft_config_of(peft_model, adapter_name))
+    attach(result, peft_model, targets, layout, adapter_name)
+    clear_preprocessed(base_model_of(peft_model))
+    return result
+
+
+def init_lora_layer(lora_layer: nn.Module, adapter_name: str) -> bool:
+    """What PEFT's ``LoraLayer.update_layer`` would call for ``init_lora_weights="lora_da"``: write the
+    factors that :func:`loradafast.preprocess_lora_da` left on the base layer into ``adapter_name``
+    (and, for a base-moving method, ``W ← W − s·B·A``).  False, with nothing written, when the base
+    layer carries none (loading a saved adapter: its weights come from the file)."""
+    base = lora_layer.get_base_layer()
+    layer = vars(base).get(LAYER_INIT)
+    if layer is None:
+        return False
+    target = Target(layer.name, base, layer_kind(base) or "linear", lora_layer=lora_layer, quantized=is_quantized(base))
+    a_module, b_module = lora_layer.lora_A[adapter_name], lora_layer.lora_B[adapter_name]
+    if a_module.weight.shape != layer.lora_A.shape or b_module.weight.shape != layer.lora_B.shape:
+        raise ValueError(f"layer {layer.name!r}: preprocess_lora_da solved rank {layer.rank}, the LoRA layer has "
+                         f"rank {a_module.weight.shape[0]}; use the same LoraConfig")
+    if layer.subtract_scaling is not None:
+        if target.quantized:
+            raise ValueError(f"layer {layer.name!r} is quantized; a base-moving method cannot be applied to it")
+        _check_movable(layer.name, target, adapter_name, layer.subtract_scaling, "preprocessed")
+    _materialise(target, adapter_name)
+    with torch.no_grad():
+        a, b = lora_layer.lora_A[adapter_name].weight, lora_layer.lora_B[adapter_name].weight
+        a.copy_(layer.lora_A.to(device=a.device, dtype=a.dtype))
+        b.copy_(layer.lora_B.to(device=b.device, dtype=b.dtype))
+        if layer.subtract_scaling is not None:
+            _subtract_(target, a, b, layer.subtract_scaling)
+    delattr(base, LAYER_INIT)
+    return True

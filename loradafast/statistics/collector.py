@@ -149,7 +149,7 @@ def _version() -> str:
 def _checked_targets(model: nn.Module, targets, *, target_modules, adapter_name, loss_fn) -> list[Target]:
     """The layers to hook, after every check that can fail before the pass."""
     if targets is None:
-        targets = find_targets(model, target_modules, adapter_name=adapter_name)
+        targets = find_targets(model, target_modules, adapter_name=adapter_name, allow_quantized=True)
     if not targets:
         raise ValueError(
             f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "

@@ -1,0 +1,174 @@
+"""PEFT-shaped entry points, in the form of PEFT's own data-aware initialisations (docs/peft_backend.md).
+
+* :func:`preprocess_lora_da` (``peft.tuners.lora.loraga.preprocess_loraga``'s shape): the
+  statistics pass and the solve on the plain model, for the layers that a ``LoraConfig`` will
+  target; the factors are left on the model, and :func:`loradafast.get_peft_model` (or a PEFT
+  ``init_lora_weights="lora_da"`` calling :func:`loradafast.integrations.peft.init_lora_layer`)
+  writes them into the adapter.  ``cache_file=`` saves the statistics and loads them next time.
+* :func:`get_lora_da_state_dict` (``get_eva_state_dict``'s shape): the adapter's state dict, for
+  ``peft.set_peft_model_state_dict``; the model is not changed.
+
+Every method of :data:`loradafast.METHODS` runs here (``method=``); "lora_da" in the names is the
+default method's.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import api
+from .integrations import peft as peft_integration
+from .integrations.peft import AdapterLayout
+from .methods.registry import build_config, get_method, method_keywords
+from .options import MethodConfig, check_pass_options, check_rank
+from .result import InitResult
+from .statistics.collector import collect
+from .targets import Target, base_model_of, find_targets, is_peft_model, layer_kind
+
+logger = logging.getLogger("loradafast")
+
+
+def preprocess_lora_da(model: nn.Module, lora_config, loader: Iterable | None = None, *, method: str = "lora-da",
+                       stats=None, cache_file: str | os.PathLike | None = None, config: MethodConfig | None = None,
+                       max_samples: int | None = 256, loss_fn: Callable | None = None, freeze_a: bool = False,
+                       progress: bool = True, memory_budget=None, **options) -> InitResult:
+    """Initialise, from data, the LoRA layers that ``lora_config`` will create on ``model``; then
+    ``loradafast.get_peft_model(model, lora_config)`` builds the adapter from them.
+
+    As PEFT's ``preprocess_loraga(model, lora_config, train_step, cache_file=...)``: ``model`` is
+    the plain (transformers) model, before any wrapping; the targets, ranks and scalings are those
+    of ``lora_config`` (``target_modules``, None meaning PEFT's default for the architecture, which
+    is then written into ``lora_config`` as PEFT does; ``exclude_modules``, ``layers_to_transform``,
+    ``r``, ``rank_pattern``, ``lora_alpha``, ``alpha_pattern``, ``use_rslora``).  The data: a pass over
+    ``loader``, or ``stats=`` (a :class:`~loradafast.Statistics` or its path), or ``cache_file``: a
+    statistics file loaded if it exists, else written after the pass (then one pass, whatever the
+    memory budget).  No weight changes here; each target layer carries its factors (attribute
+    ``_loradafast_init``) until get_peft_model writes them.  ``method`` and the other keywords are
+    :func:`loradafast.initialize`'s.  Returns the :class:`~loradafast.InitResult`.
+    """
+    if is_peft_model(model):
+        raise ValueError("preprocess_lora_da runs on the plain model, before get_peft_model; a PeftModel is "
+                         "initialised with loradafast.initialize(peft_model, loader)")
+    result, targets = _solve_for_config(model, lora_config, loader, method=method, stats=stats, cache_file=cache_file,
+                                        config=config, max_samples=max_samples, loss_fn=loss_fn, freeze_a=freeze_a,
+                                        progress=progress, memory_budget=memory_budget, options=options)
+    peft_integration.mark_preprocessed(model, result, targets)
+    return result
+
+
+def get_lora_da_state_dict(model: nn.Module, loader: Iterable | None = None, peft_config=None, *,
+                           method: str = "lora-da", stats=None, adapter_name: str = "default",
+                           convert_to_lora: bool | None = None, **options) -> dict[str, torch.Tensor]:
+    """The initialised adapter as a state dict, the model unchanged (PEFT's ``get_eva_state_dict`` shape).
+
+    ``model`` is a ``PeftModel`` (its LoRA layers of ``adapter_name`` are the targets) or a plain
+    model with ``peft_config``; the data are ``loader`` or ``stats=``.  The keys are those of
+    ``peft.get_peft_model_state_dict`` (no adapter name): load them with
+    ``peft.set_peft_model_state_dict(peft_model, state_dict, adapter_name)``.  For a method that
+    moves the base weight, ``convert_to_lora`` chooses as :meth:`InitResult.save` does (True: the
+    rank-2r adapter for the unmodified base, whose LoraConfig is ``result.lora_config`` of
+    :func:`loradafast.initialize`; False: the rank-r adapter for the residual base).
+    """
+    if is_peft_model(model):
+        if peft_config is not None:
+            raise ValueError("the PeftModel's own LoraConfig holds; pass peft_config=None")
+        result = api.initialize(model, loader, method=method, stats=stats, adapter_name=adapter_name, apply=False,
+                                **options)
+    else:
+        if peft_config is None:
+            raise ValueError("peft_config (a LoraConfig) is required when model is not a PeftModel")
+        result, _ = _solve_for_config(model, copy.deepcopy(peft_config), loader, method=method, stats=stats,
+                                      cache_file=None, options=options, **_pop_pass_options(options))
+    if result.moves_base and convert_to_lora is None:
+        raise ValueError(f"method {result.method!r} moves the base weights; choose convert_to_lora=True (a rank-2r "
+                         "adapter for the unmodified base) or convert_to_lora=False (rank r, for the residual base)")
+    state = result.converted_state_dict() if convert_to_lora else result.state_dict()
+    return {k: v.detach() for k, v in state.items()}
+
+
+def _pop_pass_options(options: dict) -> dict:
+    defaults = {"config": None, "max_samples": 256, "loss_fn": None, "freeze_a": False, "progress": True,
+                "memory_budget": None}
+    return {k: options.pop(k, d) for k, d in defaults.items()}
+
+
+def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, config, max_samples, loss_fn,
+                      freeze_a, progress, memory_budget, options) -> tuple[InitResult, list[Target]]:
+    """The factors of the layers ``lora_config`` targets in the plain ``model``."""
+    started = time.perf_counter()
+    record = get_method(method)
+    config = build_config(record, config, method_keywords("preprocess_lora_da", options, "solve_dtype"))
+    check_pass_options(max_samples)
+    cached = cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0
+    if cached:
+        if stats is not None:
+            raise ValueError("pass either stats= or cache_file=, not both")
+        stats, loader = cache_file, None
+        logger.info("preprocess: statistics loaded from %s", cache_file)
+    api.check_data_source(record, loader, stats)
+    targets, layout = config_targets(model, lora_config, record)
+    if cache_file is not None and not cached and record.data_aware:
+        api.check_weights_readable(targets, record)
+        stats = collect(model, loader, targets=targets, y_factor=getattr(config, "y_factor", None) or "diag",
+                        max_samples=max_samples, loss_fn=loss_fn, progress=progress, factors=record.statistics)
+        os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
+        stats.save(cache_file)
+        logger.info("preprocess: statistics saved to %s", cache_file)
+        loader = None
+    result, pass_s = api.solve_targets(model, loader, targets, record, config, layout, stats=stats,
+                                       memory_budget=memory_budget, max_samples=max_samples, loss_fn=loss_fn,
+                                       progress=progress, adapter_name=None, freeze_a=freeze_a, started=started)
+    result.timings = {"pass_s": pass_s, "solve_s": result.timings["solve_s"], "apply_s": 0.0,
+                      "total_s": time.perf_counter() - started}
+    return result, targets
+
+
+def config_targets(model: nn.Module, lora_config, record=None) -> tuple[list[Target], AdapterLayout]:
+    """The layers of ``model`` that ``peft.get_peft_model(model, lora_config)`` will wrap, and their
+    ranks and alphas; ``lora_config.target_modules`` None becomes PEFT's default for the model type."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
+    if lora_config.target_modules is None:  # as preprocess_loraga does, before get_peft_model would
+        model_type = LoraModel.get_model_config(model).get("model_type")
+        default = LoraModel.target_module_mapping.get(model_type)
+        if default is None:
+            raise ValueError(f"PEFT has no default target_modules for model type {model_type!r}; set "
+                             "lora_config.target_modules")
+        lora_config.target_modules = set(default)
+    base = base_model_of(model)
+    matching = copy.deepcopy(lora_config)
+    if matching.target_modules == "all-linear":  # PEFT's rule: every linear layer but the output layer
+        matching.target_modules = {t.name for t in find_targets(base, None, allow_quantized=True)}
+    targets = [Target(name, module, layer_kind(module)) for name, module in base.named_modules()
+               if name and layer_kind(module) is not None and bool(check_target_module_exists(matching, name))]
+    if not targets:
+        raise ValueError(f"lora_config.target_modules={lora_config.target_modules!r} matches no nn.Linear or Conv1D "
+                         f"layer of {type(base).__name__}")
+    quantized = {t.name for t in find_targets(base, sorted(t.name for t in targets), allow_quantized=True)
+                 if t.quantized}
+    for t in targets:
+        t.quantized = t.name in quantized
+
+    def pattern(table: dict, name: str, default):
+        return table.get(get_pattern_key(list(table), name), default)
+
+    ranks = {t.name: pattern(lora_config.rank_pattern or {}, t.name, lora_config.r) for t in targets}
+    alphas = {t.name: pattern(lora_config.alpha_pattern or {}, t.name, lora_config.lora_alpha) for t in targets}
+    for t in targets:
+        check_rank(t.name, ranks[t.name], t.in_features, t.out_features, record)
+    layout = AdapterLayout(lora_config.r, {n: r for n, r in ranks.items() if r != lora_config.r},
+                           lora_config.lora_alpha, lora_config.use_rslora,
+                           {n: a for n, a in alphas.items() if a != lora_config.lora_alpha})
+    return targets, layout
+

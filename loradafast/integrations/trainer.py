@@ -1,0 +1,102 @@
+"""A ``transformers.TrainerCallback`` that initialises the LoRA adapters from the trainer's own data.
+
+``Trainer(model=peft_model, ..., callbacks=[LoraDACallback()])`` or TRL's
+``SFTTrainer(model, peft_config=LoraConfig(...), callbacks=[LoraDACallback(method="lora-ga")])``:
+before the first step, one statistics pass over the trainer's train dataloader (the batches its
+collator makes, on its device), the solve, and the factors written into the PEFT model.
+
+Order of events (transformers 5, ``Trainer._inner_training_loop``): the train dataloader, the
+optimizer and the scheduler exist, and ``accelerator.prepare`` has run, *before* ``on_train_begin``.
+So the factors (and, for base-moving methods, the base weights) are written in place, into the
+very parameters the optimizer holds, and the optimizer's per-parameter state for the model's
+parameters is dropped (empty unless the user handed in an optimizer that already stepped).  A run
+resumed from a checkpoint (``state.global_step > 0``) keeps the checkpoint's adapters.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from transformers import TrainerCallback
+
+from ..methods.registry import build_config, get_method, method_keywords
+from ..targets import base_model_of, is_peft_model
+
+logger = logging.getLogger("loradafast")
+
+
+class LoraDACallback(TrainerCallback):
+    """Initialise the trainer's PEFT model by ``method`` from its train dataloader, before the first step.
+
+    Keywords are :func:`loradafast.initialize`'s: ``method`` ("lora-da"; any of
+    :data:`loradafast.METHODS`), ``max_samples`` (sequences of the pass, 256; None: one epoch),
+    ``stats`` (saved statistics instead of a pass), ``loss_fn``, ``memory_budget``, ``freeze_a``,
+    ``adapter_name``, ``config`` and the method's options (checked here, when the callback is built).
+    Progress is shown on the main process only.  After training starts, ``callback.result`` is the
+    :class:`~loradafast.InitResult`.
+    """
+
+    def __init__(self, method: str = "lora-da", *, max_samples: int | None = 256, stats=None, loss_fn=None,
+                 memory_budget=None, freeze_a: bool = False, adapter_name: str | None = None, config=None,
+                 progress: bool = True, **options):
+        record = get_method(method)
+        self.config = build_config(record, config, method_keywords("LoraDACallback", options, "solve_dtype"))
+        self.method = method
+        self.kwargs = dict(max_samples=max_samples, stats=stats, loss_fn=loss_fn, memory_budget=memory_budget,
+                           freeze_a=freeze_a, adapter_name=adapter_name)
+        self.progress = progress
+        self.result = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        from ..api import initialize
+
+        if self.result is not None:  # a second train() call: the adapters are trained already
+            return
+        if state.global_step > 0:
+            logger.info("LoraDACallback: resuming at step %d; the adapters come from the checkpoint", state.global_step)
+            return
+        if model is None or not is_peft_model(model):
+            raise ValueError(
+                "LoraDACallback initialises the LoRA adapters of a PEFT model: give the Trainer a PeftModel "
+                "(peft.get_peft_model(model, LoraConfig(...))), or SFTTrainer peft_config=LoraConfig(...)")
+        data = None if self.kwargs["stats"] is not None else train_dataloader
+        with _without_activation_checkpointing(model, args):
+            self.result = initialize(model, data, method=self.method, config=self.config,
+                                     progress=self.progress and state.is_world_process_zero, **self.kwargs)
+        dropped = reset_optimizer_state(optimizer, model)
+        logger.info("LoraDACallback: %s initialised %d layers before step %d%s", self.method, len(self.result.layers),
+                    state.global_step, f"; optimizer state of {dropped} parameter(s) dropped" if dropped else "")
+
+
+def reset_optimizer_state(optimizer, model) -> int:
+    """Drop the optimizer's state (Adam moments, step counts) of ``model``'s parameters, which were
+    just rewritten; the parameters themselves are the same objects, so its param groups stay valid."""
+    if optimizer is None:
+        return 0
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
+    dropped = 0
+    for p in model.parameters():
+        if inner.state.pop(p, None) is not None:
+            dropped += 1
+    return dropped
+
+
+@contextlib.contextmanager
+def _without_activation_checkpointing(model, args):
+    """The pass refuses gradient checkpointing (it would run the hooks twice): off for the pass, back on after."""
+    from ..statistics.collector import _uses_activation_checkpointing
+
+    base = base_model_of(model)
+    on = _uses_activation_checkpointing(base)
+    new = hasattr(base, "activation_checkpointing_disable")  # transformers 5's names
+    if on:
+        base.activation_checkpointing_disable() if new else base.gradient_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if on:
+            kwargs = getattr(args, "gradient_checkpointing_kwargs", None)
+            if new:
+                base.activation_checkpointing_enable(kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

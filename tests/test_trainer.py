@@ -1,0 +1,106 @@
+"""LoraDACallback with transformers.Trainer (and TRL's SFTTrainer when trl is installed), on a tiny Llama."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft import get_peft_model as peft_get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import loradafast
+from loradafast.integrations import LoraDACallback
+from tiny import padded_batches, random_sequences, tiny_llama
+
+SEQS = random_sequences(8)
+
+
+def _collate(rows):
+    batch = padded_batches([r["input_ids"] for r in rows], len(rows))[0]
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def _config():
+    return LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+class _Probe(TrainerCallback):
+    """The LoRA weights and the optimizer's state as the first step sees them."""
+
+    def __init__(self):
+        self.first = None
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.first is None:
+            inner = getattr(optimizer, "optimizer", optimizer)
+            self.first = ({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
+                          len(inner.state))
+
+
+def _trainer(tmp_path, model, callbacks, **kw):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=1,
+                             disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=[{"input_ids": s} for s in SEQS], data_collator=_collate,
+                   callbacks=callbacks, **kw)
+
+
+def _lora(peft_model):
+    return {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("method", ["lora-da", "lora-one"])
+def test_trainer_callback_initialises_before_the_first_step(tmp_path, method):
+    peft_model = peft_get_peft_model(tiny_llama(), _config())
+    # An optimizer handed in that already stepped: its state must not survive the initialisation.
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    sum(p.sum() for p in peft_model.parameters() if p.requires_grad).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    probe, callback = _Probe(), LoraDACallback(method, max_samples=None, progress=False)
+    trainer = _trainer(tmp_path, peft_model, [callback, probe], optimizers=(optimizer, None))
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    weights, optimizer_state = probe.first
+    assert optimizer_state == 0
+
+    # The same batches (all 8 sequences, in whatever order the sampler chose), initialised directly.
+    direct = peft_get_peft_model(tiny_llama(), _config())
+    loradafast.initialize(direct, [_collate([{"input_ids": s} for s in SEQS])], method=method, max_samples=None,
+                          progress=False)
+    expected = _lora(direct)
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(weights[name], expected[name], atol=1e-5, rtol=1e-4)
+    trained = _lora(peft_model)
+    assert any(not torch.equal(trained[n], weights[n]) for n in weights)  # training ran and moved them
+    assert callback.result.method == method
+
+
+def test_callback_refuses_a_plain_model_and_bad_options(tmp_path):
+    with pytest.raises(ValueError, match="do\\(es\\) not apply"):
+        LoraDACallback("lora-one", beta=0.1)
+    trainer = _trainer(tmp_path, tiny_llama(), [LoraDACallback(progress=False)])
+    with pytest.raises(ValueError, match="PEFT model"):
+        trainer.train()
+
+
+def test_sft_trainer_with_peft_config(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(97)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+                                        pad_token="t0", eos_token="t2", unk_token="t1")
+    dataset = Dataset.from_dict({"input_ids": [s.tolist() for s in SEQS]})
+    callback = LoraDACallback(max_samples=None, progress=False)
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                         save_strategy="no", use_cpu=True, learning_rate=1e-2, disable_tqdm=True)
+    trainer = trl.SFTTrainer(model=tiny_llama(), args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=_config(), callbacks=[callback])
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert set(callback.result.layers) == {n for n, _ in tiny_llama().named_modules()
+                                           if n.endswith(("q_proj", "v_proj"))}
