@@ -6,11 +6,10 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from . import passes
+from . import distributed, passes
 from .integrations import peft as peft_integration
 from .integrations.peft import AdapterLayout
 from .methods.registry import WEIGHT_ONLY_METHODS, build_config, get_method, method_keywords
-from .methods.solver import solve_with
 from .planner import parse_bytes
 from .options import MethodConfig, check_pass_options, check_rank, check_ranks
 from .result import InitResult
@@ -64,6 +63,7 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
     two ways to save them.  ``freeze_a=True`` gives LoRA-FA (``lora_A`` frozen when applied).
     """
     started = time.perf_counter()
+    model = distributed.unwrap(model)  # DistributedDataParallel: its module
     record = get_method(method)
     config = build_config(record, config, method_keywords("initialize", options, "solve_dtype"))
     check_pass_options(max_samples)
@@ -84,11 +84,7 @@ def initialize(model: nn.Module, loader: Iterable | None, rank: int | None = Non
     else:
         pass_s = time.perf_counter() - started
         # Weight-only methods read the layer shapes from the weights too; .detach() views, no copies.
-        weights = {t.name: t.weight_out_in().detach() for t in targets}
-        result = solve_with(record, config, None, layout.rank, weights=weights,
-                            kinds={t.name: t.kind for t in targets}, ranks=layout.ranks,
-                            lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora, alphas=layout.alphas,
-                            freeze_a=freeze_a, progress=progress)
+        result = passes.solve_weights(record, config, targets, layout, freeze_a=freeze_a, progress=progress)
     if not record.data_aware:  # collect() records these in the statistics otherwise
         _record_model(result, model, targets, causal=loss_fn is None and is_causal_lm(model),
                       adapter_name=adapter_name)

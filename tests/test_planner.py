@@ -97,7 +97,8 @@ def _track_statistics(monkeypatch) -> list[dict]:
     def tracked(*args, **kwargs):
         alive = sum(t.numel() * t.element_size() for r in refs if (t := r()) is not None)
         stats = real(*args, **kwargs)
-        tensors = [*stats.z_sums.values()] + [t for s in stats.layers.values() for t in (s.g_sum, s.y_sum)]
+        tensors = [*stats.z_sums.values()] + [t for s in stats.layers.values() for t in (s.g_sum, s.y_sum)
+                                               if t is not None]
         refs.extend(weakref.ref(t) for t in tensors)
         held.append({"collected": sum(t.numel() * t.element_size() for t in tensors), "alive_before": alive})
         return stats
