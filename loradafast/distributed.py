@@ -53,6 +53,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether some parameter is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallelism)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 class RankFailedError(RuntimeError):
     """Another rank of the run failed; this one stopped at the same point, its model unchanged."""
 

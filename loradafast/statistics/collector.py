@@ -142,7 +142,7 @@ def collect(
     error = None
     try:
         num_sequences, num_tokens = _stream(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples,
-                                            progress=progress and distributed.is_main())
+                                            progress=progress and distributed.is_main(), global_cap=True)
     except Exception as e:  # noqa: BLE001 - every rank learns of it below, then it is raised
         error = e
     distributed.agree_on_failure(error, "the statistics pass")
@@ -194,12 +194,15 @@ def _checked_targets(model: nn.Module, targets, *, target_modules, adapter_name,
 
 
 def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, max_samples,
-            progress: bool) -> tuple[int, int]:
+            progress: bool, global_cap: bool = False) -> tuple[int, int]:
     """Every batch through the hooked model (its state restored afterwards, adapters off);
-    returns (sequences, tokens) used."""
+    returns (sequences, tokens) used.  ``global_cap``: ``max_samples`` over every rank (:class:`_Turns`)."""
     num_tokens = num_sequences = 0
     handles, bar = [], None
-    turns = _Turns(max_samples) if distributed.is_distributed() and max_samples is not None else None
+    sharded = global_cap and distributed.is_distributed() and distributed.is_sharded(model)
+    turns = None
+    if global_cap and distributed.is_distributed() and (max_samples is not None or sharded):
+        turns = _Turns(max_samples, strict=sharded)
     with preserved_model_state(model), base_model_only(model):  # PEFT adapters off: the base model's statistics
         try:
             model.eval()  # dropout off: statistics must not depend on the batching
@@ -243,8 +246,9 @@ class _Turns:
     collectives per batch (the sequences used so far, then the next batch's size); an error on a
     rank is carried by them, so every rank leaves the loop at the same batch."""
 
-    def __init__(self, max_samples: int):
-        self.max_samples, self.error, self.turn_total = max_samples, None, 0
+    def __init__(self, max_samples: int | None, strict: bool = False):
+        self.max_samples = float("inf") if max_samples is None else max_samples
+        self.error, self.turn_total, self.strict = None, 0, strict
 
     def _gather(self, value: int) -> list[tuple[int, int]]:
         import torch.distributed as dist
@@ -277,6 +281,14 @@ class _Turns:
             takes.append(min(max(size, 0), max(remaining, 0)))
             remaining -= takes[-1]
         self.turn_total = sum(takes)  # the progress bar (rank 0) counts every rank's sequences
+        if self.strict and 0 in takes and any(takes):
+            # A sharded model (FSDP2) gathers its weights in every forward: all ranks or none.
+            self.error = ValueError(
+                f"the model is sharded (FSDP2), whose every forward is a collective, but the ranks would run "
+                f"{sum(t > 0 for t in takes)} of {len(takes)} forwards in this turn (uneven shards, or max_samples "
+                "ending mid-turn); give every rank the same number of batches, and a max_samples that is a multiple "
+                "of the world size times the batch size (or None)")
+            return _END
         return None if batch is None else batch.take(takes[distributed.rank()])
 
     def run(self, fn, *args):
