@@ -92,20 +92,24 @@ def distributed_rows(world: int = 8, rank: int = 8):
         factors = sum(4 * s.rank * (s.in_features + s.out_features) for s in shapes)
         out.append(dict(model=name, weights=weights, budget=budget, plan=plan, kept=max(kept),
                         accumulated=max(p.statistics_bytes for p in plan.passes),
-                        sent=plan.statistics_bytes * (world - 1) / world, all_reduce=2 * plan.statistics_bytes * (world - 1) / world,
+                        sent=plan.statistics_bytes * (world - 1) / world,
+                        all_reduce=2 * plan.statistics_bytes * (world - 1) / world,
                         factors=factors * (world - 1) / world, solve_share=max(solve_share)))
     return out
 
 
 def distributed_table(rows, world: int) -> str:
-    lines = [f"| model | bf16 weights per GPU (FSDP2) | budget per GPU | passes | statistics accumulated per rank (largest pass) "
-             "| statistics kept per rank after the reduction (largest) | estimated peak per rank | sent per rank: sums "
+    lines = ["| model | bf16 weights per GPU (FSDP2) | budget per GPU | passes "
+             "| statistics accumulated per rank (largest pass) "
+             "| statistics kept per rank after the reduction (largest) "
+             "| estimated peak per rank | sent per rank: sums "
              "| (an all-reduce would send) | received per rank: factors | largest rank's share of the solve |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         plan = r["plan"]
-        lines.append(f"| {r['model']} | {format_bytes(r['weights'])} | {format_bytes(r['budget'])} | {plan.num_passes} | "
-                     f"{format_bytes(r['accumulated'])} | {format_bytes(r['kept'])} | {format_bytes(plan.peak_bytes)} | "
+        lines.append(f"| {r['model']} | {format_bytes(r['weights'])} | {format_bytes(r['budget'])} | "
+                     f"{plan.num_passes} | {format_bytes(r['accumulated'])} | {format_bytes(r['kept'])} | "
+                     f"{format_bytes(plan.peak_bytes)} | "
                      f"{format_bytes(r['sent'])} | {format_bytes(r['all_reduce'])} | {format_bytes(r['factors'])} | "
                      f"{r['solve_share']:.1%} (ideal {1 / world:.1%}) |")
     return "\n".join(lines)
