@@ -68,11 +68,62 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def distributed_rows(world: int = 8, rank: int = 8):
+    """Per model, one rank of ``world`` GPUs of 80 GB with the weights sharded by FSDP2 (bf16 / world
+    per GPU): the plan, what a rank holds, sends and solves (docs/design.md §6.5)."""
+    out = []
+    for name, (hidden, inter, layers, kv, params) in MODELS.items():
+        shapes = planner.llama_shapes(hidden, inter, layers, kv_dim=kv, rank=rank)
+        weights = 2 * params / world
+        budget = GPU_BYTES * (1 - planner.DEFAULT_MARGIN) - weights
+        plan = planner.plan_for_shapes(shapes, memory_budget=budget, world_size=world)
+        by_name = {s.name: s for s in shapes}
+        kept, solve_share = [], []
+        for p in plan.passes:
+            pass_shapes = [by_name[n] for n in p.layers]
+            owners = planner.assign_owners(pass_shapes, world)
+            groups = planner._input_groups(pass_shapes)
+            owned, load = [0] * world, [0.0] * world
+            for key, g in groups.items():
+                owned[owners[key]] += planner._group_statistics(planner.MemoryModel(), g)
+                load[owners[key]] += planner.group_solve_cost(g)
+            kept.append(max(owned))
+            solve_share.append(max(load) / sum(load))
+        factors = sum(4 * s.rank * (s.in_features + s.out_features) for s in shapes)
+        out.append(dict(model=name, weights=weights, budget=budget, plan=plan, kept=max(kept),
+                        accumulated=max(p.statistics_bytes for p in plan.passes),
+                        sent=plan.statistics_bytes * (world - 1) / world,
+                        all_reduce=2 * plan.statistics_bytes * (world - 1) / world,
+                        factors=factors * (world - 1) / world, solve_share=max(solve_share)))
+    return out
+
+
+def distributed_table(rows, world: int) -> str:
+    lines = ["| model | bf16 weights per GPU (FSDP2) | budget per GPU | passes "
+             "| statistics accumulated per rank (largest pass) "
+             "| statistics kept per rank after the reduction (largest) "
+             "| estimated peak per rank | sent per rank: sums "
+             "| (an all-reduce would send) | received per rank: factors | largest rank's share of the solve |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        plan = r["plan"]
+        lines.append(f"| {r['model']} | {format_bytes(r['weights'])} | {format_bytes(r['budget'])} | "
+                     f"{plan.num_passes} | {format_bytes(r['accumulated'])} | {format_bytes(r['kept'])} | "
+                     f"{format_bytes(plan.peak_bytes)} | "
+                     f"{format_bytes(r['sent'])} | {format_bytes(r['all_reduce'])} | {format_bytes(r['factors'])} | "
+                     f"{r['solve_share']:.1%} (ideal {1 / world:.1%}) |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plans", action="store_true", help="print every plan in full too")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--world", type=int, default=0, help="the table for this many 80 GB GPUs (FSDP2) instead")
     args = parser.parse_args(argv)
+    if args.world:
+        print(distributed_table(distributed_rows(args.world, args.rank), args.world))
+        return
     rows = plans(args.rank)
     print(table(rows))
     if args.plans:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from . import passes
+from . import distributed, passes
 from .integrations import peft as peft_integration
 from .integrations.peft import AdapterLayout
 from .methods.registry import REGISTRY, WEIGHT_ONLY_METHODS, build_config, get_method, method_keywords
@@ -76,6 +76,7 @@ def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | Non
     the base weight (``lora-da``, ``lora-one``, ``lora``); the others refuse it before the pass.
     """
     started = time.perf_counter()
+    model = distributed.unwrap(model)  # DistributedDataParallel: its module
     record = get_method(method)
     config = build_config(record, config, method_keywords("initialize", options, "solve_dtype"))
     check_pass_options(max_samples)
@@ -125,6 +126,9 @@ def solve_targets(model, loader, targets, record, config, layout, *, stats, memo
             loss_fn=loss_fn, progress=progress, adapter_name=adapter_name, freeze_a=freeze_a,
             weights=weights if record.needs_weights else None)
         return result, pass_s  # collect() recorded the model in the statistics
+    elif distributed.is_distributed():  # each rank solves the layers the cost model gives it
+        pass_s = time.perf_counter() - started
+        result = passes.solve_weights(record, config, targets, layout, freeze_a=freeze_a, progress=progress)
     else:
         pass_s = time.perf_counter() - started
         result = solve_with(record, config, None, layout.rank, weights=weights,

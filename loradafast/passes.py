@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from . import planner
+from . import distributed, planner
 from .methods.solver import solve_with
 from .result import InitResult
 from .statistics.collector import collect
@@ -27,6 +27,7 @@ from .statistics.probe import _END, first_batch, input_groups
 from .targets import Target
 
 logger = logging.getLogger("loradafast")
+logger.addFilter(distributed.MAIN_RANK_ONLY)
 
 
 def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target], record, config, layout, *,
@@ -38,12 +39,13 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
     device = _device(model)
     budget, source = planner.resolve_budget(memory_budget, device)
     memory = planner.MemoryModel(record.name, _collected(record), y_factor, config.dtype,
-                                 getattr(config, "eigensolver", "lobpcg"), device.type)
+                                 getattr(config, "eigensolver", "lobpcg"), device.type, distributed.world_size())
     groups, notes = {t.name: t.name for t in targets}, []
     if budget is not None:  # only a limit needs the groups before the pass
         batch, loader = first_batch(loader)
         if batch is not _END:
             groups = input_groups(model, batch, targets, loss_fn=loss_fn)
+        groups = _agreed_groups(groups if batch is not _END else None, groups)
     else:
         notes.append("no limit: one pass; input groups as the pass found them")
     shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, groups[t.name],
@@ -58,21 +60,66 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
         )
     kw = dict(y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn, progress=progress,
               adapter_name=adapter_name, factors=record.statistics)
+    if distributed.is_distributed():  # owner computes (docs/design.md §6.5)
+        kw.update(reduce="owner", ranks={t.name: layout.ranks.get(t.name, layout.rank) for t in targets})
     solve_kw = dict(ranks=layout.ranks, lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
-                    alphas=layout.alphas, freeze_a=freeze_a, progress=progress)
+                    alphas=layout.alphas, freeze_a=freeze_a, progress=progress and distributed.is_main())
     if plan.num_passes == 1:
         stats = collect(model, loader, targets=targets, **kw)
         pass_s = time.perf_counter() - started
         if budget is None:  # the plan's groups were guesses: remake it with the pass's own
             plan = _replanned(plan, shapes, stats, memory)
         _announce(plan, progress)
-        result = solve_with(record, config, stats, layout.rank, weights=weights, **solve_kw)
+        result = _solve(record, config, stats, layout.rank, weights, solve_kw, targets)
     else:
         _announce(plan, progress)
         result = _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, weights)
         pass_s = time.perf_counter() - started - result.timings["solve_s"]
+    if distributed.is_distributed():
+        _shared(result, targets, layout)
     result.plan = plan
     return result, pass_s
+
+
+def _agreed_groups(found: dict | None, fallback: dict) -> dict:
+    """The input groups of the first rank that had a batch to probe, on every rank, so that all
+    make the same plan (a rank with an empty shard probes nothing)."""
+    if not distributed.is_distributed():
+        return fallback if found is None else found
+    everyone = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(everyone, found)
+    return next((g for g in everyone if g is not None), fallback)
+
+
+def _solve(record, config, stats, rank, weights, solve_kw, targets) -> InitResult:
+    """Solve the layers ``stats`` holds: all of them, or, with owners, this rank's share (each
+    layer's diagnostics then name the rank); every rank learns whether any rank's solve failed."""
+    owners = stats.meta.get("owners")
+    if owners is None:
+        return solve_with(record, config, stats, rank, weights=weights, **solve_kw)
+    if weights is not None:  # sharded weights are gathered one layer at a time, to their owners only
+        weights = distributed.weights_to_owners([t for t in targets if t.name in owners], owners)
+    names = set(stats.layers)
+    kw = {**solve_kw, "ranks": {k: v for k, v in (solve_kw["ranks"] or {}).items() if k in names},
+          "alphas": {k: v for k, v in (solve_kw["alphas"] or {}).items() if k in names}}
+    result, error = None, None
+    try:
+        result = solve_with(record, config, stats, rank, weights=weights, **kw)
+        for layer in result.layers.values():
+            layer.diagnostics.solved_by_rank = distributed.rank()
+    except Exception as e:  # noqa: BLE001 - every rank learns of it, then it is raised
+        error = e
+    distributed.agree_on_failure(error, "the solve")
+    result.owners = dict(owners)
+    return result
+
+
+def _shared(result: InitResult, targets: list[Target], layout) -> None:
+    """Every rank's layers on every rank, in model order: the same adapter everywhere."""
+    names = [t.name for t in targets]
+    layers = distributed.broadcast_layers(result.layers, names, result.owners)
+    result.layers = {n: layers[n] for n in names}
+    result.alphas = {n: a for n, a in (layout.alphas or {}).items() if a != result.lora_alpha}
 
 
 def _collected(record) -> frozenset:
@@ -95,7 +142,7 @@ def _replanned(plan, shapes, stats, memory) -> planner.MemoryPlan:
 
 def _announce(plan: planner.MemoryPlan, progress: bool) -> None:
     logger.info("%s", plan)
-    if progress:
+    if progress and distributed.is_main():
         print(plan, file=sys.stderr)
 
 
@@ -111,17 +158,19 @@ def _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, 
         stats = collect(model, seen, targets=subset, **kw)
         fingerprint = (stats.num_sequences, stats.num_tokens, seen.value())
         reference = fingerprint if reference is None else reference
-        if fingerprint != reference:
-            raise ValueError(
+        error = None
+        if fingerprint != reference:  # this rank's loader; every rank learns of it below
+            error = ValueError(
                 f"the loader yielded other samples in statistics pass {i} of {plan.num_passes} than in pass 1 "
                 f"(sequences, tokens: {reference[:2]} then {fingerprint[:2]}, or other token ids); the memory plan "
                 "iterates the loader once per pass, so it must yield the same batches each time: turn shuffling "
                 "off or seed the sampler, or raise memory_budget so that one pass suffices"
             )
+        distributed.agree_on_failure(error, f"statistics pass {i}")
         ranks = {k: v for k, v in (solve_kw["ranks"] or {}).items() if k in names}
         alphas = {k: v for k, v in (solve_kw["alphas"] or {}).items() if k in names}
-        results.append(solve_with(record, config, stats, layout.rank, weights=_only(weights, names),
-                                  **{**solve_kw, "ranks": ranks, "alphas": alphas}))
+        results.append(_solve(record, config, stats, layout.rank, _only(weights, names),
+                              {**solve_kw, "ranks": ranks, "alphas": alphas}, subset))
         del stats  # freed before the next pass: the plan counts one pass's statistics at a time
     return _merged(results, targets, model, kw)
 
@@ -139,7 +188,9 @@ def _merged(results: list[InitResult], targets: list[Target], model, kw) -> Init
     layers = {}
     for r in results:
         layers.update(r.layers)
-    first.layers = {t.name: layers[t.name] for t in targets}
+    first.layers = {t.name: layers[t.name] for t in targets if t.name in layers}  # a rank's own, with owners
+    if getattr(first, "owners", None) is not None:
+        first.owners = {k: v for r in results for k, v in r.owners.items()}
     for r in results[1:]:
         first.alphas.update(r.alphas)
     first.timings = {"solve_s": sum(r.timings["solve_s"] for r in results)}
@@ -180,3 +231,40 @@ def _tensors(raw) -> list[torch.Tensor]:
     if isinstance(raw, (list, tuple)):
         return [t for item in raw for t in _tensors(item)]
     return []
+
+
+def solve_weights(record, config, targets: list[Target], layout, *, freeze_a: bool, progress: bool) -> InitResult:
+    """A weight-only method (no statistics pass).  In a distributed run each rank solves the layers
+    the cost model gives it, from their weights (gathered one layer at a time where sharded), and
+    the factors are then shared, as for the data-aware methods."""
+    kinds = {t.name: t.kind for t in targets}
+    kw = dict(kinds=kinds)
+    if not distributed.is_distributed():
+        # .detach() views, no copies; the methods read the layer shapes from the weights too.
+        weights = {t.name: t.weight_out_in().detach() for t in targets}
+        return solve_with(record, config, None, layout.rank, weights=weights, ranks=layout.ranks,
+                          lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora, alphas=layout.alphas,
+                          freeze_a=freeze_a, progress=progress, **kw)
+    shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, t.name, layout.ranks.get(t.name, layout.rank))
+              for t in targets]
+    owners = planner.assign_owners(shapes, distributed.world_size(), "svd")
+    weights = distributed.weights_to_owners(targets, owners)
+    names = set(weights)
+    result, error = None, None
+    try:
+        result = solve_with(record, config, None, layout.rank, weights=weights, ranks=_within(layout.ranks, names),
+                            lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
+                            alphas=_within(layout.alphas, names), freeze_a=freeze_a,
+                            progress=progress and distributed.is_main(), **kw)
+        for layer in result.layers.values():
+            layer.diagnostics.solved_by_rank = distributed.rank()
+    except Exception as e:  # noqa: BLE001 - every rank learns of it, then it is raised
+        error = e
+    distributed.agree_on_failure(error, "the solve")
+    result.owners = owners
+    _shared(result, targets, layout)
+    return result
+
+
+def _within(mapping, names) -> dict:
+    return {k: v for k, v in (mapping or {}).items() if k in names}

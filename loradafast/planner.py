@@ -196,6 +196,7 @@ class MemoryModel:
     solve_dtype: torch.dtype = torch.float64
     eigensolver: str = "lobpcg"  # LoRA-DA: "lobpcg", "dense", or "auto" (resolved per width below)
     device_type: str = "cuda"
+    world_size: int = 1  # ranks of a distributed run: each solves, and keeps the statistics of, its share
 
     @property
     def d(self) -> int:
@@ -279,8 +280,27 @@ def _group_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
 def _pass_peak(m: MemoryModel, groups: list[list[LayerShape]], kept: int) -> tuple[int, int]:
     """(statistics, peak) of one pass over ``groups``; ``kept``: the factors of every layer."""
     stats = sum(_group_statistics(m, g) for g in groups)
+    if m.world_size > 1:
+        return stats, kept + _rank_peak(m, groups, stats)
     work = max(_group_workspace(m, g) for g in groups)
     return stats, kept + stats + max(_pass_transient(m, groups), work)
+
+
+def _rank_peak(m: MemoryModel, groups: list[list[LayerShape]], stats: int) -> int:
+    """One rank of a distributed run (docs/design.md §6.5): during the pass it accumulates its
+    shard's sums of every layer (plus one reduction bucket at the end); after the reduction to the
+    owners it keeps only the statistics of the groups it solves, and solves them one at a time."""
+    from .statistics.hooks import BUCKET_BYTES
+
+    layers = [s for g in groups for s in g]
+    owners = assign_owners(layers, m.world_size, m.method if m.method == "lora-da" else "svd")
+    solve = 0
+    for r in range(m.world_size):
+        mine = [g for g in groups if owners[g[0].input_group] == r]
+        if mine:
+            owned = sum(_group_statistics(m, g) for g in mine)
+            solve = max(solve, owned + max(_group_workspace(m, g) for g in mine))
+    return max(stats + max(_pass_transient(m, groups), min(BUCKET_BYTES, stats)), solve)
 
 
 def _input_groups(shapes: Iterable[LayerShape]) -> dict[str, list[LayerShape]]:
@@ -335,14 +355,17 @@ def _pass_plan(m: MemoryModel, groups: list[list[LayerShape]], kept: int) -> Pas
 
 def plan_for_shapes(shapes: Iterable, *, memory_budget, method: str = "lora-da", y_factor: str = "diag",
                     solve_dtype: torch.dtype = torch.float64, eigensolver: str = "lobpcg",
-                    device_type: str = "cuda", statistics: Iterable[str] | None = None) -> MemoryPlan:
+                    device_type: str = "cuda", statistics: Iterable[str] | None = None,
+                    world_size: int = 1) -> MemoryPlan:
     """The plan :func:`loradafast.initialize` would make for these layers, without a model.
 
     ``shapes``: :class:`LayerShape` or ``(name, in, out, input_group[, rank])`` tuples, in model
     order.  ``statistics`` defaults to what the pass collects for every data-aware method today
-    (G, Y and Z).  ``memory_budget`` as in ``initialize`` (bytes or e.g. ``"80GB"``)."""
+    (G, Y and Z).  ``memory_budget`` as in ``initialize`` (bytes or e.g. ``"80GB"``), per rank;
+    ``world_size``: the ranks of a distributed run, each solving its share of the input groups."""
     layers = [s if isinstance(s, LayerShape) else LayerShape(*s) for s in shapes]
-    model = MemoryModel(method, frozenset(statistics or "GYZ"), y_factor, solve_dtype, eigensolver, device_type)
+    model = MemoryModel(method, frozenset(statistics or "GYZ"), y_factor, solve_dtype, eigensolver, device_type,
+                        world_size)
     return plan_passes(layers, model, parse_bytes(memory_budget), "memory_budget")
 
 
@@ -363,3 +386,40 @@ def llama_shapes(hidden: int, intermediate: int, num_layers: int, *, kv_dim: int
                 LayerShape(f"{p}.mlp.up_proj", hidden, intermediate, mlp, rank),
                 LayerShape(f"{p}.mlp.down_proj", intermediate, hidden, f"{p}.mlp.down_proj", rank)]
     return out
+
+
+# ---- the cost model: which rank solves which input group (docs/design.md §6.5) ---------------------
+
+# LOBPCG iterations assumed by the cost model (docs/design.md §4.7 measures 10-40 at 7B widths).
+COST_ITERATIONS = 30
+
+
+def group_solve_cost(layers: list[LayerShape], method: str = "lora-da") -> float:
+    """Estimated FLOPs of solving one input group, from the shapes alone: LoRA-DA's one Cholesky of
+    Zλ (``n³/3``) plus, per layer and LOBPCG iteration, a few products with Zλ⁻¹ and G on a block of
+    ``3m`` columns (``m = r + max(r, 24)``); the SVD methods one ``out·in·min(out, in)`` SVD per
+    layer.  Only the ratios between groups matter: it decides who solves what, not how long."""
+    n = layers[0].in_features
+    if method != "lora-da":
+        return float(sum(4 * s.out_features * n * min(s.out_features, n) for s in layers))
+    cost = n ** 3 / 3
+    for s in layers:
+        block = 3 * (s.rank + max(s.rank, 24))
+        cost += COST_ITERATIONS * 4 * (n * n + n * s.out_features) * block
+    return float(cost)
+
+
+def assign_owners(shapes: Iterable, world_size: int, method: str = "lora-da") -> dict[str, int]:
+    """Input group → the rank that solves it: longest estimated cost first, each to the rank with
+    the least estimated work so far (ties to the lowest rank; groups of equal cost in name order).
+    Deterministic, so every rank computes the same assignment.  After the last group, the
+    estimated work of any two ranks differs by at most the cost of one input group."""
+    groups = _input_groups(s if isinstance(s, LayerShape) else LayerShape(*s) for s in shapes)
+    costs = {key: group_solve_cost(layers, method) for key, layers in groups.items()}
+    load = [0.0] * world_size
+    owners = {}
+    for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[key] = rank
+        load[rank] += costs[key]
+    return owners

@@ -28,7 +28,10 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+
 logger = logging.getLogger(__name__)
+logger.addFilter(distributed.MAIN_RANK_ONLY)
 
 DIAGNOSTICS_FILE = "loradafast_diagnostics.json"
 TABLE_FILE = "layers.csv"

@@ -47,6 +47,7 @@ class LayerDiagnostics(_FieldMapping):
 
     num_tokens: int | None = None  # of the statistics (data-aware methods)
     num_sequences: int | None = None
+    solved_by_rank: int | None = None  # the rank that solved this layer (a distributed run; else None)
 
 
 @dataclass
@@ -175,6 +176,8 @@ class InitResult:
     config: object | None = None
     # The memory plan of the statistics passes (loradafast.planner.MemoryPlan); None without a pass.
     plan: object | None = None
+    # A distributed run (docs/design.md §6.5): layer → the rank that solved it; None otherwise.
+    owners: dict[str, int] | None = None
 
     @property
     def moves_base(self) -> bool:

@@ -15,6 +15,7 @@ from collections import defaultdict
 
 import torch
 
+from .. import distributed
 from ..options import MethodConfig
 from ..progress import solve_progress
 from ..result import InitResult, LayerInit, LoraDADiagnostics
@@ -27,6 +28,7 @@ from .registry import REGISTRY, Method, build_config, generator_for, get_method,
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's own default
 
 logger = logging.getLogger(__name__)
+logger.addFilter(distributed.MAIN_RANK_ONLY)
 
 
 def solve(

@@ -23,21 +23,22 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from .. import kernels, progress as _progress
+from .. import distributed, kernels, planner, progress as _progress
 from ..options import Y_FACTORS, check_choice, check_pass_options
 from .batches import IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
-from .hooks import Accumulator, all_reduce
+from .hooks import Accumulator, agree_on_layers, all_reduce, reduce_to_owners
 from .store import LayerStats, Statistics, check_factors
 from ..integrations.peft import base_model_only
 from ..targets import Target, base_model_of, find_targets, model_meta
 
 logger = logging.getLogger(__name__)
+logger.addFilter(distributed.MAIN_RANK_ONLY)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -101,6 +102,8 @@ def collect(
     adapter_name: str | None = None,
     targets: list[Target] | None = None,
     factors=None,
+    reduce: str = "all",
+    ranks: Mapping[str, int] | int | None = None,
 ) -> Statistics:
     """Run ``loader`` once through ``model`` and return the per-layer statistics (docs/design.md §3).
 
@@ -111,7 +114,19 @@ def collect(
     ``max_samples`` caps the number of sequences (None: the whole loader).
     ``factors`` (a collection of "G", "Y", "Z"; None: all three, so that the statistics serve
     every method) are what the pass accumulates; ``y_factor`` matters only when Y is among them.
+
+    When ``torch.distributed`` is initialised (docs/design.md §6.5), each rank streams its own
+    ``loader`` (its shard) and ``max_samples`` is global: the first ``max_samples`` sequences of
+    the ranks' batches taken in turn (batch 0 of rank 0, of rank 1, ..., then batch 1 of each).
+    ``reduce="all"`` (the default) sums every statistic onto every rank; ``reduce="owner"`` sums
+    each input group onto the one rank that will solve it (by estimated solve cost, with the LoRA
+    ``ranks``: a number or a per-layer mapping, 8 when not given), and each rank's statistics then
+    hold its own layers only (``stats.meta["owners"]`` maps every layer to its rank).  A rank that
+    fails stops every rank with an error, not a hang.
     """
+    if reduce not in ("all", "owner"):
+        raise ValueError(f"reduce must be 'all' or 'owner', got {reduce!r}")
+    model = distributed.unwrap(model)
     factors = check_factors(factors)
     check_choice("y_factor", y_factor, Y_FACTORS)
     check_pass_options(max_samples)
@@ -123,17 +138,25 @@ def collect(
         device = torch.device("cpu")
     acc = Accumulator(targets, y_factor, device, factors)
     started = time.perf_counter()
-    num_sequences, num_tokens = _stream(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples,
-                                        progress=progress)
+    num_sequences = num_tokens = 0
+    error = None
+    try:
+        num_sequences, num_tokens = _stream(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples,
+                                            progress=progress and distributed.is_main(), global_cap=True)
+    except Exception as e:  # noqa: BLE001 - every rank learns of it below, then it is raised
+        error = e
+    distributed.agree_on_failure(error, "the statistics pass")
     counts = torch.tensor([num_tokens, num_sequences], dtype=torch.float64, device=device)
-    _reduce_and_check(acc, targets, counts)
+    owners = _reduce_and_check(acc, targets, counts, reduce, ranks)
     meta = {
         "model_class": type(base_model_of(model)).__name__,
         "loradafast_version": _version(),
         "pass_seconds": time.perf_counter() - started,
         **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
     }
-    stats = _statistics(acc, targets, counts, y_factor if "Y" in factors else None, meta)
+    if owners is not None:
+        meta.update(owners=owners, rank=distributed.rank(), world_size=distributed.world_size())
+    stats = _statistics(acc, targets, counts, y_factor if "Y" in factors else None, meta, owners)
     logger.info("collect: %d tokens in %d sequences, %d layers (%d input groups), y_factor=%s, %.1f s",
                 stats.num_tokens, stats.num_sequences, len(stats.layers), len(stats.z_sums), y_factor,
                 meta["pass_seconds"])
@@ -171,11 +194,15 @@ def _checked_targets(model: nn.Module, targets, *, target_modules, adapter_name,
 
 
 def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, max_samples,
-            progress: bool) -> tuple[int, int]:
+            progress: bool, global_cap: bool = False) -> tuple[int, int]:
     """Every batch through the hooked model (its state restored afterwards, adapters off);
-    returns (sequences, tokens) used."""
+    returns (sequences, tokens) used.  ``global_cap``: ``max_samples`` over every rank (:class:`_Turns`)."""
     num_tokens = num_sequences = 0
     handles, bar = [], None
+    sharded = global_cap and distributed.is_distributed() and distributed.is_sharded(model)
+    turns = None
+    if global_cap and distributed.is_distributed() and (max_samples is not None or sharded):
+        turns = _Turns(max_samples, strict=sharded)
     with preserved_model_state(model), base_model_only(model):  # PEFT adapters off: the base model's statistics
         try:
             model.eval()  # dropout off: statistics must not depend on the batching
@@ -185,19 +212,26 @@ def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, ma
             bar = _progress.pass_bar(loader, max_samples, progress)
             batches = iter(loader)
             for index in itertools.count():
-                if max_samples is not None and num_sequences >= max_samples:
-                    break  # before the loader is asked for one more batch
-                raw = next(batches, _END)
-                if raw is _END:
+                if turns is not None:
+                    batch = turns.next_batch(batches, index, num_sequences, loss_fn)
+                else:
+                    if max_samples is not None and num_sequences >= max_samples:
+                        break  # before the loader is asked for one more batch
+                    raw = next(batches, _END)
+                    batch = None if raw is _END else normalize_batch(raw, index=index, token_labels=loss_fn is None)
+                    if batch is not None and max_samples is not None:
+                        batch = batch.take(max_samples - num_sequences)
+                if batch is _END or (batch is None and turns is None):
                     break
-                batch = normalize_batch(raw, index=index, token_labels=loss_fn is None)
-                if max_samples is not None:
-                    batch = batch.take(max_samples - num_sequences)
-                used = _run_batch(model, batch.to(acc.device), acc, loss_fn)
-                num_sequences += used[0]
-                num_tokens += used[1]
+                if batch is not None and batch.size:
+                    used = turns.run(_run_batch, model, batch.to(acc.device), acc, loss_fn) if turns else \
+                        _run_batch(model, batch.to(acc.device), acc, loss_fn)
+                    num_sequences += used[0]
+                    num_tokens += used[1]
                 if bar is not None:
-                    bar.update(batch.size)
+                    bar.update(batch.size if turns is None else turns.turn_total)
+            if turns is not None and turns.error is not None:
+                raise turns.error
         finally:
             for h in handles:
                 h.remove()
@@ -205,35 +239,124 @@ def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, ma
     return num_sequences, num_tokens
 
 
-def _reduce_and_check(acc: Accumulator, targets: list[Target], counts: torch.Tensor) -> None:
-    """Sum over the ranks of a distributed run, then refuse empty or non-finite statistics."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
+class _Turns:
+    """A global ``max_samples`` over the ranks of a distributed run: the ranks take their batches
+    in turns (batch i of rank 0, of rank 1, ..., then batch i + 1), so the cap takes the first
+    ``max_samples`` sequences of that interleaved order whatever the shards' sizes.  Two small
+    collectives per batch (the sequences used so far, then the next batch's size); an error on a
+    rank is carried by them, so every rank leaves the loop at the same batch."""
+
+    def __init__(self, max_samples: int | None, strict: bool = False):
+        self.max_samples = float("inf") if max_samples is None else max_samples
+        self.error, self.turn_total, self.strict = None, 0, strict
+
+    def _gather(self, value: int) -> list[tuple[int, int]]:
+        import torch.distributed as dist
+
+        world, me = distributed.world_size(), distributed.rank()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        t = torch.zeros(world, 2, dtype=torch.int64, device=device)
+        t[me, 0], t[me, 1] = value, int(self.error is not None)
+        dist.all_reduce(t)
+        return [tuple(row) for row in t.tolist()]
+
+    def next_batch(self, batches, index: int, used: int, loss_fn):
+        """This rank's share of turn ``index``: a batch (maybe of size 0), or ``_END`` for every rank."""
+        before = self._gather(used)
+        if any(failed for _, failed in before) or sum(u for u, _ in before) >= self.max_samples:
+            return _END
+        batch = None
+        if self.error is None:
+            try:
+                raw = next(batches, _END)
+                batch = None if raw is _END else normalize_batch(raw, index=index, token_labels=loss_fn is None)
+            except Exception as e:  # noqa: BLE001 - raised after every rank left the loop
+                self.error = e
+        sizes = self._gather(-1 if batch is None else batch.size)
+        if any(failed for _, failed in sizes) or all(size < 0 for size, _ in sizes):
+            return _END
+        remaining = self.max_samples - sum(u for u, _ in before)
+        takes = []
+        for size, _ in sizes:
+            takes.append(min(max(size, 0), max(remaining, 0)))
+            remaining -= takes[-1]
+        self.turn_total = sum(takes)  # the progress bar (rank 0) counts every rank's sequences
+        if self.strict and 0 in takes and any(takes):
+            # A sharded model (FSDP2) gathers its weights in every forward: all ranks or none.
+            self.error = ValueError(
+                f"the model is sharded (FSDP2), whose every forward is a collective, but the ranks would run "
+                f"{sum(t > 0 for t in takes)} of {len(takes)} forwards in this turn (uneven shards, or max_samples "
+                "ending mid-turn); give every rank the same number of batches, and a max_samples that is a multiple "
+                "of the world size times the batch size (or None)")
+            return _END
+        return None if batch is None else batch.take(takes[distributed.rank()])
+
+    def run(self, fn, *args):
+        """``fn(*args)``, an error kept for the next turn to tell the other ranks."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - raised after every rank left the loop
+            self.error = e
+            return 0, 0
+
+
+def _reduce_and_check(acc: Accumulator, targets: list[Target], counts: torch.Tensor, reduce: str,
+                      ranks) -> dict[str, int] | None:
+    """Sum over the ranks of a distributed run (to every rank, or each layer to its owner), then
+    refuse empty or non-finite statistics; returns the owners (layer → rank) with ``reduce="owner"``."""
+    distributed_run = distributed.is_distributed()
+    owners = None
+    if distributed_run and reduce == "owner":
         # Before any check that could raise on one rank only: every rank must join every collective.
+        agree_on_layers(acc, targets, counts)
+        owners = _owners(acc, targets, ranks)
+        reduce_to_owners(acc, targets, counts, owners)
+    elif distributed_run:
         all_reduce(acc, targets, counts)
     if counts[1].item() == 0:
         raise ValueError(
-            f"the loader yielded no sequence with a label to learn from{' on any rank' if distributed else ''} "
+            f"the loader yielded no sequence with a label to learn from{' on any rank' if distributed_run else ''} "
             "(empty loader, or every token masked with -100); pass samples with at least two unmasked "
             "tokens each"
         )
+    error = None
     for t in [*acc.g_sum.values(), *acc.y_sum.values(), *acc.z_sum.values()]:
         if not torch.isfinite(t).all():
-            raise FloatingPointError(
+            error = FloatingPointError(
                 "non-finite values in the statistics (NaN/Inf activations or gradients); check the model "
                 "in fp32, or lower the learning-rate-free scale of the inputs"
             )
+            break
+    if owners is not None:  # each rank checked only its own layers
+        distributed.agree_on_failure(error, "the check of the reduced statistics")
+    elif error is not None:
+        raise error
+    return owners
+
+
+def _owners(acc: Accumulator, targets: list[Target], ranks) -> dict[str, int]:
+    """Layer → the rank that solves it: whole input groups, balanced by estimated solve cost."""
+    method = "lora-da" if "Z" in acc.factors else "svd"
+    shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, acc.input_group.get(t.name, t.name),
+                                 ranks if isinstance(ranks, int) else (ranks or {}).get(t.name, 8))
+              for t in targets]
+    groups = planner.assign_owners(shapes, distributed.world_size(), method)
+    return {s.name: groups[s.input_group] for s in shapes}
 
 
 def _statistics(acc: Accumulator, targets: list[Target], counts: torch.Tensor, y_factor: str,
-                meta: dict) -> Statistics:
+                meta: dict, owners: dict[str, int] | None = None) -> Statistics:
     layers = {}
     for t in targets:
-        if t.name not in acc.got_grad:
+        if t.name not in acc.got_grad:  # the same on every rank: agreed on before the reduction
             raise RuntimeError(
                 f"layer {t.name!r} received no gradient: it does not influence the loss. Exclude it "
                 "with target_modules"
             )
+    me = distributed.rank()
+    for t in targets:
+        if owners is not None and owners[t.name] != me:
+            continue
         y = acc.y_sum.get(t.name)
         if y is not None and y_factor == "full":
             y = kernels.symmetrize_lower_(y)

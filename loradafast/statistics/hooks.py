@@ -241,3 +241,65 @@ def _zero_sums(acc: Accumulator, target: Target) -> None:
     if "Y" in acc.factors:
         y_shape = (out,) if acc.y_factor == "diag" else (out, out)
         acc.y_sum[target.name] = torch.zeros(y_shape, dtype=torch.float32, device=device)
+
+
+# Bucket size of the reductions to the owners: large enough that a collective's latency is
+# amortised, small enough that the flat copy it needs is a transient of no account.
+BUCKET_BYTES = 64 * 2**20
+
+
+def reduce_to_owners(acc: Accumulator, targets: list[Target], counts: torch.Tensor, owners: dict[str, int]) -> None:
+    """Sum each layer's statistics over the ranks onto the rank that solves it (``owners``: layer
+    → rank), and drop the other layers' sums from ``acc``; the counts go to every rank.
+
+    As :func:`all_reduce`, every rank first learns which layers exist and share inputs.  Then, per
+    owner in rank order, the sums it owns (G and Y per layer in name order, then Z per input
+    group in name order) are reduced in buckets of about :data:`BUCKET_BYTES` (one flat buffer per
+    bucket; a tensor larger than a bucket is reduced in place on its own).  The sums of a layer a
+    rank does not own are freed as soon as they are sent.
+    """
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    for owner in range(dist.get_world_size()):
+        mine = sorted(n for n in owners if owners[n] == owner)
+        tensors = [(sums, n) for n in mine for sums in (acc.g_sum, acc.y_sum) if n in sums]
+        tensors += [(acc.z_sum, k) for k in sorted({acc.input_group[n] for n in mine}) if k in acc.z_sum]
+        for bucket in _buckets([sums[key] for sums, key in tensors]):
+            _reduce_bucket(bucket, owner)
+        if owner != me:
+            for sums, key in tensors:
+                del sums[key]
+
+
+def agree_on_layers(acc: Accumulator, targets: list[Target], counts: torch.Tensor) -> None:
+    """The counts summed on every rank, and the same layers and input groups on every rank."""
+    import torch.distributed as dist
+
+    dist.all_reduce(counts)
+    _agree_on_layers(acc, sorted(t.name for t in targets), counts.device)
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    out, current, size = [], [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > BUCKET_BYTES:
+            out.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += nbytes
+    return out + ([current] if current else [])
+
+
+def _reduce_bucket(bucket: list[torch.Tensor], owner: int) -> None:
+    import torch.distributed as dist
+
+    if len(bucket) == 1:
+        dist.reduce(bucket[0], dst=owner)
+        return
+    flat = torch.cat([t.reshape(-1) for t in bucket])
+    dist.reduce(flat, dst=owner)
+    if dist.get_rank() == owner:
+        for t, piece in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(piece.view_as(t))
