@@ -51,6 +51,8 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class PassPlan:
+    """One statistics pass of a plan: its layers and input groups, and what it is estimated to hold."""
+
     layers: tuple[str, ...]
     input_groups: tuple[str, ...]
     statistics_bytes: int  # what the pass's statistics hold once complete
