@@ -135,8 +135,9 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _replanned(plan, shapes, stats, memory) -> planner.MemoryPlan:
-    shapes = [planner.LayerShape(s.name, s.in_features, s.out_features, stats.layers[s.name].input_group, s.rank)
-              for s in shapes]
+    # With owners a rank's statistics hold its own layers only; the meta knows every layer's group.
+    groups = stats.meta.get("input_groups") or {n: s.input_group for n, s in stats.layers.items()}
+    shapes = [planner.LayerShape(s.name, s.in_features, s.out_features, groups[s.name], s.rank) for s in shapes]
     return planner.plan_passes(shapes, memory, plan.budget_bytes, plan.budget_source, plan.notes)
 
 

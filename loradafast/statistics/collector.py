@@ -155,7 +155,8 @@ def collect(
         **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
     }
     if owners is not None:
-        meta.update(owners=owners, rank=distributed.rank(), world_size=distributed.world_size())
+        meta.update(owners=owners, input_groups={t.name: acc.input_group[t.name] for t in targets},
+                    rank=distributed.rank(), world_size=distributed.world_size())
     stats = _statistics(acc, targets, counts, y_factor if "Y" in factors else None, meta, owners)
     logger.info("collect: %d tokens in %d sequences, %d layers (%d input groups), y_factor=%s, %.1f s",
                 stats.num_tokens, stats.num_sequences, len(stats.layers), len(stats.z_sums), y_factor,
