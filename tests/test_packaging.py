@@ -1,5 +1,6 @@
 """The package as users get it: a wheel that carries the native sources, installed into a fresh
-virtual environment, running an initialisation, the CLI and the report; and no triton on CPU."""
+virtual environment, running an initialisation, the PEFT-shaped entry points, the Trainer callback, the CLI
+and the report; and no triton on CPU."""
 import os
 import shutil
 import subprocess
@@ -74,12 +75,29 @@ FROM_WHEEL = textwrap.dedent("""
     result = loradafast.initialize(model, batches, 2, progress=False)
     assert len(result.layers) == 7 and "triton" not in sys.modules
     result.report(sys.argv[1])
+    # The PEFT-shaped entry points and the Trainer callback, from the installed package too.
+    import peft, transformers
+    from loradafast.integrations import LoraDACallback
+    config = lambda: peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    stats_file = sys.argv[1] + "/stats.safetensors"
+    loradafast.preprocess_lora_da(model, config(), batches, cache_file=stats_file, progress=False)
+    wrapped = loradafast.get_peft_model(model, config())
+    state = loradafast.get_lora_da_state_dict(LlamaForCausalLM(model.config), peft_config=config(), stats=stats_file)
+    assert state and all(k.endswith(".weight") for k in state), sorted(state)[:3]
+    for key, value in state.items():
+        assert torch.equal(value, wrapped.get_parameter(key.replace(".weight", ".default.weight"))), key
+    data = [dict(input_ids=ids, labels=ids) for ids in torch.randint(0, 50, (8, 8))]
+    args = transformers.TrainingArguments(sys.argv[1] + "/trainer", max_steps=1, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, save_strategy="no")
+    trainer = transformers.Trainer(model=peft.get_peft_model(LlamaForCausalLM(model.config), config()), args=args,
+                                   train_dataset=data, callbacks=[LoraDACallback(progress=False)])
+    trainer.train()
     print("ok", loradafast.__file__)
 """)
 
 
 @pytest.mark.slow
-def test_fresh_install_runs_initialize_report_and_cli_without_triton(wheel, tmp_path):
+def test_fresh_install_runs_initialize_entry_points_callback_report_and_cli_without_triton(wheel, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     python = venv / "bin" / "python"
