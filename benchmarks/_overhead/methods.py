@@ -15,9 +15,8 @@ from .models import embedding_leaf_hook, lora_config, sequence_loss_sum
 from .official import run_official
 
 
-def run_floor(model, batches, spec):
-    for p in model.parameters():
-        p.requires_grad_(False)
+def _forward_backward(model, batches):
+    """One forward+backward per batch, the embeddings' output a leaf (the input gradients)."""
     handle = model.get_input_embeddings().register_forward_hook(embedding_leaf_hook)
     try:
         with torch.enable_grad():
@@ -27,6 +26,12 @@ def run_floor(model, batches, spec):
                 del out
     finally:
         handle.remove()
+
+
+def run_floor(model, batches, spec):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _forward_backward(model, batches)
     sync(spec["device"])
     return {"pass_s": None, "solve_s": None, "apply_s": None}
 
@@ -42,16 +47,10 @@ def run_training_floor(model, batches, spec):
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS]
     for w in weights:
         w.requires_grad_(True)
-    handle = model.get_input_embeddings().register_forward_hook(embedding_leaf_hook)
     try:
-        with torch.enable_grad():
-            for b in batches:
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-                sequence_loss_sum(out.logits, b["input_ids"]).backward()
-                del out
+        _forward_backward(model, batches)
         sync(spec["device"])
     finally:
-        handle.remove()
         for w in weights:
             w.grad = None
             w.requires_grad_(False)
