@@ -624,8 +624,9 @@ def report(path: Path) -> None:
     print(plot(out, path.with_suffix(".png")))
 
 
-def resumable_runs(path: Path, out: dict) -> list[dict]:
-    """The runs of an earlier results file, refused unless it ran the same settings and data."""
+def resumable_runs(path: Path, out: dict) -> tuple[list[dict], dict | None]:
+    """The runs and the base model's evaluation of an earlier results file, refused unless it ran
+    the same settings and data."""
     old = json.loads(path.read_text())
     def same(key):  # the data file may have moved: its path is not compared
         a, b = (json.loads(json.dumps(d.get(key), default=str)) for d in (old, out))
@@ -636,8 +637,9 @@ def resumable_runs(path: Path, out: dict) -> list[dict]:
         if not same(key):
             raise SystemExit(f"--resume {path}: its {key!r} differ from this run's; its runs cannot be reused")
     out["resumed_from"] = {"path": str(path), "date": old.get("date"), "runs": len(old["runs"]),
-                           "note": "reused runs keep their own wall times (their machine load)"}
-    return old["runs"]
+                           "note": "reused runs keep their own wall times (their machine load); the base "
+                                   "model's evaluation is reused too"}
+    return old["runs"], old.get("base_model")
 
 
 def main(argv=None) -> None:
@@ -690,12 +692,16 @@ def main(argv=None) -> None:
     }
     ctx = {"cfg": cfg, "device": device, "base": base, "tokenizer": tokenizer, "out": out, "path": path, "t0": t0,
            **{k: data[k] for k in ("init_batches", "heldout", "batches", "em_records")}}
+    previous_base = None
     if args.resume:
-        ctx["previous"] = resumable_runs(Path(args.resume), out)
-    out["base_model"] = {"heldout_nll": heldout_nll(base, data["heldout"])}
-    if data["em_records"]:
-        out["base_model"]["exact_match"] = exact_match(base, tokenizer, data["em_records"], cfg["em_new_tokens"],
-                                                       device)
+        ctx["previous"], previous_base = resumable_runs(Path(args.resume), out)
+    if previous_base is not None:  # the same model and data: its evaluation (20 min on CPU) is not redone
+        out["base_model"] = previous_base
+    else:
+        out["base_model"] = {"heldout_nll": heldout_nll(base, data["heldout"])}
+        if data["em_records"]:
+            out["base_model"]["exact_match"] = exact_match(base, tokenizer, data["em_records"],
+                                                           cfg["em_new_tokens"], device)
     print(f"[{time.perf_counter() - t0:7.0f}s] base model: {json.dumps(out['base_model'])[:300]}", flush=True)
     for rank in cfg["ranks"]:
         run_rank(ctx, rank)

@@ -1,6 +1,7 @@
 """LoRA-GA's and LoRA-One's randomized SVD (loradafast.linalg.lowrank) against the exact one: the
-same subspaces where the spectrum has a gap (sin θ ≤ 1e-6 here), the exact SVD where the
-spectrum is too flat for the check, and the path taken recorded in the diagnostics."""
+same subspaces where the spectrum has a gap (to float32 accuracy, the randomized path's working
+precision: sin θ ≤ 1e-5 here), the exact SVD where the spectrum is too flat for the check, and the
+path taken recorded in the diagnostics."""
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from loradafast.linalg.lowrank import BACKWARD_TOL, top_singular_triplets
 from loradafast.statistics import LayerStats, Statistics
 
 SHAPES = [(300, 130), (130, 300), (257, 257)]  # tall, wide, odd square: no power of two
+FP32 = 1e-5  # ~100 float32 ulps: the randomized SVD runs in float32 (linalg/lowrank.py)
 
 
 def _with_spectrum(out, inp, singular_values, seed=0):
@@ -39,11 +41,11 @@ def test_randomized_lora_ga_spans_the_exact_subspaces(shape, variant):
     auto = methods.lora_ga(G, r, variant=variant)
     assert exact.diagnostics.svd == "exact" and auto.diagnostics.svd == "randomized"
     assert auto.diagnostics.svd_backward_error <= BACKWARD_TOL
-    assert span_sine(auto.lora_A.T, exact.lora_A.T) < 1e-6  # top-r right vectors
-    assert span_sine(auto.lora_B, exact.lora_B) < 1e-6  # the next r left vectors
+    assert span_sine(auto.lora_A.T, exact.lora_A.T) < FP32  # top-r right vectors
+    assert span_sine(auto.lora_B, exact.lora_B) < FP32  # the next r left vectors
     # Canonical signs make the factors themselves agree, not only their spans.
-    torch.testing.assert_close(auto.lora_A, exact.lora_A, rtol=0, atol=1e-6)
-    torch.testing.assert_close(auto.lora_B, exact.lora_B, rtol=0, atol=1e-6 * float(exact.lora_B.abs().max()))
+    torch.testing.assert_close(auto.lora_A, exact.lora_A, rtol=0, atol=FP32 * float(exact.lora_A.abs().max()))
+    torch.testing.assert_close(auto.lora_B, exact.lora_B, rtol=0, atol=FP32 * float(exact.lora_B.abs().max()))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -52,9 +54,9 @@ def test_randomized_lora_one_is_the_exact_descent_step(shape):
     exact = methods.lora_one(G, r, svd="exact")
     auto = methods.lora_one(G, r)
     assert auto.diagnostics.svd == "randomized"
-    assert span_sine(auto.lora_A.T, exact.lora_A.T) < 1e-6
+    assert span_sine(auto.lora_A.T, exact.lora_A.T) < FP32
     step = exact.lora_B @ exact.lora_A
-    torch.testing.assert_close(auto.lora_B @ auto.lora_A, step, rtol=0, atol=1e-6 * float(step.abs().max()))
+    torch.testing.assert_close(auto.lora_B @ auto.lora_A, step, rtol=0, atol=FP32 * float(step.abs().max()))
 
 
 def test_flat_spectrum_falls_back_to_the_exact_svd():

@@ -108,9 +108,9 @@ def embedding_leaf_hook(module, args, output):
 
 def sequence_loss_sum(logits, input_ids):
     """Σ_n mean token loss of sequence n (fp32 log-softmax), loradafast's loss (docs/design.md §3)."""
-    labels = input_ids[:, 1:]
-    token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none")
-    return (token.sum(1) / labels.shape[1]).sum()
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # shift the labels, not the logits (losses.py)
+    token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    return (token.view(labels.shape).sum(1) / (labels.shape[1] - 1)).sum()
 
 
 def warm_up(model, ids, device) -> None:

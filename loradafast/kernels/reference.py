@@ -36,7 +36,7 @@ def kfac_accumulate(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | Non
 def gradient_accumulate(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
                         mask: torch.Tensor | None = None) -> torch.Tensor:
     """``acc += gᵀ diag(mask) x`` in fp32: ``acc`` ``[out, in]``, ``g`` ``[tokens, out]``, ``x`` ``[tokens, in]``."""
-    acc.add_(_masked_fp32(g, mask).T @ _masked_fp32(x, mask))
+    acc.addmm_(_masked_fp32(g, mask).T, _masked_fp32(x, mask))  # in place: no [out, in] temporary
     return acc
 
 

@@ -57,6 +57,7 @@ class Accumulator:
         self.first_batch = True
         # Per-batch state.
         self.mask: torch.Tensor | None = None  # [B*S] float 0/1
+        self.kernel_mask: torch.Tensor | None = None  # the mask, or None where every token counts
         self.inputs: dict[str, torch.Tensor] = {}  # layer -> its input rows [B*S, in]
         self.seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input tensor) -> (tensor, leader)
         self.calls: dict[str, int] = {}
@@ -65,6 +66,9 @@ class Accumulator:
 
     def start_batch(self, mask: torch.Tensor) -> None:
         self.mask = mask.reshape(-1)
+        # Without padding the kernels need no mask: on CPU masking copies both operands of every
+        # product (0.9 of 41.5 s of a SmolLM2 pass, measured); one test per batch.
+        self.kernel_mask = None if bool(self.mask.all()) else self.mask
         self.inputs.clear()
         self.seen.clear()
         self.calls.clear()
@@ -72,14 +76,14 @@ class Accumulator:
     def flush_pending(self) -> None:
         """Add the Z of input groups whose first layer got no backward in this batch."""
         for name in sorted(self.z_pending):
-            kernels.kfac_accumulate(self.z_sum[name], self.inputs[name], self.mask)
+            kernels.kfac_accumulate(self.z_sum[name], self.inputs[name], self.kernel_mask)
         self.z_pending.clear()
 
     def end_batch(self) -> None:
         self.z_pending.clear()
         self.inputs.clear()
         self.seen.clear()
-        self.mask = None
+        self.mask = self.kernel_mask = None
         self.first_batch = False
 
     def _rows(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -128,7 +132,7 @@ class Accumulator:
         if self._pairs_z_with_y:
             self.z_pending.add(name)  # added with this layer's Y in its backward, or by flush_pending
         else:
-            kernels.kfac_accumulate(acc, rows, self.mask)
+            kernels.kfac_accumulate(acc, rows, self.kernel_mask)
 
     def _group_leader(self, name: str, x: torch.Tensor) -> str:
         hit = self.seen.get(id(x))
@@ -157,7 +161,7 @@ class Accumulator:
                 acc = self.g_sum.get(name)
                 if acc is None:
                     acc = self.g_sum[name] = torch.zeros(g.shape[1], x.shape[1], dtype=torch.float32, device=g.device)
-                kernels.gradient_accumulate(acc, g, x, self.mask)
+                kernels.gradient_accumulate(acc, g, x, self.kernel_mask)
             if "Y" in self.factors:
                 self._add_y(name, g, x)
             return None
@@ -169,15 +173,15 @@ class Accumulator:
         if self.y_factor == "diag":
             if y is None:
                 y = self.y_sum[name] = torch.zeros(g.shape[1], dtype=torch.float32, device=g.device)
-            kernels.diag_accumulate(y, g, self.mask)
+            kernels.diag_accumulate(y, g, self.kernel_mask)
             return
         if y is None:
             y = self.y_sum[name] = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float32, device=g.device)
         if name in self.z_pending:  # this layer leads its input group: Z and Y in one launch
             self.z_pending.discard(name)
-            kernels.kfac_accumulate_pair(self.z_sum[name], x, y, g, self.mask)
+            kernels.kfac_accumulate_pair(self.z_sum[name], x, y, g, self.kernel_mask)
         else:
-            kernels.kfac_accumulate(y, g, self.mask)
+            kernels.kfac_accumulate(y, g, self.kernel_mask)
 
 
 def all_reduce(acc: Accumulator, targets: list[Target], counts: torch.Tensor) -> None:
