@@ -97,28 +97,30 @@ def _accuracy(a, u, s, vh, k: int, boundaries) -> tuple[float, float]:
 
 def top_singular_triplets(a: torch.Tensor, k: int, *, boundaries=None, mode: str = "auto",
                           tol: float = BACKWARD_TOL, sketch: int | None = None, niter: int = NITER,
-                          seed: int = 0) -> TopSingular:
+                          seed: int = 0, dtype: torch.dtype | None = None) -> TopSingular:
     """The top ``k`` singular triplets of ``a`` ``[m, n]``.
 
     ``mode``: "exact" (``torch.linalg.svd``), "randomized" (always; the check is only reported),
     "auto" (randomized where it is faster, the exact SVD where its backward error exceeds ``tol``).
     ``boundaries`` (default ``(k,)``): the j whose top-j subspaces the caller keeps, for the sine
-    estimate.  ``sketch``: q (default ``SKETCH_FACTOR·k``).
+    estimate.  ``sketch``: q (default ``SKETCH_FACTOR·k``).  ``dtype``: that of the exact SVD and of
+    the returned triplets (default ``a.dtype``), so that an fp32 gradient need not be copied to
+    float64 for the randomized path, which runs in float32 anyway.
     """
+    dtype = a.dtype if dtype is None else dtype
     boundaries = tuple(boundaries or (k,))
     q = min(sketch or SKETCH_FACTOR * k, min(a.shape))
     too_small = q <= max(k, *boundaries)  # the check needs one triplet beyond the kept ones
     if mode == "exact" or too_small or (mode == "auto" and min(a.shape) < max(MIN_SIZE, MIN_SIZE_RATIO * q)):
-        return _exact(a, k, "exact")
+        return _exact(a.to(dtype), k, "exact")
     work = a.to(torch.float32)
     basis = _range_basis(work, q, niter, seed)
     uq, s, vh = torch.linalg.svd(basis.T @ work, full_matrices=False)
     u = basis @ uq
     backward, sine = _accuracy(work, u, s, vh, k, boundaries)
     if mode == "auto" and not backward <= tol:
-        return _exact(a, k, "exact-fallback", backward, sine, q, niter)
-    return TopSingular(u[:, :k].to(a.dtype), s[:k].to(a.dtype), vh[:k].to(a.dtype), "randomized", backward, sine, q,
-                       niter)
+        return _exact(a.to(dtype), k, "exact-fallback", backward, sine, q, niter)
+    return TopSingular(u[:, :k].to(dtype), s[:k].to(dtype), vh[:k].to(dtype), "randomized", backward, sine, q, niter)
 
 
 def _exact(a: torch.Tensor, k: int, path: str, *check) -> TopSingular:

@@ -108,7 +108,7 @@ def _gradient_diagnostics(top: TopSingular, singular_values: torch.Tensor) -> Gr
 
 
 def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str = "paper",
-            svd: str = "auto") -> Factors:
+            svd: str = "auto", dtype: torch.dtype | None = None) -> Factors:
     """LoRA-GA (Wang et al., arXiv 2407.05000), "ArB2r" directions with "stable" scale.
 
     From the gradient ``G = U S Vᵀ`` ``[out, in]`` (docs/design.md §3), with ``c = out^¼/√γ``:
@@ -125,7 +125,8 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
     Both move the base weight to ``W − s·B·A``.  ``svd`` (:func:`.linalg.lowrank.top_singular_triplets`):
     "auto" takes randomized triplets whose backward error is below 1e-3, the exact SVD otherwise;
     "exact" always the exact SVD; "randomized" never falls back.  Both reference implementations use
-    ``torch.svd_lowrank(q=4r, niter=4)`` unchecked (backward error up to ~1e-2 on SmolLM2).  Their
+    ``torch.svd_lowrank(q=4r, niter=4)`` unchecked (backward error up to ~1e-2 on SmolLM2).
+    ``dtype``: of the exact SVD and of the factors (default ``grad.dtype``).  Their
     gradient is the mean over batches of the batch's token-mean loss gradient; ours (docs/design.md §3)
     is the mean over sequences of each sequence's token-mean loss gradient.  The two agree when
     all sequences have equally many labelled tokens and all batches equally many sequences.
@@ -138,7 +139,7 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
             f"LoRA-GA takes 2r = {2 * rank} singular triplets of the gradient but the layer has only "
             f"min(in, out) = {min(out_features, in_features)}; lower the rank or exclude the layer"
         )
-    top = top_singular_triplets(grad, 2 * rank, boundaries=(rank, 2 * rank), mode=svd)
+    top = top_singular_triplets(grad, 2 * rank, boundaries=(rank, 2 * rank), mode=svd, dtype=dtype)
     u, s, vh = top.u, top.s, top.vh
     scale = out_features**0.25 / math.sqrt(gamma)
     # A and B come from different triplets, so each gets its own canonical sign.
@@ -151,19 +152,20 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
     return Factors(a, b, moves_base=True, diagnostics=_gradient_diagnostics(top, s[:2 * rank]))
 
 
-def lora_one(grad: torch.Tensor, rank: int, *, gamma: float = 128.0, svd: str = "auto") -> Factors:
+def lora_one(grad: torch.Tensor, rank: int, *, gamma: float = 128.0, svd: str = "auto",
+             dtype: torch.dtype | None = None) -> Factors:
     """LoRA-One (Zhang et al., arXiv 2502.01235; the authors' ``gradient_reinit``).
 
     From ``−G = U S Vᵀ``: ``lora_A = diag(√S_r) V_rᵀ / √(S_1 γ)``, ``lora_B = U_r diag(√S_r) / √(S_1 γ)``,
     so ``B·A = −G_r / (S_1 γ)``: the adapter starts one (normalised) gradient-descent step along
     the best rank-r approximation of the negative gradient.  The base weight is unchanged, so the
-    model's output moves at initialisation (by design).  ``svd`` as in :func:`lora_ga`, for the
-    top r triplets.
+    model's output moves at initialisation (by design).  ``svd`` and ``dtype`` as in :func:`lora_ga`,
+    for the top r triplets.
     """
     check_choice("svd", svd, SVD_MODES)
     if not bool(torch.isfinite(grad).all()):
         raise FloatingPointError("the layer's gradient is zero or not finite; LoRA-One has no direction for it")
-    top = top_singular_triplets(-grad, rank, mode=svd)
+    top = top_singular_triplets(-grad, rank, mode=svd, dtype=dtype)
     u, s, vh = top.u, top.s, top.vh
     if not bool(torch.isfinite(s[0])) or float(s[0]) == 0.0:
         raise FloatingPointError("the layer's gradient is zero or not finite; LoRA-One has no direction for it")

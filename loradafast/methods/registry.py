@@ -65,12 +65,19 @@ def _milora(p: Problem, name: str, c: MiloraConfig) -> Factors:
     return baselines.milora(p.weight(name, c.dtype), p.ranks[name], p.scalings[name])
 
 
+# G is an fp32 sum: it is read in float32, and only the exact SVD works in c.dtype (the
+# randomized one runs in float32; a float64 copy of every G cost 8 % of the solve on SmolLM2).
 def _lora_ga(p: Problem, name: str, c: LoraGAConfig) -> Factors:
-    return baselines.lora_ga(p.G(name, c.dtype), p.ranks[name], gamma=c.gamma, variant=c.variant, svd=c.svd)
+    return baselines.lora_ga(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, variant=c.variant,
+                             svd=c.svd, dtype=c.dtype)
 
 
 def _lora_one(p: Problem, name: str, c: LoraOneConfig) -> Factors:
-    return baselines.lora_one(p.G(name, c.dtype), p.ranks[name], gamma=c.gamma, svd=c.svd)
+    return baselines.lora_one(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, svd=c.svd, dtype=c.dtype)
+
+
+def _gradient_dtype(c) -> torch.dtype:
+    return c.dtype if c.svd == "exact" else torch.float32
 
 
 def _fisher_subspace(p: Problem, name: str, c: FisherSubspaceConfig) -> Factors:
