@@ -61,6 +61,8 @@ METHODS = {
     "lora-da-g256": {"kind": "gamma", "gamma": 256, "parent": "lora-da"},
     "lora-fa-random": {"kind": "lora", "freeze_a": True, "parent": "lora"},
     "lora-fa-da": {"kind": "gamma", "gamma": 1024, "freeze_a": True, "parent": "lora-da"},
+    # LoRA-DA's A0 frozen at γ = 16: A's scale (row norm 1/√γ) sets how far each Adam step on B moves BA
+    "lora-fa-da-g16": {"kind": "gamma", "gamma": 16, "freeze_a": True, "parent": "lora-da"},
 }
 
 # swept: LR sweep + all seeds; inherited: one run at the parent's best LR, seed 0.
@@ -73,7 +75,8 @@ PROFILES = {
         # most informative first (the run may be cut short); the γ variants and LoRA-FA reuse
         # lora-da's solve, the ablations re-solve
         "inherited": ["lora-da-g16", "lora-one", "pissa", "lora-fa-da", "lora-fa-random", "lora-da-g256",
-                      "lora-ga", "peft-lora-ga", "lora-da-beta0", "lora-da-raw", "lora-da-full", "milora"],
+                      "lora-ga", "peft-lora-ga", "lora-da-beta0", "lora-da-raw", "lora-da-full", "milora",
+                      "lora-fa-da-g16"],
         "eva_max_epochs": 3,
     },
     "gpu": {
@@ -262,7 +265,15 @@ def exact_match(model, tokenizer, records: list[dict], new_tokens: int, device, 
 def lora_config(rank: int, **extra):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", **extra)
+    extra.setdefault("target_modules", "all-linear")
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, **extra)
+
+
+def all_linear_names(model) -> list[str]:
+    """The module names PEFT's "all-linear" selects: every ``nn.Linear`` but the output embedding."""
+    head = model.get_output_embeddings()
+    return sorted(name for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and module is not head)
 
 
 def diag_from_full(stats):
@@ -348,7 +359,10 @@ def peft_lora_ga(inits: Inits):
     from peft.tuners.lora import LoraGAConfig, preprocess_loraga
 
     model = copy.deepcopy(inits.base)
-    config = lora_config(inits.rank, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    # preprocess_loraga does not expand "all-linear" (peft 0.21: "No supported layers found"), so
+    # the same layers are named: every Linear of the model but its output embedding.
+    config = lora_config(inits.rank, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(),
+                         target_modules=all_linear_names(model))
 
     def train_step():
         for b in inits.batches:
@@ -628,9 +642,13 @@ def resumable_runs(path: Path, out: dict) -> tuple[list[dict], dict | None]:
     """The runs and the base model's evaluation of an earlier results file, refused unless it ran
     the same settings and data."""
     old = json.loads(path.read_text())
-    def same(key):  # the data file may have moved: its path is not compared
+    # The data file may have moved, and methods may be added to a profile: runs are matched by
+    # method, rank, LR and seed, so neither the path nor the method lists need to agree.
+    ignored = {"path", "swept", "inherited"}
+
+    def same(key):
         a, b = (json.loads(json.dumps(d.get(key), default=str)) for d in (old, out))
-        return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"} \
+        return {k: v for k, v in a.items() if k not in ignored} == {k: v for k, v in b.items() if k not in ignored} \
             if isinstance(a, dict) and isinstance(b, dict) else a == b
 
     for key in ("settings", "data", "model"):
@@ -639,7 +657,7 @@ def resumable_runs(path: Path, out: dict) -> tuple[list[dict], dict | None]:
     out["resumed_from"] = {"path": str(path), "date": old.get("date"), "runs": len(old["runs"]),
                            "note": "reused runs keep their own wall times (their machine load); the base "
                                    "model's evaluation is reused too"}
-    return old["runs"], old.get("base_model")
+    return [r for r in old["runs"] if "error" not in r], old.get("base_model")  # failed runs run again
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,4 @@
-"""The pure helpers of benchmarks/quality.py (no model, well under a second)."""
+"""The helpers of benchmarks/quality.py (at most a tiny random model: seconds)."""
 import importlib.util
 import math
 from pathlib import Path
@@ -73,3 +73,21 @@ def test_every_profile_method_is_known():
             assert name in q.METHODS
             parent = q.METHODS[name].get("parent")
             assert parent is None or parent in q.METHODS
+
+
+def test_peft_lora_ga_gets_the_all_linear_layers_by_name():
+    """PEFT's preprocess_loraga does not expand "all-linear" (it found no layer in the first CPU
+    run); the benchmark names the same layers: every Linear but the output embedding."""
+    import torch
+    from peft.tuners.lora import LoraGAConfig, preprocess_loraga
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    names = q.all_linear_names(model)
+    assert len(names) == 14 and "lm_head" not in names
+    config = q.lora_config(2, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(), target_modules=names)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    preprocess_loraga(model, config, lambda: model(input_ids=ids, labels=ids).loss.backward())
+    assert all(hasattr(model.get_submodule(n), "_peft_loraga_grad") for n in names)
