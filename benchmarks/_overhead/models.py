@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _common import sync
 
 from .config import MODEL_DESCRIPTIONS, TARGETS
@@ -107,10 +106,13 @@ def embedding_leaf_hook(module, args, output):
 
 
 def sequence_loss_sum(logits, input_ids):
-    """Σ_n mean token loss of sequence n (fp32 log-softmax), loradafast's loss (docs/design.md §3)."""
-    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # shift the labels, not the logits (losses.py)
-    token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-    return (token.view(labels.shape).sum(1) / (labels.shape[1] - 1)).sum()
+    """Σ_n mean token loss of sequence n: loradafast's own loss (docs/design.md §3), called rather
+    than copied, so that the floor computes exactly what the statistics pass does."""
+    from loradafast.statistics.batches import Batch
+    from loradafast.statistics.losses import causal_lm_sequence_losses
+
+    batch = Batch({}, input_ids, torch.ones_like(input_ids), input_ids.shape[0])
+    return causal_lm_sequence_losses(logits, batch)[0].sum()
 
 
 def warm_up(model, ids, device) -> None:
