@@ -150,6 +150,8 @@ def report(model: str, block: dict) -> str:
                       f"({'goal met' if v['goal_met'] else 'goal NOT met'})"]
     lines += ["", "| pair | layers | sin θ A median / max | sin θ B median / max |", "| --- | --- | --- | --- |"]
     for pair, a in block["subspace_agreement_rep0"].items():
+        if not a["layers"]:  # a method without factors (floor) shares no layer with the others
+            continue
         lines.append(f"| {pair} | {a['layers']} | {a['sin_A']['median']:.1e} / {a['sin_A']['max']:.1e} | "
                      f"{a['sin_B']['median']:.1e} / {a['sin_B']['max']:.1e} |")
     return "\n".join(lines)
