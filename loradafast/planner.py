@@ -239,9 +239,10 @@ def _lora_da_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
     """One input group's solve (methods/lora_da_solve.py): the float64 Z, its damped copies and
     Cholesky factor, every layer's G and Y factor, then either the dense Ω of every layer and
     their ``eigh``, or one preconditioner factor per layer (the worst case of the clustering, three
-    more ``n × n`` while one is built) and the LOBPCG blocks.  LOBPCG's dense fallback for a layer
-    that misses its tolerance (about ``6 n²`` more) is not reserved: it is the exception, and at
-    the widths where memory is short it would be far too slow anyway."""
+    more ``n × n`` while one is built) and the LOBPCG blocks or block Lanczos's basis, whichever
+    is larger.  LOBPCG's dense fallback for a layer that misses its tolerance (about ``6 n²``
+    more) is not reserved: it is the exception, and at the widths where memory is short it would
+    be far too slow anyway."""
     d, n, b = m.d, layers[0].in_features, len(layers)
     n2, outs = d * n * n, [s.out_features for s in layers]
     grads = d * n * sum(outs)
@@ -253,8 +254,11 @@ def _lora_da_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
     if m.lora_da_dense(n, rank):
         solve = steady + (2 * b + 4) * n2 + 3 * d * n * max(outs)
     else:
+        from .methods.lora_da_solve import KRYLOV_COLUMNS
+
         block = 3 * (rank + max(rank, 8))
-        solve = steady + (b + 3) * n2 + 12 * b * n * block * d
+        krylov = min(KRYLOV_COLUMNS, n // 2)  # block Lanczos's basis and image, freed before LOBPCG starts
+        solve = steady + (b + 3) * n2 + max(12 * b * n * block, 2 * b * n * krylov + b * krylov * krylov) * d
     return max(factor, solve)
 
 

@@ -66,6 +66,7 @@ class GradientDiagnostics(LayerDiagnostics):
     svd: str | None = None  # "exact", "randomized", or "exact-fallback" (the randomized check failed)
     svd_backward_error: float | None = None  # ‖GV − US‖_F / σ₁ of the randomized triplets (the check)
     svd_sine_estimate: float | None = None  # estimated sin θ to the exact SVD's subspaces (inf: no gap)
+    svd_krylov_depth: int | None = None  # products with GGᵀ the randomized SVD used (it grows where the check fails)
 
 
 @dataclass
@@ -85,7 +86,7 @@ class LoraDADiagnostics(LayerDiagnostics):
     residual: float | None = None  # ‖ΩX − XΛ‖_F / ‖Ω‖₂
     residual_floor: float | None = None  # measured rounding of the implicit Ω products
     omega_norm: float | None = None
-    eigensolver: str | None = None  # "lobpcg" or "dense"
+    eigensolver: str | None = None  # "lobpcg", "block-lanczos", "block-lanczos+lobpcg" or "dense"
     eigensolver_iterations: int | None = None
     eigensolver_converged: bool | None = None
     eigensolver_fallback: bool | None = None

@@ -140,6 +140,57 @@ def test_synthetic_spectra_dense_operator(kind):
     _check_result(res, mat, 8)
 
 
+def _gapped(batch: int = 3, n: int = 401, r: int = 8) -> torch.Tensor:
+    """Wanted eigenvalues in [−2, −1] (different per layer), the rest in [0, 1], bunched at 0."""
+    rows = [torch.cat([torch.linspace(-2.0, -1.0, r, dtype=F64) * (1 + 0.1 * b),
+                       torch.linspace(0.0, 1.0, n - r, dtype=F64) ** 2]) for b in range(batch)]
+    return _spectrum_matrix(torch.stack(rows), seed=5)
+
+
+@pytest.mark.parametrize("block", [8, 12])
+def test_block_lanczos_matches_dense(block):
+    """Block Lanczos (no preconditioner, a basis of up to 200 columns), odd width."""
+    mat = _gapped()
+    res = eigen.smallest_eigenpairs(mat, r=8, krylov_columns=200, krylov_block=block)
+    assert res.method == "block-lanczos" and bool(res.converged.all()) and not bool(res.fallback.any())
+    assert res.iterations <= 200 // block  # blocks used
+    _check_result(res, mat, 8)
+
+
+def test_block_lanczos_hands_unconverged_layers_to_lobpcg():
+    """A basis too small to converge (3 blocks of 8): LOBPCG continues from its Ritz vectors."""
+    mat = _gapped()
+    res = eigen.smallest_eigenpairs(mat, r=8, krylov_columns=24, krylov_block=8)
+    assert res.method == "block-lanczos+lobpcg" and bool(res.converged.all()) and not bool(res.fallback.any())
+    _check_result(res, mat, 8)
+
+
+def test_block_lanczos_float32_and_a_basis_limited_by_n():
+    """float32 (its own tolerance) and a width where n // 2 caps the basis just above the block m:
+    block Lanczos runs, hands over where it must, and the answer is right."""
+    mat = _gapped(batch=2, n=67, r=4)
+    res = eigen.smallest_eigenpairs(mat, r=4, dtype=torch.float32, krylov_columns=1000, krylov_block=8)
+    assert res.method.startswith("block-lanczos") and not bool(res.fallback.any())
+    values, vectors = _reference(mat, 4)
+    assert float(eigen.subspace_sine(res.eigenvectors, vectors).max()) < 1e-3
+    # A block that cannot make two blocks of at least m columns within n // 2: LOBPCG alone.
+    res = eigen.smallest_eigenpairs(mat, r=4, krylov_columns=1000, krylov_block=5, oversample=28, dense_below=0)
+    assert res.method == "lobpcg"
+
+
+def test_block_lanczos_on_a_low_rank_operator():
+    """Ω of rank 10 (as −ΔᵀΔ of a gradient with few tokens): the Krylov space holds the whole
+    range after two blocks, later blocks are rounding noise made orthonormal (harmless to
+    Rayleigh–Ritz), and the answer is exact."""
+    n, r = 121, 4
+    values = torch.zeros(2, n, dtype=F64)
+    values[:, :10] = -torch.linspace(10.0, 1.0, 10, dtype=F64)
+    mat = _spectrum_matrix(values, seed=3)
+    res = eigen.smallest_eigenpairs(mat, r=r, krylov_columns=60, krylov_block=12)
+    assert res.method == "block-lanczos" and bool(res.converged.all()) and res.iterations == 2
+    _check_result(res, mat, r, max_sine=1e-8)
+
+
 def test_huge_spread_without_preconditioner_falls_back_and_is_right():
     # Spectrum over 10 decades with a 1e-3 gap: LOBPCG without a preconditioner cannot converge
     # in max_iter, and must say so.

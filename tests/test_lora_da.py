@@ -78,12 +78,13 @@ def wide_stats():
 @pytest.mark.parametrize("r", [1, 4])
 def test_batched_lobpcg_matches_dense_on_real_statistics(wide_stats, r):
     """Ω from a real (tiny) model: T ≈ 70 tokens < 96 inputs, so Z is rank-deficient and Ω spans
-    c/λ; the preconditioned batched LOBPCG must find the same subspace as dense eigh."""
+    c/λ; the batched iterative solve must find the same subspace as dense eigh."""
     dense = loradafast.solve(wide_stats, r, eigensolver="dense")
     lobpcg = loradafast.solve(wide_stats, r, eigensolver="lobpcg")
     for name in dense.layers:
         d, l = dense.layers[name].diagnostics, lobpcg.layers[name].diagnostics
-        assert d["eigensolver"] == "dense" and l["eigensolver"] == "lobpcg"
+        # Tiny statistics have a negligible variance term: block Lanczos runs first (linalg/eigen.py).
+        assert d["eigensolver"] == "dense" and l["eigensolver"] in {"lobpcg", "block-lanczos", "block-lanczos+lobpcg"}
         assert not l["eigensolver_fallback"], name
         ev = torch.linalg.eigvalsh(lora_da.omega_terms(
             wide_stats.G(name), lora_da.damped_factors(wide_stats.Z(name), wide_stats.Y(name), 1e-6),

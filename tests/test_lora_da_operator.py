@@ -85,6 +85,23 @@ def test_implicit_lobpcg_matches_dense_solve(r):
         assert l.diagnostics["sigma"] == pytest.approx(d.diagnostics["sigma"], rel=1e-9)
 
 
+def test_groups_whose_preconditioner_is_the_identity_take_block_lanczos():
+    """A negligible variance term (β = 1e-12): every layer's preconditioner is the identity, so the
+    solve runs block Lanczos first (then LOBPCG where its basis, here at most n/2 = 18 columns,
+    does not suffice); the answer is the dense solve's."""
+    stats = _stats("diag")
+    dense = loradafast.solve(stats, 1, eigensolver="dense", num_train_samples=1000, beta=1e-12)
+    krylov = loradafast.solve(stats, 1, eigensolver="lobpcg", num_train_samples=1000, beta=1e-12)
+    for name in dense.layers:
+        d, k = dense.layers[name], krylov.layers[name]
+        assert k.diagnostics["eigensolver"].startswith("block-lanczos"), k.diagnostics["eigensolver"]
+        assert not k.diagnostics["eigensolver_fallback"]
+        assert span_sine(d.lora_A.T, k.lora_A.T) < 1e-6, name
+    # β = 1e20: the variance term dominates, the preconditioner is cZλ⁻¹ (not the identity): LOBPCG alone.
+    scaled = loradafast.solve(stats, 1, eigensolver="lobpcg", num_train_samples=1000, beta=1e20)
+    assert {layer.diagnostics["eigensolver"] for layer in scaled.layers.values()} == {"lobpcg"}
+
+
 @pytest.mark.parametrize("beta, kinds", [(0.03, None), (1e-12, {"identity"}), (1e20, {"scaled"})])
 def test_preconditioner_within_its_bound_of_the_exact_one(beta, kinds):
     """Per layer the exact preconditioner is Zλ(sZλ + cᵢI)⁻¹; sharing c within a cluster may cost

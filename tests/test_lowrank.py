@@ -8,7 +8,7 @@ import torch
 import loradafast
 from loradafast import methods
 from loradafast.linalg.eigen import span_sine
-from loradafast.linalg.lowrank import BACKWARD_TOL, top_singular_triplets
+from loradafast.linalg.lowrank import BACKWARD_TOL, DEPTH, MAX_DEPTH, top_singular_triplets
 from loradafast.statistics import LayerStats, Statistics
 
 SHAPES = [(300, 130), (130, 300), (257, 257)]  # tall, wide, odd square: no power of two
@@ -66,7 +66,8 @@ def test_flat_spectrum_falls_back_to_the_exact_svd():
     auto = methods.lora_ga(G, r)
     exact = methods.lora_ga(G, r, svd="exact")
     assert auto.diagnostics.svd == "exact-fallback"
-    assert auto.diagnostics.svd_backward_error == forced.diagnostics.svd_backward_error
+    # "auto" grew the Krylov space before giving up: a smaller error than the fixed depth's, still too large.
+    assert BACKWARD_TOL < auto.diagnostics.svd_backward_error < forced.diagnostics.svd_backward_error
     torch.testing.assert_close(auto.lora_A, exact.lora_A, rtol=0, atol=0)
     torch.testing.assert_close(auto.lora_B, exact.lora_B, rtol=0, atol=0)
     assert methods.lora_one(G, r).diagnostics.svd == "exact-fallback"
@@ -76,10 +77,46 @@ def test_the_sine_estimate_covers_the_actual_error():
     """Few iterations leave a measurable error; the Wedin estimate must not understate it."""
     G, k = _with_spectrum(400, 300, 0.97 ** torch.arange(300, dtype=torch.float64)), 8
     u, s, vh = torch.linalg.svd(G, full_matrices=False)
-    for niter in (0, 1, 2):
-        top = top_singular_triplets(G, k, mode="randomized", niter=niter)
+    for depth in (1, 2, 3):  # depth 0: k columns, no triplet beyond them for the check
+        top = top_singular_triplets(G, k, mode="randomized", depth=depth)
         actual = max(span_sine(top.vh.T, vh[:k].T), span_sine(top.u, u[:, :k]))
-        assert 1e-12 < actual <= top.sine_estimate, (niter, actual, top.sine_estimate)
+        assert 1e-12 < actual <= top.sine_estimate, (depth, actual, top.sine_estimate)
+
+
+def test_a_failed_check_grows_the_krylov_space_before_the_exact_svd():
+    """Slow geometric decay (2 % per singular value): the default depth misses the check, a deeper
+    space passes it, and the result is still the exact SVD's to float32 accuracy."""
+    G, k = _with_spectrum(300, 200, 0.98 ** torch.arange(200, dtype=torch.float64)), 8
+    fixed = top_singular_triplets(G, k, mode="randomized")
+    assert fixed.iterations == DEPTH and fixed.backward_error > BACKWARD_TOL
+    grown = top_singular_triplets(G, k)
+    assert grown.path == "randomized" and DEPTH < grown.iterations <= MAX_DEPTH
+    assert grown.backward_error <= BACKWARD_TOL and grown.sketch_size == k * (grown.iterations + 1)
+    u, s, vh = torch.linalg.svd(G)
+    torch.testing.assert_close(grown.s, s[:k], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("rank", [3, 12])
+def test_low_rank_gradients(rank):
+    """A gradient of lower rank than the Krylov space (few tokens): the space stops growing where
+    the rank is exhausted, and stays orthonormal; below k + 1 directions the exact SVD runs."""
+    values = torch.zeros(200, dtype=torch.float64)
+    values[:rank] = 0.9 ** torch.arange(rank, dtype=torch.float64)
+    G, k = _with_spectrum(300, 200, values), 8
+    top = top_singular_triplets(G, k)
+    u, s, vh = torch.linalg.svd(G)
+    kept = min(rank, k)
+    assert span_sine(top.vh[:kept].T, vh[:kept].T) < FP32 and span_sine(top.u[:, :kept], u[:, :kept]) < FP32
+    eye = torch.eye(k, dtype=G.dtype)
+    torch.testing.assert_close(top.vh @ top.vh.T, eye, rtol=0, atol=FP32)
+    torch.testing.assert_close(top.u.T @ top.u, eye, rtol=0, atol=FP32)
+    if rank <= k:
+        assert top.path == "exact-fallback"
+        # Even where the check is only reported: k triplets, not fewer.
+        forced = top_singular_triplets(G, k, mode="randomized")
+        assert forced.path == "exact-fallback" and forced.vh.shape == (k, 200) and forced.u.shape == (300, k)
+    else:
+        assert top.path == "randomized" and top.sketch_size <= rank + 1 and top.backward_error < FP32
 
 
 def test_small_layers_take_the_exact_svd_and_randomized_is_deterministic():

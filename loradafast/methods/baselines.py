@@ -104,7 +104,8 @@ def milora(weight: torch.Tensor, rank: int, scaling: float) -> Factors:
 
 def _gradient_diagnostics(top: TopSingular, singular_values: torch.Tensor) -> GradientDiagnostics:
     return GradientDiagnostics(gradient_singular_values=singular_values.detach().cpu(), svd=top.path,
-                               svd_backward_error=top.backward_error, svd_sine_estimate=top.sine_estimate)
+                               svd_backward_error=top.backward_error, svd_sine_estimate=top.sine_estimate,
+                               svd_krylov_depth=top.iterations)
 
 
 def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str = "paper",
