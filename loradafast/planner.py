@@ -254,9 +254,9 @@ def _lora_da_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
     if m.lora_da_dense(n, rank):
         solve = steady + (2 * b + 4) * n2 + 3 * d * n * max(outs)
     else:
-        from .methods.lora_da_solve import KRYLOV_COLUMNS
+        from .methods.lora_da_solve import KRYLOV_COLUMNS, _oversample
 
-        block = 3 * (rank + max(rank, 8))
+        block = 3 * (rank + _oversample(n, rank))  # LOBPCG's [X, W, P], as lora_da_solve sizes them
         krylov = min(KRYLOV_COLUMNS, n // 2)  # block Lanczos's basis and image, freed before LOBPCG starts
         solve = steady + (b + 3) * n2 + max(12 * b * n * block, 2 * b * n * krylov + b * krylov * krylov) * d
     return max(factor, solve)

@@ -45,10 +45,11 @@ blocks; block Lanczos with full reorthogonalisation keeps the whole Krylov space
 Rayleigh–Ritz pairs, which without a preconditioner needs fewer products for the same residual:
 on the q/k/v group of a Llama-2-7B block ("tokens" statistics of bench_scale.py, 1 thread) LOBPCG
 with 32 columns took 33 iterations (1,152 column-products) to a residual of 1e-10, block Lanczos
-with blocks of 16 columns 30-32 blocks (496-528 column-products; every other block is checked).  Its memory is the basis and its image,
-``2·n·krylov_columns`` per operator; layers it leaves unconverged when the basis is full continue
-in LOBPCG from its Ritz vectors.  The Krylov basis has the fixed shape of the LOBPCG blocks
-(dependent directions masked), and the projected matrix grows by one block of columns per step.
+with blocks of 16 columns 30-32 blocks (496-528 column-products; every other block is checked).
+Its memory is the basis and its image, ``2·n·krylov_columns`` per operator, preallocated (fixed
+shapes; dependent directions masked as in LOBPCG); the projected matrix grows by one block of
+columns per product.  Layers it leaves unconverged when the basis is full continue in LOBPCG from
+its Ritz vectors.
 """
 from __future__ import annotations
 
@@ -80,8 +81,9 @@ class EigenResult:
     ``residuals[b] = ‖Ω_b X_b − X_b Λ_b‖_F / ‖Ω_b‖₂`` over the r returned pairs, where ``‖Ω_b‖₂`` is
     the estimate in ``op_norm`` (for LOBPCG layers: the largest of a few block power steps and of
     all Ritz values, a lower bound that is tight to a few percent in practice; after block Lanczos:
-    the largest ``|θ|`` of its Krylov space; for dense layers: the exact ``max |eigenvalue|``).  By Davis–Kahan, the sine of the largest principal angle to
-    the exact eigenspace is at most ``residuals·op_norm / gap`` with ``gap = λ_{r+1} − λ_r``.
+    the largest ``|θ|`` of its Krylov space; for dense layers: the exact ``max |eigenvalue|``).
+    By Davis–Kahan, the sine of the largest principal angle to the exact eigenspace is at most
+    ``residuals·op_norm / gap`` with ``gap = λ_{r+1} − λ_r``.
     """
 
     eigenvalues: torch.Tensor  # [batch, r], ascending
@@ -441,8 +443,8 @@ def _block_lanczos(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm, bl
     image = torch.zeros_like(basis)
     proj = torch.zeros(b, cols, cols, dtype=run.dtype, device=run.device)
     valid = torch.zeros(b, cols, dtype=torch.bool, device=run.device)
-    start = _start_block(run, x0, seed)[..., :block]
-    q, ok = _svqb(start, run.tau)
+    q = _start_block(run, x0, seed)[..., :block]  # orthonormal already
+    ok = torch.ones(b, block, dtype=torch.bool, device=run.device)
     tiny = torch.finfo(run.dtype).tiny
     fixed = op_norm is not None
     norm = (torch.as_tensor(op_norm, dtype=run.dtype, device=run.device).expand(b).clone() if fixed

@@ -12,8 +12,8 @@ block of that space; keeping all of it reaches the same accuracy with several ti
 products on gradients, whose leading singular values are clustered: on SmolLM2-135M, blocks of k
 columns and depth 5 (k = 16) or 6 (k = 8) gave every layer a backward error ≤ 3.3e-4 with a
 third of the products of subspace iteration with 4k columns and 4 steps (which reached 1.5e-4,
-but 1.1e-3 on one layer at k = 8), and in less time than ``svd_lowrank(q=2k, niter=4)``, whose
-errors reach 1e-2 (numbers by the constants below).
+but 1.1e-3 on one layer at k = 8), in 1.0–1.2× the time of ``svd_lowrank(q=2k, niter=4)``,
+whose errors reach 1e-2 (numbers by the constants below).
 
 **The check (backward error).**  The k triplets returned are exact singular triplets of
 ``A + E`` with ``E = −R_k V_kᵀ``, ``‖E‖_F = ‖R_k‖_F``.  The randomized result is accepted when
@@ -59,7 +59,7 @@ import torch
 #   k = 8 (LoRA-One): depth 5: 2.4e-5 / 2.1e-3, 5 layers (3 with the Gram Rayleigh–Ritz step below);
 #   depth 6: 1.3e-6 / 2.0e-4, none (1.6 s);
 #   subspace iteration 4k × 4: 2.0e-5 / 1.1e-3, 1 layer (2.1 s).
-# So a block of k columns, 5 steps, and one more step wherever the check fails (k = 8: 5 layers).
+# So a block of k columns, 5 steps, and one more step wherever the check fails (k = 8: 3 layers).
 BLOCK_FACTOR = 1  # block = BLOCK_FACTOR·k columns
 DEPTH = 5  # products with AAᵀ before the first check
 MAX_DEPTH = 10  # the space grows one block per failed check up to this depth, then the exact SVD
