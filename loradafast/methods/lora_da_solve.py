@@ -26,10 +26,12 @@ from .lora_da_operator import GroupOmega
 
 # On CPU, dense eigh of the materialised Ω beat the preconditioned LOBPCG at the widths we
 # measured: SmolLM2's 576 and 1536 (r = 8: 50 s vs 86 s for 210 layers on 2 cores,
-# benchmarks/results/solve_cpu.json, before Ω was applied implicitly), and again with the implicit
-# operator on one q/k/v group of synthetic statistics, 1 thread (576: 0.9 vs 1.4 s; 1024: 4.5 vs
-# 5.9 s; 2048: 36-45 vs 35-38 s, a tie).  Above 2048 "auto" takes LOBPCG, whose cost grows as n²
-# per iteration instead of n³; on CUDA "auto" is always LOBPCG (not yet measured there).
+# benchmarks/results/solve_cpu_2026-11-23.json, before Ω was applied implicitly), and again with
+# the implicit operator on one q/k/v group of synthetic statistics, 1 thread (576: 0.9 vs 1.4 s;
+# 1024: 4.5 vs 5.9 s; 2048: 36-45 vs 35-38 s, a tie).  Above 2048 "auto" takes LOBPCG, whose cost
+# grows as n² per iteration instead of n³; on CUDA "auto" is always LOBPCG (not yet measured
+# there).  With block Lanczos (below) the iterative path beat dense on SmolLM2 at r = 8 (35 vs
+# 51 s) but not at r = 64 (136 vs 53 s; solve_cpu.json): the threshold is kept.
 CPU_DENSE_MAX_N = 2048
 # Mixed precision of the float64 solve: the products with G (an fp32 sum) and the preconditioner
 # (an approximation anyway) in this dtype, the solves with Zλ, whose conditioning needs float64,
