@@ -105,7 +105,10 @@ def test_fresh_install_runs_initialize_entry_points_callback_report_and_cli_with
                      cwd=tmp_path).stdout.strip())
     # The test environment's packages (torch, transformers, peft, ...) behind the fresh install; a path
     # line in a .pth file adds that directory only, not the editable checkout its own .pth files point to.
-    (site / "test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # A venv made with --system-site-packages (a machine whose python already has torch) also reads the
+    # base interpreter's site-packages: those go in too.
+    dirs = [sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith("site-packages"))]
+    (site / "test_env.pth").write_text("\n".join(dict.fromkeys(dirs)) + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
          cwd=tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
