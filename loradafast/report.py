@@ -41,13 +41,13 @@ FORMAT_VERSION = 1
 SPECTRUM_MAX_WIDTH = 2048
 # Columns of the table, in order; a column no layer has is left out.
 COLUMNS = ("layer", "kind", "in", "out", "rank", "sigma", "lambda_1", "lambda_r", "lambda_r+1", "residual",
-           "residual_floor", "omega_norm", "eigensolver", "iterations", "converged", "fallback", "damping_z",
-           "damping_y", "damping_raised", "z_condition", "y_condition", "cholesky_dtype", "variance_coef",
+           "residual_tol", "residual_floor", "omega_norm", "eigensolver", "iterations", "converged", "fallback",
+           "damping_z", "damping_y", "damping_raised", "z_condition", "y_condition", "cholesky_dtype", "variance_coef",
            "input_group", "s_1", "s_r", "energy_fraction", "norm_A", "norm_B")
 _RENAMED = {"eigensolver_iterations": "iterations", "eigensolver_converged": "converged",
             "eigensolver_fallback": "fallback", "z_condition_estimate": "z_condition",
             "y_condition_estimate": "y_condition"}
-_SCALARS = ("residual", "residual_floor", "omega_norm", "eigensolver", "eigensolver_iterations",
+_SCALARS = ("residual", "residual_tol", "residual_floor", "omega_norm", "eigensolver", "eigensolver_iterations",
             "eigensolver_converged", "eigensolver_fallback", "damping_z", "damping_y", "damping_raised",
             "z_condition_estimate", "y_condition_estimate", "cholesky_dtype", "sigma", "variance_coef",
             "input_group", "energy_fraction", "num_tokens", "num_sequences")

@@ -85,6 +85,7 @@ class LoraDADiagnostics(LayerDiagnostics):
     eigenvalues: torch.Tensor | None = None  # the r smallest of Ω, ascending
     residual: float | None = None  # ‖ΩX − XΛ‖_F / ‖Ω‖₂
     residual_floor: float | None = None  # measured rounding of the implicit Ω products
+    residual_tol: float | None = None  # the tolerance ``residual`` was tested against
     omega_norm: float | None = None
     eigensolver: str | None = None  # "lobpcg", "block-lanczos", "block-lanczos+lobpcg" or "dense"
     eigensolver_iterations: int | None = None

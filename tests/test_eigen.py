@@ -191,6 +191,56 @@ def test_block_lanczos_on_a_low_rank_operator():
     _check_result(res, mat, r, max_sine=1e-8)
 
 
+def test_block_lanczos_starts_from_the_span_of_x0(lora_da):
+    """``x0`` holding the exact eigenvectors: the first Krylov block spans them (and random columns
+    beyond them), so block Lanczos is converged at its first check on an operator whose spread
+    would otherwise take it far more blocks without a preconditioner."""
+    omega, apply, _, _ = lora_da
+    _, vectors = _reference(omega, 8)
+    res = eigen.smallest_eigenpairs(apply, omega.shape[-1], 8, omega.shape[0], x0=vectors, krylov_columns=96,
+                                    krylov_block=12)
+    assert res.method == "block-lanczos" and res.iterations == 2 and bool(res.converged.all())
+    _check_result(res, omega, 8, max_sine=1e-8)
+
+
+@pytest.mark.parametrize("krylov_columns", [0, 200])
+def test_rank_deficient_start_is_completed_at_random(krylov_columns):
+    """A start block with one direction three times and zero columns (as power steps on an
+    operator of low rank leave it): its dependent columns are replaced by random ones, so no zero
+    column passes for a direction.  Shifted so that the wanted eigenvalues are positive: a zero
+    column taken as valid would add a spurious Ritz value 0 below them."""
+    mat = _gapped() + 3.0 * torch.eye(401, dtype=F64)
+    x0 = torch.zeros(3, 401, 16, dtype=F64)
+    x0[..., :3] = torch.randn(3, 401, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
+    run = eigen._Lobpcg(None, None, 401, 8, 16, 3, F64, torch.device("cpu"), 10, 1e-10, 1, 1)
+    start = eigen._start_block(run, x0, seed=0)
+    torch.testing.assert_close(start.mT @ start, torch.eye(16, dtype=F64).expand(3, 16, 16), atol=1e-12, rtol=0)
+    assert float(eigen.subspace_sine(start, torch.linalg.qr(x0[..., :1]).Q).max()) < 1e-12  # x0's direction kept
+    res = eigen.smallest_eigenpairs(mat, r=8, x0=x0, krylov_columns=krylov_columns, krylov_block=12)
+    assert bool(res.converged.all()) and not bool(res.fallback.any())
+    _check_result(res, mat, 8)
+
+
+@pytest.mark.parametrize("krylov_columns", [0, 200])
+def test_subspace_sine_stops_by_davis_kahan(krylov_columns):
+    """With ``subspace_sine``, a layer whose ``residual·‖Ω‖/gap`` is below it stops before the
+    residual reaches ``tol``; the subspace is then within that sine of the exact one, and the
+    tolerance each layer met is reported."""
+    mat = _gapped()
+    kw = dict(r=8, check_every=1, krylov_columns=krylov_columns, krylov_block=8)
+    tight = eigen.smallest_eigenpairs(mat, **kw)
+    loose = eigen.smallest_eigenpairs(mat, subspace_sine=1e-6, **kw)
+    assert bool((tight.tol == 1e-10).all()) and bool((loose.tol > 1e-8).all())
+    assert loose.iterations < tight.iterations
+    assert bool(loose.converged.all()) and not bool(loose.fallback.any())
+    assert bool((loose.residuals <= loose.tol).all()) and bool((loose.residuals > 1e-10).any())
+    values, vectors = _reference(mat, 8)
+    sine = eigen.subspace_sine(loose.eigenvectors, vectors)
+    assert bool((sine <= 1e-6).all()), sine.tolist()
+    gap = values[..., 8] - values[..., 7]
+    assert bool((loose.tol <= 1e-6 * gap / loose.op_norm * 1.01).all())  # the gap seen was the true one
+
+
 def test_huge_spread_without_preconditioner_falls_back_and_is_right():
     # Spectrum over 10 decades with a 1e-3 gap: LOBPCG without a preconditioner cannot converge
     # in max_iter, and must say so.

@@ -83,6 +83,7 @@ def test_implicit_lobpcg_matches_dense_solve(r):
         torch.testing.assert_close(l.lora_B @ l.lora_A, d.lora_B @ d.lora_A, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(l.diagnostics["eigenvalues"], d.diagnostics["eigenvalues"], rtol=1e-6, atol=1e-9)
         assert l.diagnostics["sigma"] == pytest.approx(d.diagnostics["sigma"], rel=1e-9)
+        assert 1e-10 <= l.diagnostics["residual_tol"] and l.diagnostics["residual"] <= l.diagnostics["residual_tol"]
 
 
 def test_groups_whose_preconditioner_is_the_identity_take_block_lanczos():

@@ -94,6 +94,7 @@ class EigenResult:
     converged: torch.Tensor  # [batch] bool: LOBPCG met ``tol``
     fallback: torch.Tensor  # [batch] bool: re-solved with dense float64 eigh
     method: str  # "lobpcg", "block-lanczos" (+"+lobpcg" where LOBPCG finished), or "dense" (small n, by choice)
+    tol: torch.Tensor | None = None  # [batch]: the residual tolerance ``converged`` was decided by
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +287,7 @@ def smallest_eigenpairs(
     fallback: bool = True,
     dense_below: int | None = None,
     krylov_columns: int = 0, krylov_block: int | None = None,
+    subspace_sine: float | None = None,
 ) -> EigenResult:
     """The ``r`` smallest eigenpairs of each of ``batch`` symmetric ``n × n`` operators.
 
@@ -308,6 +310,9 @@ def smallest_eigenpairs(
     the ``3m``-column LOBPCG basis would be most of the space).
     ``fallback=False`` returns LOBPCG's answer even for layers that miss ``tol``.
     ``krylov_columns``, ``krylov_block``: without ``precond``, block Lanczos first (module docstring).
+    ``subspace_sine``: also accept a layer once Davis–Kahan bounds its subspace's sine by this
+    (``residual·‖Ω‖₂/gap``, the gap ``θ_{r+1} − θ_r`` of the current Ritz values); the tolerance
+    each layer was tested against is ``EigenResult.tol``.
     """
     if isinstance(op, torch.Tensor):
         batch = op.shape[0] if batch is None else batch
@@ -327,24 +332,35 @@ def smallest_eigenpairs(
         full = op if mat is not None else _dense_matrices(dense, apply, batch, n, dtype, device,
                                                           torch.arange(batch, device=device))
         values, vectors, resid, norm = _dense_solve(full, r)
-        false = torch.zeros(batch, dtype=torch.bool, device=device)
-        return EigenResult(values.to(dtype), vectors.to(dtype), resid, norm, 0, resid <= tol, false, "dense")
+        return EigenResult(values.to(dtype), vectors.to(dtype), resid, norm, 0, resid <= tol,
+                           torch.zeros_like(resid, dtype=torch.bool), "dense", _per_layer(tol, batch, device))
 
-    run = _Lobpcg(apply, precond, n, r, m, batch, dtype, device, max_iter, tol, check_every, norm_iters)
-    method, (x, values, resid, norm, iters, conv) = _iterate(run, x0, seed, op_norm, krylov_columns, krylov_block)
-    failed = ~conv
-    fb = torch.zeros(batch, dtype=torch.bool, device=device)
-    if fallback and bool(failed.any()):  # the one unavoidable synchronisation: which layers failed
-        layers = failed.nonzero().flatten()
+    run = _Lobpcg(apply, precond, n, r, m, batch, dtype, device, max_iter, tol, check_every, norm_iters, subspace_sine)
+    method, (x, values, resid, norm, iters, conv, used_tol) = _iterate(run, x0, seed, op_norm, krylov_columns,
+                                                                       krylov_block)
+    result = EigenResult(values, x, resid, norm, iters, conv, torch.zeros_like(conv), method,
+                         _per_layer(used_tol, batch, device))
+    if fallback and bool((~conv).any()):  # the one unavoidable synchronisation: which layers failed
+        layers = (~conv).nonzero().flatten()
         # A dense op is re-solved from the caller's tensor, in its own (possibly higher) precision.
         full = op[layers.to(op.device)] if mat is not None else _dense_matrices(dense, apply, batch, n, dtype, device, layers)
-        d_values, d_vectors, d_resid, d_norm = _dense_solve(full, r)
-        values = values.index_copy(0, layers, d_values.to(dtype))
-        x = x.index_copy(0, layers, d_vectors.to(dtype))
-        resid = resid.index_copy(0, layers, d_resid.to(resid.dtype))
-        norm = norm.index_copy(0, layers, d_norm.to(norm.dtype))
-        fb[layers] = True
-    return EigenResult(values, x, resid, norm, iters, conv, fb, method)
+        _replace_by_dense(result, layers, full, r)
+    return result
+
+
+def _replace_by_dense(result: EigenResult, layers: torch.Tensor, full: torch.Tensor, r: int) -> None:
+    """The fallback: the given layers' pairs re-solved by dense float64 ``eigh`` of ``full``."""
+    values, vectors, resid, norm = _dense_solve(full, r)
+    dtype = result.eigenvalues.dtype
+    result.eigenvalues = result.eigenvalues.index_copy(0, layers, values.to(dtype))
+    result.eigenvectors = result.eigenvectors.index_copy(0, layers, vectors.to(dtype))
+    result.residuals = result.residuals.index_copy(0, layers, resid.to(result.residuals.dtype))
+    result.op_norm = result.op_norm.index_copy(0, layers, norm.to(result.op_norm.dtype))
+    result.fallback[layers] = True
+
+
+def _per_layer(tol, batch: int, device) -> torch.Tensor:
+    return torch.as_tensor(tol, dtype=torch.float64, device=device).expand(batch).clone()
 
 
 def _dense_matrices(dense, apply, batch, n, dtype, device, layers):
@@ -371,6 +387,20 @@ class _Lobpcg:
     tol: float | torch.Tensor
     check_every: int
     norm_iters: int
+    subspace_sine: float | None = None
+
+    def tolerance(self, theta: torch.Tensor, norm: torch.Tensor, valid: torch.Tensor | None = None):
+        """The residual test for the Ritz values ``theta`` (ascending): ``tol``, loosened per layer
+        to ``subspace_sine·gap/‖Ω‖`` (Davis–Kahan: then the subspace's sine is below
+        ``subspace_sine``) where that is larger.  ``valid[b, j]``: ``theta[b, j]`` belongs to a
+        valid direction; without a valid ``θ_{r+1}`` there is no gap, and ``tol`` holds."""
+        if self.subspace_sine is None or theta.shape[-1] <= self.r:
+            return self.tol
+        gap = (theta[..., self.r] - theta[..., self.r - 1]).clamp_min(0)
+        if valid is not None:
+            gap = torch.where(valid[..., self.r], gap, torch.zeros_like(gap))
+        base = torch.as_tensor(self.tol, dtype=norm.dtype, device=norm.device)
+        return torch.maximum(base, self.subspace_sine * gap / norm)
 
     @property
     def tau(self) -> float:
@@ -403,7 +433,8 @@ def _lobpcg(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm):
     for it in range(1, run.max_iter + 1):
         res = state.ax - state.x * state.theta.unsqueeze(-2)
         resid = torch.linalg.matrix_norm(res[..., :run.r]) / state.norm
-        conv = conv | (resid <= run.tol)
+        tol = run.tolerance(state.theta, state.norm)
+        conv = conv | (resid <= tol)
         if it % run.check_every == 0 and bool(conv.all()):
             break
         _step(run, state, res, active=~conv)
@@ -413,7 +444,8 @@ def _lobpcg(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm):
     axr = run.apply(xr)
     values = (xr * axr).sum(-2)
     resid = torch.linalg.matrix_norm(axr - xr * values.unsqueeze(-2)) / state.norm
-    return canonicalize_signs(xr), values, resid, state.norm, it, resid <= run.tol
+    tol = run.tolerance(state.theta, state.norm)
+    return canonicalize_signs(xr), values, resid, state.norm, it, resid <= tol, tol
 
 
 def _iterate(run: _Lobpcg, x0, seed: int, op_norm, krylov_columns: int, krylov_block: int | None):
@@ -423,10 +455,10 @@ def _iterate(run: _Lobpcg, x0, seed: int, op_norm, krylov_columns: int, krylov_b
     if run.precond is not None or blocks < 2 or blocks * block < run.m:
         return "lobpcg", _lobpcg(run, x0, seed, op_norm)
     x_ritz, *out = _block_lanczos(run, x0, seed, op_norm, block, blocks)
-    if bool(out[-1].all()):
+    if bool(out[-2].all()):
         return "block-lanczos", out
-    x, values, resid, norm, more, conv = _lobpcg(run, x_ritz, seed, out[3])  # from the Ritz vectors
-    return "block-lanczos+lobpcg", (x, values, resid, norm, out[4] + more, conv)
+    x, values, resid, norm, more, conv, tol = _lobpcg(run, x_ritz, seed, out[3])  # from the Ritz vectors
+    return "block-lanczos+lobpcg", (x, values, resid, norm, out[4] + more, conv, tol)
 
 
 def _block_lanczos(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm, block: int, blocks: int):
@@ -435,7 +467,7 @@ def _block_lanczos(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm, bl
 
     Returns the ``m`` leading Ritz vectors (to start LOBPCG from), then, like :func:`_lobpcg`, the
     ``r`` wanted ones (canonical signs), their Rayleigh quotients, honest residuals, the norm
-    estimate, the blocks used and the converged flags.  ``‖Ω‖₂`` is estimated by the largest
+    estimate, the blocks used, the converged flags and the tolerance they were tested against.  ``‖Ω‖₂`` is estimated by the largest
     ``|θ|`` seen (Krylov spaces find both ends of the spectrum first) unless given."""
     b, n, r, m = run.batch, run.n, run.r, run.m
     cols = block * blocks
@@ -443,13 +475,14 @@ def _block_lanczos(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm, bl
     image = torch.zeros_like(basis)
     proj = torch.zeros(b, cols, cols, dtype=run.dtype, device=run.device)
     valid = torch.zeros(b, cols, dtype=torch.bool, device=run.device)
-    q = _start_block(run, x0, seed)[..., :block]  # orthonormal already
+    q = _start_block(run, x0, seed, block)
     ok = torch.ones(b, block, dtype=torch.bool, device=run.device)
     tiny = torch.finfo(run.dtype).tiny
     fixed = op_norm is not None
     norm = (torch.as_tensor(op_norm, dtype=run.dtype, device=run.device).expand(b).clone() if fixed
             else torch.full((b,), tiny, dtype=run.dtype, device=run.device))
     conv = torch.zeros(b, dtype=torch.bool, device=run.device)
+    tol = run.tol
     check = 2  # every other block: a check is an eigh of the whole projected matrix, and a synchronisation
     used = 0
     for j in range(blocks):
@@ -476,7 +509,8 @@ def _block_lanczos(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm, bl
         x = _thin(basis[..., :hi], c[..., :r])
         ax = _thin(image[..., :hi], c[..., :r])
         resid = torch.linalg.matrix_norm(ax - x * theta[..., None, :r]) / norm
-        conv = resid <= run.tol
+        tol = run.tolerance(theta, norm, finite)
+        conv = resid <= tol
         if bool(conv.all()):
             break
     x_ritz = _thin(basis[..., :hi], c[..., :m])
@@ -484,22 +518,26 @@ def _block_lanczos(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm, bl
     axr = run.apply(xr)  # honest residual, as in _lobpcg
     values = (xr * axr).sum(-2)
     resid = torch.linalg.matrix_norm(axr - xr * values.unsqueeze(-2)) / norm
-    return x_ritz, canonicalize_signs(xr), values, resid, norm, used, resid <= run.tol
+    return x_ritz, canonicalize_signs(xr), values, resid, norm, used, resid <= tol, tol
 
 
-def _start_block(run: _Lobpcg, x0: torch.Tensor | None, seed: int) -> torch.Tensor:
-    """An orthonormal ``[batch, n, m]`` start: ``x0``'s leading columns, the rest random."""
-    shape = (run.batch, run.n, run.m)
-    if x0 is not None:
-        x = x0.to(dtype=run.dtype, device=run.device)[..., :run.m]  # a wider start block keeps its leading columns
-        if x.shape[-1] < run.m:  # fill the oversampled columns at random
-            gen = torch.Generator(device=run.device).manual_seed(seed)
-            fill = torch.randn(*shape[:2], run.m - x.shape[-1], dtype=run.dtype, device=run.device, generator=gen)
-            x = torch.cat([x, fill], dim=-1)
+def _start_block(run: _Lobpcg, x0: torch.Tensor | None, seed: int, width: int | None = None) -> torch.Tensor:
+    """An orthonormal ``[batch, n, width]`` start (default ``m`` columns) spanning ``x0``'s leading
+    columns and, beyond them, random ones.
+
+    Where ``x0`` is numerically rank-deficient (e.g. power steps on an operator of low rank), its
+    dependent columns are replaced by random ones: a zero column would otherwise pass for a
+    valid direction."""
+    shape = (run.batch, run.n, run.m if width is None else width)
+    gen = torch.Generator(device=run.device).manual_seed(seed)
+    random = torch.randn(*shape, dtype=run.dtype, device=run.device, generator=gen)
+    if x0 is None:
+        x, _ = _svqb(random, run.tau)
     else:
-        gen = torch.Generator(device=run.device).manual_seed(seed)
-        x = torch.randn(*shape, dtype=run.dtype, device=run.device, generator=gen)
-    x, _ = _svqb(x, run.tau)
+        x = x0.to(dtype=run.dtype, device=run.device)[..., :shape[-1]]  # a wider start block keeps its leading columns
+        x = torch.cat([x, random[..., x.shape[-1]:]], dim=-1)  # fill the oversampled columns at random
+        x, keep = _svqb(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), run.tau)
+        x, _ = _svqb(torch.where(keep.unsqueeze(-2), x, random), run.tau)
     x, _ = _svqb(x, run.tau)  # twice: orthonormal to working precision
     return x
 

@@ -80,6 +80,7 @@ class GroupOmega:
         self._variance = beta * self.trace_y / num_train_samples  # c·σ², free of σ
         self.sigma: torch.Tensor | None = None
         self.sigma_iterations = 0
+        self.power_block: torch.Tensor | None = None  # [b, n, k], orthonormal: where σ's power steps ended
         self._precond = None
 
     # -- Zλ⁻¹ and Δ ------------------------------------------------------------------------------
@@ -118,7 +119,10 @@ class GroupOmega:
 
     def estimate_sigma(self, *, k: int = 8, steps: int = 4, seed: int = 0) -> None:
         """A first σ from a few block power steps (a lower bound within a few percent): enough
-        for the preconditioner, whose shift it sets; :meth:`refine_sigma` makes it exact."""
+        for the preconditioner, whose shift it sets; :meth:`refine_sigma` makes it exact.  The
+        block the steps end with, ``power_block``, leans towards Δ's top right singular vectors,
+        which are (near) the wanted eigenvectors of Ω when the variance term is small: the
+        eigensolve starts from it."""
         gen = torch.Generator(device=self.chol.device).manual_seed(seed)
         x = torch.randn(self.batch, self.n, min(k, self.n), dtype=self.dtype, device=self.chol.device, generator=gen)
         est = torch.zeros(self.batch, dtype=self.dtype, device=self.chol.device)
@@ -128,6 +132,7 @@ class GroupOmega:
             est = torch.stack([torch.linalg.matrix_norm(d, ord=2) for d in dx])
             x = self.delta_t(dx)
         self.sigma = est
+        self.power_block = torch.linalg.qr(x).Q
 
     def refine_sigma(self, x0: torch.Tensor | None, *, tol: float, max_iter: int = 100, seed: int = 0,
                      check_every: int = 2) -> None:
