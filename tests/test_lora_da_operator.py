@@ -111,7 +111,7 @@ def test_preconditioner_within_its_bound_of_the_exact_one(beta, kinds):
     group.refine_sigma(None, tol=1e-10)
     apply, count = group.preconditioner()
     if kinds is not None:
-        assert set(group.preconditioner_kinds) == kinds and count == 0
+        assert set(group.layer_preconditioner.values()) == kinds and count == 0
     x = torch.randn(group.batch, N_IN, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     got = apply(x)
     s, z = lora_da_operator.PRECOND_SHIFT, group.z_lambda

@@ -110,11 +110,12 @@ class _BlockKrylov:
         self._append(self._last_projected @ self.a.T)
         return self._last.shape[0] > 0
 
+    def _project_out(self, y: torch.Tensor) -> torch.Tensor:
+        return y - (y @ self.rows.T) @ self.rows if self.rows.shape[0] else y
+
     def _append(self, y: torch.Tensor) -> None:
         before = torch.linalg.vector_norm(y, dim=1)
-        for _ in range(2):  # twice is enough (Giraud et al. 2005): orthogonal to float32 accuracy
-            if self.rows.shape[0]:
-                y = y - (y @ self.rows.T) @ self.rows
+        y = self._project_out(self._project_out(y))  # twice is enough (Giraud et al. 2005): orthogonal to float32 accuracy
         keep = torch.linalg.vector_norm(y, dim=1) > DEPENDENT * before
         if not bool(keep.all()):
             y, before = y[keep], before[keep]
@@ -124,7 +125,7 @@ class _BlockKrylov:
         # A column that lost most of its norm to the projections carries up to eps₃₂/kept of the old
         # rows after the QR (1e-3 at DEPENDENT): once more through both for such blocks.
         if self.rows.shape[0] and bool((kept < WEAK).any()):
-            q = torch.linalg.qr((q - (q @ self.rows.T) @ self.rows).T)[0].T
+            q = torch.linalg.qr(self._project_out(q).T)[0].T
         self._last, self._last_projected = q, q @ self.a
         self.rows = torch.cat([self.rows, q])
         self.projected = torch.cat([self.projected, self._last_projected])

@@ -219,7 +219,6 @@ class GroupOmega:
                 eye = torch.eye(self.n, dtype=dtype, device=z.device)
                 chol, _ = torch.linalg.cholesky_ex(s * z + _geometric_mean(cs) * eye)
                 parts.append((members, "factor", chol))
-        self.preconditioner_kinds = [kind for _, kind, _ in parts]
         self.layer_preconditioner = {i: kind for members, kind, _ in parts for i in members}
 
         def apply(x: torch.Tensor) -> torch.Tensor:
