@@ -119,7 +119,7 @@ def solve_once(stats, device, dtype, eigensolver="auto"):
         for k, v in times.items():
             stages[k] = stages.get(k, 0.0) + v
     per_layer = {name: {k: layer.diagnostics.get(k) for k in (
-        "eigensolver", "eigensolver_iterations", "eigensolver_fallback", "residual", "residual_floor",
+        "eigensolver", "eigensolver_iterations", "eigensolver_fallback", "residual", "residual_tol", "residual_floor",
         "sigma_iterations", "preconditioner_factorisations", "z_condition_estimate")}
         for name, layer in result.layers.items()}
     return result, {"seconds": total, "stages_s": stages, "layers": per_layer,

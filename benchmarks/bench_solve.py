@@ -5,13 +5,14 @@
 
 Times ``loradafast.solve(stats, r, eigensolver=...)`` for each solver, alternating them, and
 reports the subspace agreement between them (sin of the largest principal angle, per layer).
-Decides ``lora_da_solve.CPU_DENSE_MAX_N`` on CPU.  Results: benchmarks/results/solve_<device>.json.
+Decides ``eigensolver="auto"`` on CPU (``lora_da_solve.auto_is_dense``).  Results: benchmarks/results/solve_<device>.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics as st
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ def main() -> None:
             "lobpcg_fallbacks": int(fallbacks),
             "lobpcg_iterations": sorted({layer.diagnostics["eigensolver_iterations"]
                                          for layer in results["lobpcg"].layers.values()}),
+            "lobpcg_methods": dict(Counter(layer.diagnostics["eigensolver"]
+                                           for layer in results["lobpcg"].layers.values())),
         })
         print(json.dumps(runs[-1]))
     env = environment(device)

@@ -204,12 +204,12 @@ class MemoryModel:
 
     def lora_da_dense(self, n: int, rank: int) -> bool:
         """Whether LoRA-DA solves a group of width ``n`` densely (as lora_da_solve and eigen decide)."""
-        from .methods.lora_da_solve import CPU_DENSE_MAX_N
+        from .methods.lora_da_solve import auto_is_dense
 
         if n <= 4 * (rank + max(rank, 8)):  # eigen.smallest_eigenpairs: the basis would be most of the space
             return True
         if self.eigensolver == "auto":
-            return self.device_type != "cuda" and n <= CPU_DENSE_MAX_N
+            return auto_is_dense(self.device_type, n, rank)
         return self.eigensolver == "dense"
 
 

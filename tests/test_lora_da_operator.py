@@ -7,6 +7,7 @@ import torch
 import loradafast
 from loradafast.methods import lora_da, lora_da_operator, lora_da_solve
 from loradafast.linalg.eigen import span_sine
+from loradafast.planner import MemoryModel
 from loradafast.statistics.store import LayerStats, Statistics
 
 N_IN, OUTS, TOKENS = 37, (53, 11, 37), 29  # T < n: Z singular, as with few samples
@@ -130,3 +131,21 @@ def test_rounding_floor_sees_asymmetry():
     broken = group.omega
     group.omega = lambda x: broken(x) + 1e-3 * x.cumsum(-2)  # a lower-triangular, asymmetric perturbation
     assert bool((group.rounding_floor() > 1e-5).all())
+
+
+@pytest.mark.parametrize("r, dense", [(4, False), (40, True)])
+def test_auto_eigensolver_on_cpu_by_width_and_rank(r, dense):
+    """``eigensolver="auto"`` on CPU: iterative from width 512 on for ranks up to 32, dense for a
+    larger rank at widths up to 2048; the planner resolves it the same way."""
+    n = 520
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(700, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    grads = torch.randn(700, 60, generator=g, dtype=torch.float64)
+    layer = LayerStats("l", n, 60, (grads.T @ x).float(), (grads * grads).sum(0).float(), "in")
+    stats = Statistics({"l": layer}, {"in": (x.T @ x).float()}, 700, 8, "diag", {})
+    auto = loradafast.solve(stats, r, num_train_samples=1000).layers["l"]
+    assert (auto.diagnostics["eigensolver"] == "dense") == dense, auto.diagnostics["eigensolver"]
+    assert lora_da_solve.auto_is_dense("cpu", n, r) == dense and not lora_da_solve.auto_is_dense("cuda", n, r)
+    assert MemoryModel(eigensolver="auto", device_type="cpu").lora_da_dense(n, r) == dense
+    reference = loradafast.solve(stats, r, num_train_samples=1000, eigensolver="dense").layers["l"]
+    assert span_sine(reference.lora_A.T, auto.lora_A.T) < 1e-6

@@ -24,15 +24,18 @@ from . import lora_da
 from .baselines import Factors
 from .lora_da_operator import GroupOmega
 
-# On CPU, dense eigh of the materialised Ω beat the preconditioned LOBPCG at the widths we
-# measured: SmolLM2's 576 and 1536 (r = 8: 50 s vs 86 s for 210 layers on 2 cores,
-# benchmarks/results/solve_cpu_2026-11-23.json, before Ω was applied implicitly), and again with
-# the implicit operator on one q/k/v group of synthetic statistics, 1 thread (576: 0.9 vs 1.4 s;
-# 1024: 4.5 vs 5.9 s; 2048: 36-45 vs 35-38 s, a tie).  Above 2048 "auto" takes LOBPCG, whose cost
-# grows as n² per iteration instead of n³; on CUDA "auto" is always LOBPCG (not yet measured
-# there).  With block Lanczos (below) the iterative path beat dense on SmolLM2 at r = 8 (35 vs
-# 51 s) but not at r = 64 (136 vs 53 s; solve_cpu.json): the threshold is kept.
+# eigensolver="auto" on CPU: dense eigh of the materialised Ω (O(n³) per layer) up to width
+# CPU_DENSE_MAX_N, except for ranks up to CPU_ITERATIVE_MAX_RANK from width CPU_ITERATIVE_MIN_N
+# on; the iterative path (block Lanczos / LOBPCG, O(n²) per product) above.  On CUDA "auto" is
+# always iterative (not yet measured there).  Measured with the start block and the sine test
+# (below): SmolLM2-135M's real statistics (210 layers, widths 576 and 1536, 2 threads,
+# solve_cpu.json), iterative over dense 0.42 (r = 8), 0.51 (16), 0.70 (32), 1.34 (64); one
+# synthetic q/k/v group (bench_scale.py "tokens", 1 thread) 0.52-0.85 at width 576 and 0.27-0.47
+# at 2048 for r = 8-64, ties (milliseconds) below 512.  Before those two changes dense won
+# at these widths, hence the rank limit where only synthetic statistics favour iterative.
 CPU_DENSE_MAX_N = 2048
+CPU_ITERATIVE_MAX_RANK = 32
+CPU_ITERATIVE_MIN_N = 512
 # Mixed precision of the float64 solve: the products with G (an fp32 sum) and the preconditioner
 # (an approximation anyway) in this dtype, the solves with Zλ, whose conditioning needs float64,
 # in float64.  None: everything in the working dtype.  Measured (bench_scale --dtypes
@@ -85,6 +88,13 @@ def solve_lora_da(stats: Statistics, ranks: dict[str, int], config: LoraDAConfig
     return {name: out[name] for name in ranks}
 
 
+def auto_is_dense(device_type: str, n: int, r: int) -> bool:
+    """Whether ``eigensolver="auto"`` solves a group of width ``n`` at rank ``r`` densely."""
+    if device_type == "cuda" or n > CPU_DENSE_MAX_N:
+        return False
+    return not (r <= CPU_ITERATIVE_MAX_RANK and n >= CPU_ITERATIVE_MIN_N)
+
+
 def _input_groups(stats: Statistics, ranks: dict[str, int]) -> dict[str, list[str]]:
     """Input group (the key of its Z) → the layers that read that input, in sorted order."""
     by_input: dict[str, list[str]] = defaultdict(list)
@@ -98,12 +108,12 @@ def _solve_input_group(stats, names, ranks, config: LoraDAConfig, dev, key) -> d
     times: dict[str, float] = {}
     start_columns = max(ranks[k] for k in names) + KRYLOV_OVERSAMPLE
     group, factors = _group_operator(stats, names, config, dev, times, start_columns)
-    solver = config.eigensolver
-    if solver == "auto":
-        solver = "lobpcg" if dev.type == "cuda" or group.n > CPU_DENSE_MAX_N else "dense"
     solved = {}
     for r in sorted({ranks[k] for k in names}):
         idx = [i for i, k in enumerate(names) if ranks[k] == r]
+        solver = config.eigensolver
+        if solver == "auto":
+            solver = "dense" if auto_is_dense(dev.type, group.n, r) else "lobpcg"
         with _timed(times, "eigen_s", dev):
             solved[r] = (idx, *_eigensolve(group, _Subset(group, idx), r, solver, config.residual_tol))
     _refine_sigma(group, solved, times, dev)
