@@ -5,7 +5,8 @@
 
 Times ``loradafast.solve(stats, r, eigensolver=...)`` for each solver, alternating them, and
 reports the subspace agreement between them (sin of the largest principal angle, per layer).
-Decides ``eigensolver="auto"`` on CPU (``lora_da_solve.auto_is_dense``).  Results: benchmarks/results/solve_<device>.json.
+Decides ``eigensolver="auto"`` on CPU (``lora_da_solve.auto_is_dense``).
+Results: benchmarks/results/solve_<device>.json.
 """
 from __future__ import annotations
 
