@@ -56,10 +56,13 @@ bench: $(STAMP)
 		--benchmark-json=benchmarks/results/micro_$$dev.json $(BENCH_ARGS)
 
 # Every GPU figure in one command, on a CUDA machine that already has torch, triton and peft (no
-# venv, no network): GPU tests and the kernel, eigen, scale, solve and overhead benchmarks, each
-# capped at 10 minutes, into benchmarks/results/gpu_report/ (REPORT=dir to change).
+# venv, no network): GPU tests and the kernel, eigen, scale, solve and overhead benchmarks, into
+# benchmarks/results/gpu_report/ (docs/gpu.md).  GPU_REPORT_ARGS="--profile lease --pack DIR" fits
+# one 10-minute command on a GPU lent for minutes; GPU_PYTHON chooses the interpreter.
+GPU_PYTHON ?= python3
+GPU_REPORT_ARGS ?=
 gpu-report:
-	bash benchmarks/gpu_report.sh
+	$(GPU_PYTHON) benchmarks/gpu_report.py $(GPU_REPORT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output

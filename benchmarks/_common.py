@@ -245,11 +245,15 @@ def results_path(name: str, device: torch.device | str, out: str | Path | None =
     return Path(out) if out else RESULTS / f"{name}_{device_slug(device)}.json"
 
 
-def write_json(record: dict, path: Path | str, *, indent: int = 2) -> Path:
+def write_json(record: dict, path: Path | str, *, indent: int = 2, quiet: bool = False) -> Path:
+    """Written aside and renamed, so that a process killed while writing leaves the previous file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=indent, default=str) + "\n")
-    print(f"wrote {path}")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=indent, default=str) + "\n")
+    partial.replace(path)
+    if not quiet:
+        print(f"wrote {path}")
     return path
 
 

@@ -83,6 +83,8 @@ def check_memory(groups, budget_bytes: int) -> None:
 GPU_GROUPS = [(24, 4096, 4096, 2048), (4, 11008, 4096, 4096)]
 CPU_GROUPS = [(64, 256, 256, 192), (16, 512, 256, 384)]
 GPU_RAYLEIGH_RITZ = ((24, 48, 96, 192, 384), 224)  # sizes, batch
+LEASE_GROUPS = [(4, 4096, 4096, 2048)]  # gpu_report's lease profile: one 4096-wide slice
+LEASE_RAYLEIGH_RITZ = ((24, 48, 96), 224)
 CPU_RAYLEIGH_RITZ = ((24, 48, 72, 96, 144, 192, 288, 384), 32)
 
 
@@ -169,13 +171,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-lobpcg", action="store_true", help="skip the looped torch.lobpcg baseline")
+    parser.add_argument("--lease", action="store_true",
+                        help="on CUDA: one group of four 4096-wide operators, rank 8 (gpu_report's lease profile)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--memory-gib", type=float, default=None,
                         help="device memory budget (default: free CUDA memory less 10%%; none on CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    if device.type == "cuda":
+    if device.type == "cuda" and args.lease:
+        groups, ranks, (rr_sizes, rr_batch) = LEASE_GROUPS, (8,), LEASE_RAYLEIGH_RITZ
+    elif device.type == "cuda":
         groups, ranks, (rr_sizes, rr_batch) = GPU_GROUPS, (8, 64), GPU_RAYLEIGH_RITZ
     else:
         groups, ranks, (rr_sizes, rr_batch) = CPU_GROUPS, (8, 32), CPU_RAYLEIGH_RITZ
@@ -208,6 +214,7 @@ def main():
         "python": env["python"],
         "date": env["date"],
         "native_available": _native.available(),
+        "lease": bool(args.lease and device.type == "cuda"),
         "groups": results,
         "totals_s": total,
         "rayleigh_ritz": bench_rayleigh_ritz(device, rr_sizes, rr_batch),

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py            # full grid on CUDA, --quick grid on CPU
     python benchmarks/bench_kernels.py --quick    # small sizes anywhere
+    python benchmarks/bench_kernels.py --size lease   # on CUDA: the 7B widths only (gpu_report's lease)
 
 K-FAC accumulation ``acc += xᵀx`` (bf16 in, fp32 accumulate), d ∈ {576, 1536, 4096, 11008} ×
 tokens ∈ {2k, 8k, 32k}, three implementations:
@@ -181,17 +182,26 @@ def bench_omega(device, widths, batch, k, on_cuda) -> list[dict]:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (the default without CUDA)")
+    parser.add_argument("--size", choices=("quick", "lease", "full"), default=None,
+                        help="quick: small sizes (the default without CUDA); lease: the 7B widths only, at "
+                             "8192 tokens (minutes on a GPU); full: 576 to 11008 wide, up to 32768 tokens "
+                             "(the default with CUDA)")
+    parser.add_argument("--quick", action="store_true", help="the same as --size quick")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels_<device>.json)")
     args = parser.parse_args(argv)
 
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")
-    quick = args.quick or not on_cuda
+    size = "quick" if args.quick or not on_cuda else (args.size or "full")
+    quick = size == "quick"
     if quick:
         dims, token_counts = [64, 256, 576], [512, 2048]
         pairs, grad_shapes, omega_widths, mm_n = [(256, 576)], [(576, 256), (576, 576)], [256, 576], 1024
         aux_tokens = 2048
+    elif size == "lease":
+        dims, token_counts = [4096, 11008], [8192]
+        pairs, grad_shapes, omega_widths, mm_n = [(4096, 11008)], [(4096, 4096), (11008, 4096)], [4096], 8192
+        aux_tokens = 8192
     else:
         dims, token_counts = [576, 1536, 4096, 11008], [2048, 8192, 32768]
         pairs = [(576, 576), (576, 1536), (1536, 4096), (4096, 11008)]
@@ -209,6 +219,7 @@ def main(argv=None) -> Path:
         "cuda": env["cuda"],
         "cpu_threads": env["threads"],
         "quick": quick,
+        "size": size,
         "triton_timed": on_cuda,
         "notes": ([] if on_cuda else [
             "CPU run: only the PyTorch paths are timed. The Triton kernels run on CPU only in the "

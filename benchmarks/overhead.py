@@ -304,8 +304,15 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="loradafast_overhead_") as tmp:
         for model_name in models:
             st = settings[model_name]
+
+            def save_so_far(runs, model_name=model_name):
+                # A benchmark killed from outside (a GPU lease's time limit) still leaves every finished run.
+                result["models"][model_name] = {"partial": True, "summary": summarize(methods, runs), "runs": runs}
+                write_json(result, out_path, quiet=True)
+
             info, runs, orders, seconds = run_model(model_name, st, methods, spec_common, Path(tmp),
-                                                    inline=args.inline, timeout=args.timeout, log=log)
+                                                    inline=args.inline, timeout=args.timeout, log=log,
+                                                    on_run=save_so_far)
             block = {"description": info["description"], "data": info["data"], "device": result["device"],
                      "dtype": dtype, "rank": args.rank, **st,
                      "num_parameters": None, "order_per_repetition": orders,

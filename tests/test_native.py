@@ -23,6 +23,20 @@ def native():
     return _native
 
 
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request, native):
+    """Each test runs on the CPU kernel and, where there is a GPU, on the CUDA one (csrc/eigh_cuda.cu)."""
+    if request.param == "cuda" and not native.load().has_cuda():
+        pytest.skip("the native extension was built without CUDA (no nvcc / CUDA_HOME)")
+    return request.param
+
+
+def _eigh(native, a: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    values, vectors = native.eigh(a.to(device))
+    assert values.device.type == device and vectors.device.type == device
+    return values.cpu(), vectors.cpu()
+
+
 def _random_symmetric(batch, n, seed, dtype=F64):
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(batch, n, n, generator=gen, dtype=F64)
@@ -52,57 +66,57 @@ def _check(a: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor, rtol: f
 
 
 @pytest.mark.parametrize("n", [1, 2, 17, 100, 384])
-def test_random_symmetric_float64(native, n):
+def test_random_symmetric_float64(native, device, n):
     a = _random_symmetric(3 if n < 384 else 2, n, seed=n)
-    values, vectors = native.eigh(a)
+    values, vectors = _eigh(native, a, device)
     _check(a, values, vectors, rtol=1e-13 * max(n, 10))
 
 
 @pytest.mark.parametrize("n", [17, 100])
-def test_random_symmetric_float32(native, n):
+def test_random_symmetric_float32(native, device, n):
     a = _random_symmetric(4, n, seed=n, dtype=torch.float32)
-    values, vectors = native.eigh(a)
+    values, vectors = _eigh(native, a, device)
     assert values.dtype == torch.float32
     _check(a, values, vectors, rtol=1e-5 * n ** 0.5)
 
 
 @pytest.mark.parametrize("n", [2, 17, 100])
-def test_repeated_eigenvalues(native, n):
+def test_repeated_eigenvalues(native, device, n):
     # Eigenvalues of multiplicity up to n/2 (and an exact zero block): the eigenvectors within a
     # multiple eigenvalue are not unique, so only the eigenvalues, A = VΛVᵀ and VᵀV = I are checked.
     base = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=F64)
     values = torch.stack([base.repeat_interleave((n + 3) // 4)[:n], torch.ones(n, dtype=F64),
                           torch.cat([torch.zeros(n // 2, dtype=F64), torch.full((n - n // 2,), 5.0, dtype=F64)])])
     a = _with_spectrum(values, seed=n)
-    got, vectors = native.eigh(a)
+    got, vectors = _eigh(native, a, device)
     _check(a, got, vectors, rtol=1e-13 * max(n, 10))
     torch.testing.assert_close(got, values.sort(-1).values, atol=1e-12 * n, rtol=0)
 
 
-def test_diagonal_zero_and_graded(native):
+def test_diagonal_zero_and_graded(native, device):
     n = 50
     graded = torch.diag_embed(torch.logspace(-12, 12, n, dtype=F64)).unsqueeze(0)
     zero = torch.zeros(1, n, n, dtype=F64)
     for a in (graded, zero):
-        values, vectors = native.eigh(a)
+        values, vectors = _eigh(native, a, device)
         _check(a, values, vectors, rtol=1e-14)
 
 
-def test_reads_lower_triangle_only(native):
+def test_reads_lower_triangle_only(native, device):
     a = _random_symmetric(3, 33, seed=0)
     garbage = a.clone()
     garbage.triu_(1).add_(torch.randn_like(a).triu(1) * 1e3)
     garbage = torch.tril(a) + garbage
-    v1, x1 = native.eigh(a)
-    v2, x2 = native.eigh(garbage)
+    v1, x1 = _eigh(native, a, device)
+    v2, x2 = _eigh(native, garbage, device)
     assert torch.equal(v1, v2) and torch.equal(x1, x2)
 
 
-def test_leading_batch_dims_and_empty(native):
+def test_leading_batch_dims_and_empty(native, device):
     a = _random_symmetric(6, 9, seed=1).reshape(2, 3, 9, 9)
-    values, vectors = native.eigh(a)
+    values, vectors = _eigh(native, a, device)
     assert values.shape == (2, 3, 9) and vectors.shape == (2, 3, 9, 9)
-    values, vectors = native.eigh(torch.zeros(0, 5, 5, dtype=F64))
+    values, vectors = _eigh(native, torch.zeros(0, 5, 5, dtype=F64), device)
     assert values.shape == (0, 5)
 
 

@@ -64,3 +64,26 @@ def test_both_floors_are_always_run_first():
                                        repeats=None)
     _, _, methods, _ = overhead.resolve_choices(args, cuda_available=False)
     assert methods == ["floor", "floor-train", "lora-ga"]
+
+
+def test_a_run_cut_off_midway_leaves_every_finished_run_on_disk(tmp_path, monkeypatch):
+    import json
+
+    import overhead
+
+    def fake_child(spec, workdir, timeout):
+        if spec["method"] != "floor":
+            raise KeyboardInterrupt  # what a lease's time limit does to the benchmark, in effect
+        return {"method": "floor", "ok": True, "wall_s": 1.25, "pass_s": None, "solve_s": None,
+                "apply_s": None, "peak_mem_delta_bytes": 0}
+
+    monkeypatch.setattr(runner, "run_in_child", fake_child)
+    out = tmp_path / "overhead.json"
+    with pytest.raises(KeyboardInterrupt):
+        overhead.main(["--models", "tiny", "--methods", "floor,floor-train,lora-ga", "--repeats", "1",
+                       "--out", str(out)])
+    block = json.loads(out.read_text())["models"]["tiny"]
+    assert block["partial"] is True
+    assert [r["wall_s"] for r in block["runs"]["floor"]] == [1.25] and block["runs"]["floor-train"] == []
+    assert block["summary"]["floor"]["wall_s"]["median"] == 1.25
+    assert not list(tmp_path.glob("*.partial"))

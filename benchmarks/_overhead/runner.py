@@ -127,9 +127,10 @@ def run_in_child(spec: dict, workdir: Path, timeout: float) -> dict:
 
 
 def run_model(model_name: str, settings: dict, methods: list[str], spec_common: dict, workdir: Path, *,
-              inline: bool, timeout: float, log) -> tuple[dict, dict, list, float]:
+              inline: bool, timeout: float, log, on_run=None) -> tuple[dict, dict, list, float]:
     """Every method ``settings['repeats']`` times on one model, alternated.  Returns the model's
-    data description, the runs per method, the method order of each repetition, and the seconds."""
+    data description, the runs per method, the method order of each repetition, and the seconds.
+    ``on_run(runs)``, if given, is called after every run (to save what has been measured so far)."""
     log(f"[{model_name}] preparing {settings['samples']}×{settings['seq_len']} tokens, "
         f"batch size {settings['batch_size']}")
     info = prepare_model_data(model_name, settings, workdir, log)
@@ -159,5 +160,7 @@ def run_model(model_name: str, settings: dict, methods: list[str], spec_common: 
             runs[m].append(record)
             status = f"{record['wall_s']:.2f}s" if record.get("ok") else f"FAILED: {record['error'][:200]}"
             log(f"[{model_name}] rep {rep + 1}/{settings['repeats']} {m:<17} {status}")
+            if on_run is not None:
+                on_run(runs)
     del inline_model
     return info, runs, orders, time.perf_counter() - started

@@ -6,7 +6,8 @@
 // its O(n³) per sweep work is spread over the block's threads.
 //
 // Not yet measured on a GPU: loradafast dispatches CUDA tensors to torch.linalg.eigh until
-// benchmarks/bench_eigen.py has been run on one (see loradafast/_native.py).
+// benchmarks/bench_eigen.py has been run on one (loradafast/linalg/native.py: prefer_native,
+// LORADAFAST_NATIVE_CUDA=1 opts in).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

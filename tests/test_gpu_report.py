@@ -1,0 +1,101 @@
+"""benchmarks/gpu_report.py: the plan's commands exist, and the runner keeps to its budget, kills a
+timed-out step with its children, skips what it cannot run and packs what it has after each step."""
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_report  # noqa: E402
+from gpu_report import Step, plan, run_report  # noqa: E402
+
+
+def test_plans_call_existing_scripts_with_flags_they_accept(tmp_path):
+    scripts = {}
+    for profile in ("lease", "full"):
+        for step in plan(profile, tmp_path):
+            if step.argv[1] in ("-c", "-m"):
+                continue
+            scripts.setdefault(step.argv[1], set()).update(a for a in step.argv[2:] if a.startswith("--"))
+    assert {Path(s).name for s in scripts} >= {"overhead.py", "bench_scale.py", "bench_kernels.py", "bench_eigen.py"}
+    for script, flags in scripts.items():
+        assert Path(script).is_file(), script
+        help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                                   cwd=REPO, timeout=120).stdout
+        assert not {f for f in flags if f not in help_text}, (script, help_text)
+
+
+def test_lease_plan_puts_the_missing_gpu_figures_first(tmp_path):
+    steps = plan("lease", tmp_path)
+    assert [s.name for s in steps] == ["machine", "overhead", "scale", "native", "gpu-tests", "kernels", "eigen"]
+    # Steps before the native build must not build it inside a timed child.
+    assert all(("LORADAFAST_NO_NATIVE", "1") in s.env for s in steps[1:3])
+    assert [s.name for s in plan("full", tmp_path)][:2] == ["machine", "native"]
+    with pytest.raises(ValueError, match="profile"):
+        plan("weekend", tmp_path)
+
+
+def _py(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+def test_runner_budget_timeout_skip_and_pack(tmp_path):
+    marker = tmp_path / "grandchild_survived"
+    grandchild = f"import time, pathlib; time.sleep(2.5); pathlib.Path({str(marker)!r}).write_text('x')"
+    steps = [
+        Step("ok", _py("print('fine')"), 5, what="prints"),
+        Step("fails", _py("import sys; print('boom'); sys.exit(3)"), 5),
+        Step("hangs", _py(f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+                          "time.sleep(60)"), 1.5),
+        Step("needs", _py("print('never')"), 30, needs=("no_such_module_xyz",)),
+        Step("late", _py("print('never')"), 30),  # 30 s cap, about 6 s left: under MIN_STEP_S
+    ]
+    report, dest = tmp_path / "report", tmp_path / "out"
+    start = time.perf_counter()
+    records = run_report(steps, report, profile="test", budget=8.0, pack_to=dest, log=lambda _: None)
+    assert time.perf_counter() - start < 8.0
+    status = {r["name"]: r["status"] for r in records}
+    assert status == {"ok": "ok", "fails": "failed", "hangs": "timed out",
+                      "needs": "skipped: needs no_such_module_xyz", "late": "skipped: budget spent"}
+    assert [r["rc"] for r in records] == [0, 3, 124, None, None]
+    time.sleep(3.0)
+    assert not marker.exists(), "the timed-out step's child process outlived it"
+    with tarfile.open(dest / "gpu_report.tar.gz") as tar:
+        names = set(tar.getnames())
+        assert {"gpu_report/ok.log", "gpu_report/fails.log", "gpu_report/steps.json", "gpu_report/summary.md"} <= names
+        assert b"boom" in tar.extractfile("gpu_report/fails.log").read()
+    summary = (dest / "gpu_report_summary.md").read_text()
+    assert all(f"| {name} |" in summary for name in status) and "fine" in summary
+    assert sorted(p.name for p in dest.iterdir()) == ["gpu_report.tar.gz", "gpu_report_summary.md"]
+
+
+def test_dry_run_runs_nothing(tmp_path, capsys):
+    assert gpu_report.main(["--profile", "lease", "--dry-run", "--report", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "budget 540" in out and "overhead.py --gpu" in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_native_build_is_not_retried_by_later_steps(tmp_path):
+    show = _py("import os; print('no-native=' + os.environ.get('LORADAFAST_NO_NATIVE', 'unset') + "
+               "' extra=' + os.environ.get('GPU_REPORT_TEST', 'unset'))")
+    steps = [Step("before", show, 10), Step("native", _py("import sys; sys.exit(1)"), 10),
+             Step("after", show, 10, env=(("GPU_REPORT_TEST", "yes"),))]
+    report = tmp_path / "r"
+    records = run_report(steps, report, profile="test", budget=None, log=lambda _: None)
+    assert [r["status"] for r in records] == ["ok", "failed", "ok"]
+    assert "no-native=unset extra=unset" in (report / "before.log").read_text()
+    assert "no-native=1 extra=yes" in (report / "after.log").read_text()
+
+
+def test_steps_selects_a_subset_in_the_profile_order(tmp_path, capsys):
+    argv = ["--profile", "lease", "--dry-run", "--report", str(tmp_path / "r")]
+    assert gpu_report.main(argv + ["--steps", "eigen,native"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == ["native", "eigen"]
+    with pytest.raises(SystemExit):
+        gpu_report.main(argv + ["--steps", "native,weekend"])
