@@ -193,18 +193,8 @@ def main():
     _native.load()  # build outside the timings
     z_lambda, chol, c, delta_hat = make_group(2, 96, 32, 64, device, seed=99)  # warm-up: first-call costs
     bench_group(z_lambda, chol, c, delta_hat, 4, device, False)
-    results = []
-    for i, (batch, n, out, tokens) in enumerate(groups):
-        z_lambda, chol, c, delta_hat = make_group(batch, n, out, tokens, device, seed=i)
-        for r in ranks:
-            row = bench_group(z_lambda, chol, c, delta_hat, r, device, not args.no_lobpcg)
-            print(json.dumps(row), flush=True)
-            results.append(row)
-        del z_lambda, chol, c, delta_hat
-
-    total = {k: sum(row[k] for row in results if k in row) for k in
-             ("ours_s", "eigh_loop_s", "torch_lobpcg_niter10_loop_s")}
     env = environment(device)
+    results = []
     report = {
         "benchmark": "bench_eigen",
         "device": env["device"],
@@ -216,10 +206,21 @@ def main():
         "native_available": _native.available(),
         "lease": bool(args.lease and device.type == "cuda"),
         "groups": results,
-        "totals_s": total,
-        "rayleigh_ritz": bench_rayleigh_ritz(device, rr_sizes, rr_batch),
     }
-    write_json(report, results_path("eigen", device, args.out))
+    path = results_path("eigen", device, args.out)
+    for i, (batch, n, out, tokens) in enumerate(groups):
+        z_lambda, chol, c, delta_hat = make_group(batch, n, out, tokens, device, seed=i)
+        for r in ranks:
+            row = bench_group(z_lambda, chol, c, delta_hat, r, device, not args.no_lobpcg)
+            print(json.dumps(row), flush=True)
+            results.append(row)
+            write_json(report, path, quiet=True)  # a run cut off from outside keeps the finished rows
+        del z_lambda, chol, c, delta_hat
+
+    report["totals_s"] = {k: sum(row[k] for row in results if k in row) for k in
+                          ("ours_s", "eigh_loop_s", "torch_lobpcg_niter10_loop_s")}
+    report["rayleigh_ritz"] = bench_rayleigh_ritz(device, rr_sizes, rr_batch)
+    write_json(report, path)
 
 
 if __name__ == "__main__":

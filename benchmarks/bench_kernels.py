@@ -76,8 +76,9 @@ def kfac_providers(acc, x, mask, on_cuda: bool) -> dict:
         "fp32_upcast": lambda: acc.addmm_(x.float().T, x.float()),
         "reference": lambda: kernels.kfac_accumulate(acc, x, mask, impl="reference"),
     }
-    if on_cuda:
+    if on_cuda and dispatch._has_out_dtype(x.device):  # torch < 2.8 lacks the overload
         providers["mm_out_dtype"] = lambda: acc.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+    if on_cuda:
         providers["triton"] = lambda: kernels.kfac_accumulate(acc, x, mask, impl="triton")
     return providers
 
@@ -93,8 +94,9 @@ def bench_kfac(device, dims, token_counts, on_cuda) -> list[dict]:
             flops = 2.0 * d * d * tokens
             row = time_row({"d": d, "tokens": tokens, "useful_flops": flops}, kfac_providers(acc, x, mask, on_cuda),
                            device, flops)
-            if on_cuda:
+            if "mm_out_dtype" in row:
                 row["speedup_triton_vs_mm_out_dtype"] = row["mm_out_dtype"]["seconds"] / row["triton"]["seconds"]
+            if on_cuda:
                 row["speedup_triton_vs_fp32_upcast"] = row["fp32_upcast"]["seconds"] / row["triton"]["seconds"]
             rows.append(row)
             print(f"kfac d={d:6d} T={tokens:6d} " + " ".join(
@@ -232,12 +234,15 @@ def main(argv=None) -> Path:
         "bf16_matmul": matmul_rate(device, mm_n),
     }
     print(f"device {result['device']}: bf16 matmul {result['bf16_matmul']['tflops']:.2f} TFLOP/s", flush=True)
-    result["kfac"] = bench_kfac(device, dims, token_counts, on_cuda)
-    result["kfac_pair"] = bench_pair(device, pairs, aux_tokens, on_cuda)
-    result["gradient"] = bench_gradient(device, grad_shapes, aux_tokens, on_cuda)
-    result["omega"] = bench_omega(device, omega_widths, batch=4, k=48, on_cuda=on_cuda)
-
-    return write_json(result, results_path("kernels", device, args.out))
+    path = results_path("kernels", device, args.out)
+    sections = {"kfac": lambda: bench_kfac(device, dims, token_counts, on_cuda),
+                "kfac_pair": lambda: bench_pair(device, pairs, aux_tokens, on_cuda),
+                "gradient": lambda: bench_gradient(device, grad_shapes, aux_tokens, on_cuda),
+                "omega": lambda: bench_omega(device, omega_widths, batch=4, k=48, on_cuda=on_cuda)}
+    for key, run in sections.items():
+        result[key] = run()
+        write_json(result, path, quiet=True)  # a run cut off from outside keeps the finished sections
+    return write_json(result, path)
 
 
 if __name__ == "__main__":

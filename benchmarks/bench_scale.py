@@ -167,6 +167,14 @@ def main(argv=None):
     for dtype_name in args.dtypes.split(","):
         solve_once(warm_up, device, *_working_dtype(dtype_name))
     runs = []
+    env = environment(device)
+    record = {
+        "benchmark": "bench_scale", "date": datetime.date.today().isoformat(), "device": env["device"],
+        "threads": env["threads"] if device.type == "cpu" else None,
+        "torch": env["torch"], "python": env["python"], "rank": 8, "tokens": TOKENS,
+        "cpu_dense_max_n": lora_da_solve.CPU_DENSE_MAX_N, "runs": runs,
+    }
+    path = results_path("scale", device, args.out)
     for scale in [float(s) for s in args.scales.split(",")]:
         hidden, inter = int(HIDDEN * scale), int(INTERMEDIATE * scale)
         block = block_forward_backward(hidden, inter, device)
@@ -202,15 +210,9 @@ def main(argv=None):
             for info in runs[len(runs) - len(args.dtypes.split(",")):]:
                 info.update(block_fwd_bwd_s=fb, block_fwd_bwd_before_after_s=[before, after],
                             ratio=info["seconds"] / fb)
-    env = environment(device)
-    record = {
-        "benchmark": "bench_scale", "date": datetime.date.today().isoformat(), "device": env["device"],
-        "threads": env["threads"] if device.type == "cpu" else None,
-        "torch": env["torch"], "python": env["python"], "rank": 8, "tokens": TOKENS,
-        "cpu_dense_max_n": lora_da_solve.CPU_DENSE_MAX_N, "load_average": list(os.getloadavg()),
-        "runs": runs,
-    }
-    write_json(record, results_path("scale", device, args.out), indent=1)
+            record["load_average"] = list(os.getloadavg())
+            write_json(record, path, indent=1, quiet=True)  # a run cut off from outside keeps each spectrum
+    write_json(record, path, indent=1)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ from _overhead.config import (  # noqa: E402
     LORADAFAST_METHODS,
     METHOD_DESCRIPTIONS,
     MODEL_DEFAULTS,
+    MODEL_DESCRIPTIONS,
     OFFICIAL_GROUP,
     TARGETS,
     WARM_UP,
@@ -307,7 +308,10 @@ def main(argv=None) -> None:
 
             def save_so_far(runs, model_name=model_name):
                 # A benchmark killed from outside (a GPU lease's time limit) still leaves every finished run.
-                result["models"][model_name] = {"partial": True, "summary": summarize(methods, runs), "runs": runs}
+                result["models"][model_name] = {"partial": True, "description": MODEL_DESCRIPTIONS[model_name],
+                                                "data": "(partial: see the finished model's block)",
+                                                "device": result["device"], "dtype": dtype, "rank": args.rank, **st,
+                                                "summary": summarize(methods, runs), "runs": runs}
                 write_json(result, out_path, quiet=True)
 
             info, runs, orders, seconds = run_model(model_name, st, methods, spec_common, Path(tmp),
@@ -328,6 +332,10 @@ def main(argv=None) -> None:
         notes.append("the loradafast sources changed while this benchmark ran (see git / git_at_end): "
                      "runs may have measured different code")
     write_outputs(result, out_path)
+    failed = sum(not r.get("ok") for block in result["models"].values() for rs in block["runs"].values() for r in rs)
+    if failed:
+        log(f"{failed} run(s) failed: see their 'error' in {out_path}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,6 @@ def test_a_run_cut_off_midway_leaves_every_finished_run_on_disk(tmp_path, monkey
     assert [r["wall_s"] for r in block["runs"]["floor"]] == [1.25] and block["runs"]["floor-train"] == []
     assert block["summary"]["floor"]["wall_s"]["median"] == 1.25
     assert not list(tmp_path.glob("*.partial"))
+    from _overhead.report import markdown_table
+
+    assert "| floor | 1.25 |" in markdown_table("tiny", block)
