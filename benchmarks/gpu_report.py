@@ -272,8 +272,8 @@ def main(argv=None) -> int:
         for s in steps:
             needs = f" (needs {', '.join(s.needs)})" if s.needs else ""
             command = f"python -c <{s.what}>" if s.argv[1] == "-c" else " ".join(s.argv[1:])
-            env = "".join(f"{k}={v} " for k, v in s.env)
-            print(f"  {s.name:10s} cap {s.cap_s:4.0f} s  {env}{command}{needs}")
+            extra = "".join(f"{k}={v} " for k, v in s.env)
+            print(f"  {s.name:10s} cap {s.cap_s:4.0f} s  {extra}{command}{needs}")
         return 0
     records = run_report(steps, args.report, profile=args.profile, budget=budget, pack_to=args.pack, env=env)
     print(write_summary(args.report, args.profile, records))
