@@ -71,6 +71,22 @@ def test_rough_sigma_is_a_lower_bound_and_refinement_is_exact():
     torch.testing.assert_close(group.sigma, exact, rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("eigensolver", ["lobpcg", "dense"])
+def test_float32_solve_where_sigma_squared_overflows_float32_gram_matrices(eigensolver):
+    """σ ≈ 5e11 (σ² above float32's √max ≈ 1.8e19), as the official absolute damping gives on real
+    statistics: σ's refinement squared it into NaN, and every lora_B became NaN without a word."""
+    stats = _stats("diag")
+    for layer in stats.layers.values():
+        layer.g_sum = layer.g_sum * 1e8
+    f64 = loradafast.solve(stats, 4, num_train_samples=1000, eigensolver=eigensolver)
+    f32 = loradafast.solve(stats, 4, num_train_samples=1000, eigensolver=eigensolver, dtype=torch.float32)
+    for name, ref in f64.layers.items():
+        got = f32.layers[name]
+        assert ref.diagnostics.sigma ** 2 > 1e20
+        assert bool(torch.isfinite(got.lora_B).all()) and bool(torch.isfinite(got.diagnostics.eigenvalues).all())
+        assert got.diagnostics.sigma == pytest.approx(ref.diagnostics.sigma, rel=1e-3)
+
+
 @pytest.mark.parametrize("r", [1, 5])
 def test_implicit_lobpcg_matches_dense_solve(r):
     """The whole LoRA-DA solve, LOBPCG on the implicit operator vs dense eigh of the materialised Ω

@@ -226,6 +226,25 @@ def test_zero_gradient_layer():
         progress=False))
 
 
+def test_non_finite_factors_are_refused_before_anything_is_applied(llama, monkeypatch):
+    import dataclasses
+
+    from loradafast.methods import registry
+
+    record = registry.REGISTRY["lora-ga"]
+
+    def solve_with_a_nan(problem, config):
+        factors = record.solve(problem, config)
+        name = sorted(factors)[1]
+        factors[name].lora_B[0, 0] = float("nan")
+        return factors
+
+    monkeypatch.setitem(registry.REGISTRY, "lora-ga", dataclasses.replace(record, solve=solve_with_a_nan))
+    expect_error(llama, FloatingPointError, "non-finite lora_A/lora_B for 1 layer.*nothing was applied",
+                 lambda: loradafast.get_peft_model(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                                                   loader=batches(), method="lora-ga", progress=False))
+
+
 def test_singular_factors_without_damping():
     model = ToyTokenModel(d_in=5)
     with torch.no_grad():

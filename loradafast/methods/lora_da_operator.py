@@ -142,12 +142,18 @@ class GroupOmega:
         term is small, so that this takes a few iterations.  The Ritz value is accurate to about
         the square of the residual, so it is kept even where the residual misses ``tol`` (no
         dense fallback: that would form Δ)."""
-        # ‖ΔᵀΔ‖₂ = σ², known to within a few percent already: no power steps for the norm.
-        res = eigen.smallest_eigenpairs(lambda x: -self.apply_delta_gram(x), self.n, 1, self.batch, dtype=self.dtype,
-                                        device=self.chol.device, tol=tol, max_iter=max_iter, seed=seed, x0=x0,
-                                        fallback=False, dense=self._dense_minus_delta_gram, check_every=check_every,
-                                        op_norm=self.sigma**2)
-        self.sigma = torch.maximum(self.sigma, (-res.eigenvalues[:, 0]).clamp_min(0).sqrt())
+        # ΔᵀΔ divided by the rough σ² (within a few percent of its norm, so no power steps for the
+        # norm): with the official damping σ² reaches 1e22 on real statistics, and its square, in
+        # the solver's Gram matrices, overflows float32.
+        rough = self.sigma
+        scale = rough.reshape(-1, 1, 1) ** -2
+        res = eigen.smallest_eigenpairs(lambda x: -scale * self.apply_delta_gram(x), self.n, 1, self.batch,
+                                        dtype=self.dtype, device=self.chol.device, tol=tol, max_iter=max_iter,
+                                        seed=seed, x0=x0, fallback=False, check_every=check_every,
+                                        dense=lambda layers: scale[layers] * self._dense_minus_delta_gram(layers),
+                                        op_norm=torch.ones_like(rough))
+        refined = rough * (-res.eigenvalues[:, 0].to(rough.dtype)).clamp_min(0).sqrt()
+        self.sigma = torch.fmax(rough, refined)  # fmax: a refinement that failed (NaN) keeps the rough σ
         self.sigma_iterations = res.iterations
 
     def _dense_minus_delta_gram(self, layers: torch.Tensor) -> torch.Tensor:

@@ -162,8 +162,26 @@ def _layer_inits(record: Method, config: MethodConfig, problem: Problem) -> dict
         layers[name] = LayerInit(name, f.lora_A.float(), f.lora_B.float(), kind=kind,
                                  subtract_scaling=problem.scalings[name] if record.moves_base else None,
                                  diagnostics=diagnostics)
+    _check_finite(layers, record.name, config.dtype)
     _warn_if_degraded(layers, config.dtype)
     return layers
+
+
+def _check_finite(layers: dict[str, LayerInit], method: str, dtype: torch.dtype) -> None:
+    """Non-finite factors would be written into the model as they are: refuse them here, before
+    anything is applied."""
+    if not layers:
+        return
+    flags = [torch.isfinite(layer.lora_A).all() & torch.isfinite(layer.lora_B).all() for layer in layers.values()]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # one host synchronisation
+    bad = [name for name, ok in zip(layers, finite) if not ok]
+    if bad:
+        hint = ("solve in float64 (the default dtype)" if dtype != torch.float64
+                else "check the statistics for layers that saw no tokens, or raise the damping")
+        raise FloatingPointError(
+            f"method {method!r} produced non-finite lora_A/lora_B for {len(bad)} layer(s), e.g. {bad[:3]}, in "
+            f"{str(dtype).replace('torch.', '')}; nothing was applied to the model: {hint}"
+        )
 
 
 def _recorded_options(config: MethodConfig, stats: Statistics | None) -> dict:
