@@ -208,7 +208,10 @@ def fisher_subspace(weight: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, rank
     With ``Y = I`` and ``Z = I`` it is PiSSA.
     """
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    energy = fisher_energies(u, s, vh, Y.to(u.dtype), Z.to(u.dtype))
+    # In float64 whatever the working dtype: the product of three squares leaves float32's range
+    # (both ways) for weights and factors far from 1, and the ranking would then sort ties.
+    f64 = torch.float64
+    energy = fisher_energies(u.to(f64), s.to(f64), vh.to(f64), Y.to(f64), Z.to(f64))
     order = torch.argsort(energy, descending=True)[:rank]
     a, b = _split_triplets(u[:, order], s[order], vh[order], scaling)
     total = energy.sum()

@@ -130,7 +130,8 @@ class GroupOmega:
             x = torch.linalg.qr(x).Q
             dx = self.delta(x)
             est = torch.stack([torch.linalg.matrix_norm(d, ord=2) for d in dx])
-            x = self.delta_t(dx)
+            # Δᵀ(Δx/σ), not ΔᵀΔx: σ² passes float32's range once σ > 1.8e19.
+            x = self.delta_t([d / e for d, e in zip(dx, est.clamp_min(torch.finfo(est.dtype).tiny))])
         self.sigma = est
         self.power_block = torch.linalg.qr(x).Q
 

@@ -20,6 +20,7 @@ from ..options import MethodConfig
 from ..progress import solve_progress
 from ..result import InitResult, LayerInit, LoraDADiagnostics
 from ..statistics.store import Statistics
+from . import checks
 from .baselines import lora_scaling
 from .problem import Problem
 from ..options import check_rank, check_ranks
@@ -92,6 +93,8 @@ def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, r
     check_ranks(alphas, shapes, "alphas")
     for name, (fin, fout, _) in shapes.items():
         check_rank(name, ranks.get(name, rank), fin, fout, record)
+    checks.check_inputs(record.name, record.statistics, stats, weights if record.needs_weights else None,
+                        list(shapes))
     lora_alpha = PEFT_DEFAULT_ALPHA if lora_alpha is None else lora_alpha
     full_ranks = {name: ranks.get(name, rank) for name in shapes}
     scalings = {name: lora_scaling(alphas.get(name, lora_alpha), r, use_rslora) for name, r in full_ranks.items()}
@@ -162,26 +165,9 @@ def _layer_inits(record: Method, config: MethodConfig, problem: Problem) -> dict
         layers[name] = LayerInit(name, f.lora_A.float(), f.lora_B.float(), kind=kind,
                                  subtract_scaling=problem.scalings[name] if record.moves_base else None,
                                  diagnostics=diagnostics)
-    _check_finite(layers, record.name, config.dtype)
+    checks.check_outputs(layers, record.name, config.dtype, record.data_aware)
     _warn_if_degraded(layers, config.dtype)
     return layers
-
-
-def _check_finite(layers: dict[str, LayerInit], method: str, dtype: torch.dtype) -> None:
-    """Non-finite factors would be written into the model as they are: refuse them here, before
-    anything is applied."""
-    if not layers:
-        return
-    flags = [torch.isfinite(layer.lora_A).all() & torch.isfinite(layer.lora_B).all() for layer in layers.values()]
-    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # one host synchronisation
-    bad = [name for name, ok in zip(layers, finite) if not ok]
-    if bad:
-        hint = ("solve in float64 (the default dtype)" if dtype != torch.float64
-                else "check the statistics for layers that saw no tokens, or raise the damping")
-        raise FloatingPointError(
-            f"method {method!r} produced non-finite lora_A/lora_B for {len(bad)} layer(s), e.g. {bad[:3]}, in "
-            f"{str(dtype).replace('torch.', '')}; nothing was applied to the model: {hint}"
-        )
 
 
 def _recorded_options(config: MethodConfig, stats: Statistics | None) -> dict:
