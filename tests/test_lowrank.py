@@ -149,3 +149,16 @@ def test_solve_records_the_svd_path_and_obeys_the_option(method):
     assert {layer.diagnostics.svd for layer in forced.layers.values()} == {"randomized"}
     with pytest.raises(ValueError, match="svd"):
         config(svd="fast")
+
+
+@pytest.mark.parametrize("scale", [1e-14, 1e12])
+def test_the_randomized_path_does_not_depend_on_the_gradient_scale(scale):
+    """σ₁ = 1e12 or 1e-14: the Krylov norms carry σ₁⁴, which left float32's range, so every check
+    failed and "auto" took the exact SVD with infinite diagnostics (even "randomized" did)."""
+    G, r = _decaying(300, 130), 4
+    reference = top_singular_triplets(G, r, mode="randomized")
+    for mode in ("auto", "randomized"):
+        top = top_singular_triplets(G * scale, r, mode=mode)
+        assert top.path == "randomized" and top.backward_error == pytest.approx(reference.backward_error, rel=1e-3)
+        torch.testing.assert_close(top.s / scale, reference.s, rtol=1e-5, atol=0)
+        assert span_sine(top.vh.T, reference.vh.T) < FP32

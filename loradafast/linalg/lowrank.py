@@ -179,7 +179,11 @@ def top_singular_triplets(a: torch.Tensor, k: int, *, boundaries=None, mode: str
     too_small = min(q, min(a.shape)) < last
     if mode == "exact" or too_small or (mode == "auto" and min(a.shape) < max(MIN_SIZE, MIN_SIZE_RATIO * q)):
         return _exact(a.to(dtype), k, "exact")
-    work = a.to(torch.float32)
+    # Scaled to ‖a‖_F = 1: the Krylov blocks carry σ₁², whose squares (in the norms) leave float32's
+    # range for σ₁ beyond ~4e10 or below ~4e-13, and the check would then fail on any gradient.
+    scale = float(torch.linalg.vector_norm(a, dtype=torch.float64))
+    scale = scale if 0.0 < scale < float("inf") else 1.0
+    work = (a / scale).to(torch.float32) if scale != 1.0 else a.to(torch.float32)
     space = _BlockKrylov(work, block, seed)
     while space.depth < depth and space.extend():
         pass
@@ -192,7 +196,7 @@ def top_singular_triplets(a: torch.Tensor, k: int, *, boundaries=None, mode: str
     # A gradient of lower rank than k + 1 (few tokens) ends the space early: the exact SVD then, in any mode.
     if (mode == "auto" and not backward <= tol) or s.shape[0] < last:
         return _exact(a.to(dtype), k, "exact-fallback", *check)
-    return TopSingular(u[:, :k].to(dtype), s[:k].to(dtype), vh[:k].to(dtype), "randomized", *check)
+    return TopSingular(u[:, :k].to(dtype), (s[:k].double() * scale).to(dtype), vh[:k].to(dtype), "randomized", *check)
 
 
 def _exact(a: torch.Tensor, k: int, path: str, *check) -> TopSingular:
