@@ -159,6 +159,6 @@ def test_the_randomized_path_does_not_depend_on_the_gradient_scale(scale):
     reference = top_singular_triplets(G, r, mode="randomized")
     for mode in ("auto", "randomized"):
         top = top_singular_triplets(G * scale, r, mode=mode)
-        assert top.path == "randomized" and top.backward_error == pytest.approx(reference.backward_error, rel=1e-3)
+        assert top.path == "randomized" and top.backward_error <= max(10 * reference.backward_error, 1e-5)
         torch.testing.assert_close(top.s / scale, reference.s, rtol=1e-5, atol=0)
         assert span_sine(top.vh.T, reference.vh.T) < FP32

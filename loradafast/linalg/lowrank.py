@@ -179,11 +179,12 @@ def top_singular_triplets(a: torch.Tensor, k: int, *, boundaries=None, mode: str
     too_small = min(q, min(a.shape)) < last
     if mode == "exact" or too_small or (mode == "auto" and min(a.shape) < max(MIN_SIZE, MIN_SIZE_RATIO * q)):
         return _exact(a.to(dtype), k, "exact")
-    # Scaled to max |aᵢⱼ| = 1, so that 1 ≤ σ₁ ≤ √(mn): the Krylov blocks carry σ₁², whose squares (in
-    # the norms) leave float32's range for σ₁ beyond ~4e10 or below ~4e-13, where every check failed.
+    # The Krylov blocks carry σ₁², whose squares (in the norms) leave float32's range for σ₁ beyond
+    # ~4e10 or below ~4e-13, where every check failed.  max |aᵢⱼ| ≤ σ₁ ≤ √(mn)·max |aᵢⱼ|: a gradient
+    # whose largest entry lies outside [1e-6, 1e6] is scaled to 1 (a copy, saved for the others).
     # (The max, not the Frobenius norm: a float64 norm of every gradient cost 6× as much.)
-    scale = float(a.abs().amax())
-    scale = scale if 0.0 < scale < float("inf") else 1.0
+    scale = float(torch.stack(torch.aminmax(a)).abs().amax())
+    scale = scale if 0.0 < scale < float("inf") and not 1e-6 <= scale <= 1e6 else 1.0
     work = (a / scale).to(torch.float32) if scale != 1.0 else a.to(torch.float32)
     space = _BlockKrylov(work, block, seed)
     while space.depth < depth and space.extend():

@@ -9,8 +9,16 @@ from ..result import LayerInit, LoraDADiagnostics
 from ..statistics.store import Statistics
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    # NaN and ±Inf reach the extremes: one reduction, no tensor of flags as large as the statistics
+    # (isfinite(t).all() took 10x as long over SmolLM2's gradients on a CPU).
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    return torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
-    flags = [torch.isfinite(t).all() for t in tensors]
+    flags = [_finite(t) for t in tensors]
     if not flags:
         return []
     return torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # one host synchronisation
