@@ -65,8 +65,10 @@ def check_outputs(layers: dict[str, LayerInit], method: str, dtype: torch.dtype,
         d = layer.diagnostics
         numbers = [layer.lora_A, layer.lora_B]
         if isinstance(d, LoraDADiagnostics):
-            numbers += [torch.as_tensor([d.omega_norm, d.residual, d.sigma], dtype=torch.float64),
-                        torch.as_tensor(d.eigenvalues)]
+            scalars = [v for v in (d.omega_norm, d.residual, d.sigma) if v is not None]
+            numbers.append(torch.as_tensor(scalars, dtype=torch.float64))
+            if d.eigenvalues is not None:
+                numbers.append(torch.as_tensor(d.eigenvalues))
         names += [name] * len(numbers)
         tensors += numbers
     bad = sorted({name for name, ok in zip(names, _all_finite(tensors)) if not ok}, key=list(layers).index)
