@@ -5,23 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg.dense import finite_flags
 from ..result import LayerInit, LoraDADiagnostics
 from ..statistics.store import Statistics
-
-
-def _finite(t: torch.Tensor) -> torch.Tensor:
-    # NaN and ±Inf reach the extremes: one reduction, no tensor of flags as large as the statistics
-    # (isfinite(t).all() took 10x as long over SmolLM2's gradients on a CPU).
-    if t.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=t.device)
-    return torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
-    flags = [_finite(t) for t in tensors]
-    if not flags:
-        return []
-    return torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # one host synchronisation
 
 
 def _refuse(what: str, bad: list[str], advice: str) -> None:
@@ -48,11 +34,11 @@ def check_inputs(method: str, needs: frozenset, stats: Statistics | None, weight
             checked += [stats.z_sums[key] for key in groups]
             labels += [f"{key} (Z)" for key in groups]
         _refuse(f"method {method!r}: the statistics hold non-finite values",
-                [label for label, ok in zip(labels, _all_finite(checked)) if not ok],
+                [label for label, ok in zip(labels, finite_flags(checked)) if not ok],
                 "they are corrupted: collect them again (a collect pass refuses non-finite sums itself)")
     if weights is not None:
         _refuse(f"method {method!r}: the base weights hold non-finite values",
-                [name for name, ok in zip(names, _all_finite([weights[name] for name in names])) if not ok],
+                [name for name, ok in zip(names, finite_flags([weights[name] for name in names])) if not ok],
                 "check the model's weights for NaN/Inf (a diverged checkpoint, a bad conversion)")
 
 
@@ -71,7 +57,7 @@ def check_outputs(layers: dict[str, LayerInit], method: str, dtype: torch.dtype,
                 numbers.append(torch.as_tensor(d.eigenvalues))
         names += [name] * len(numbers)
         tensors += numbers
-    bad = sorted({name for name, ok in zip(names, _all_finite(tensors)) if not ok}, key=list(layers).index)
+    bad = sorted({name for name, ok in zip(names, finite_flags(tensors)) if not ok}, key=list(layers).index)
     if dtype != torch.float64:
         advice = "solve in float64 (the default dtype), whose range these layers need"
     elif data_aware:
