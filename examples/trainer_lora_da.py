@@ -2,7 +2,7 @@
 trainer's own train dataloader before the first step (loradafast.integrations.LoraDACallback).
 
     python examples/trainer_lora_da.py                      # a tiny random Llama, no download
-    python examples/trainer_lora_da.py --model ./my-llama --data train.txt --method lora-ga
+    python examples/trainer_lora_da.py --model ./my-llama --data train.txt --method lora-one
 
 --model: a local transformers causal-LM directory (with its tokenizer); --data: a text file, one
 sample per line.  Without them the script builds a tiny Llama and random token ids.

@@ -1,10 +1,10 @@
-"""LoRA-DA (or LoRA-GA, LoRA-One, ...) initialisation in TRL's SFTTrainer with peft_config=: TRL
+"""LoRA-DA (or LoRA-One, or plain LoRA) initialisation in TRL's SFTTrainer with peft_config=: TRL
 wraps the model, loradafast.integrations.LoraDACallback initialises the adapters from the SFT
 trainer's own batches before the first step.
 
     pip install trl
     python examples/trl_sft_lora_da.py                      # a tiny random Llama, no download
-    python examples/trl_sft_lora_da.py --model ./my-llama --data train.jsonl --method lora-ga
+    python examples/trl_sft_lora_da.py --model ./my-llama --data train.jsonl --method lora-one
 
 --model: a local causal-LM directory with its tokenizer; --data: a JSONL file with a "text"
 field (any format SFTTrainer takes).  Without them: a tiny Llama, a word-level tokenizer and

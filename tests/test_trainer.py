@@ -85,6 +85,34 @@ def test_callback_refuses_a_plain_model_and_bad_options(tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("method", ["lora-ga", "pissa", "milora", "fisher-subspace"])
+def test_callback_refuses_base_moving_methods_before_training(method):
+    # The Trainer's checkpoints and save_pretrained hold the adapter only: a resumed or reloaded
+    # model would pair it with the original W instead of W − s·B₀A₀.
+    with pytest.raises(ValueError, match="moves the base weight.*path_initial_model_for_weight_conversion"):
+        LoraDACallback(method, progress=False)
+
+
+def test_resumed_training_equals_the_uninterrupted_one(tmp_path):
+    """lora-da keeps the base weight, so a checkpoint (the adapter and the optimizer) is the whole
+    trained state: resuming from step 1 ends where the uninterrupted run ends."""
+    def run(output, resume=None):
+        peft_model = peft_get_peft_model(tiny_llama(), _config())
+        args = TrainingArguments(output_dir=str(output), per_device_train_batch_size=4, max_steps=2,
+                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=1, use_cpu=True,
+                                 seed=0, disable_tqdm=True)
+        trainer = Trainer(model=peft_model, args=args, train_dataset=[{"input_ids": s} for s in SEQS],
+                          data_collator=_collate, callbacks=[LoraDACallback(max_samples=None, progress=False)])
+        trainer.train(resume_from_checkpoint=resume)
+        batch = _collate([{"input_ids": s} for s in SEQS])
+        with torch.no_grad():
+            return peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-1"))
+    torch.testing.assert_close(resumed, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_sft_trainer_with_peft_config(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset

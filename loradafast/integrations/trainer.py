@@ -1,7 +1,7 @@
 """A ``transformers.TrainerCallback`` that initialises the LoRA adapters from the trainer's own data.
 
 ``Trainer(model=peft_model, ..., callbacks=[LoraDACallback()])`` or TRL's
-``SFTTrainer(model, peft_config=LoraConfig(...), callbacks=[LoraDACallback(method="lora-ga")])``:
+``SFTTrainer(model, peft_config=LoraConfig(...), callbacks=[LoraDACallback(method="lora-one")])``:
 before the first step, one statistics pass over the trainer's train dataloader (the batches its
 collator makes, on its device), the solve, and the factors written into the PEFT model.
 
@@ -10,7 +10,9 @@ optimizer and the scheduler exist, and ``accelerator.prepare`` has run, *before*
 So the factors (and, for base-moving methods, the base weights) are written in place, into the
 very parameters the optimizer holds, and the optimizer's per-parameter state for the model's
 parameters is dropped (empty unless the user handed in an optimizer that already stepped).  A run
-resumed from a checkpoint (``state.global_step > 0``) keeps the checkpoint's adapters.
+resumed from a checkpoint (``state.global_step > 0``) keeps the checkpoint's adapters, which is exact
+because the methods allowed here keep the base weight: those that move it are refused when the
+callback is built, since the checkpoints would not hold the moved base.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class LoraDACallback(TrainerCallback):
     """Initialise the trainer's PEFT model by ``method`` from its train dataloader, before the first step.
 
     Keywords are :func:`loradafast.initialize`'s: ``method`` ("lora-da"; any of
-    :data:`loradafast.METHODS`), ``max_samples`` (sequences of the pass, 256; None: one epoch),
+    :data:`loradafast.METHODS` that keeps the base weight), ``max_samples`` (sequences of the pass, 256; None: one epoch),
     ``stats`` (saved statistics instead of a pass), ``loss_fn``, ``memory_budget``, ``freeze_a``,
     ``adapter_name``, ``config`` and the method's options (checked here, when the callback is built).
     Progress is shown on the main process only.  After training starts, ``callback.result`` is the
@@ -40,6 +42,8 @@ class LoraDACallback(TrainerCallback):
                  memory_budget=None, freeze_a: bool = False, adapter_name: str | None = None, config=None,
                  progress: bool = True, **options):
         record = get_method(method)
+        if record.moves_base:
+            raise ValueError(base_moving_refusal(record.name))
         self.config = build_config(record, config, method_keywords("LoraDACallback", options, "solve_dtype"))
         self.method = method
         self.kwargs = dict(max_samples=max_samples, stats=stats, loss_fn=loss_fn, memory_budget=memory_budget,
@@ -66,6 +70,19 @@ class LoraDACallback(TrainerCallback):
         dropped = reset_optimizer_state(optimizer, model)
         logger.info("LoraDACallback: %s initialised %d layers before step %d%s", self.method, len(self.result.layers),
                     state.global_step, f"; optimizer state of {dropped} parameter(s) dropped" if dropped else "")
+
+
+def base_moving_refusal(method: str) -> str:
+    return (
+        f"LoraDACallback cannot run method {method!r}: it moves the base weight (W ← W − s·B₀A₀), and the "
+        "Trainer's checkpoints and save_pretrained store the adapter only, so a resumed run or a reloaded model "
+        "would pair the trained adapter with the original W, silently wrong. In the callback use a method that "
+        "keeps the base weight (lora-da, lora-one, lora). For this one, initialise before the Trainer: "
+        f"peft_model = loradafast.get_peft_model(model, config, loader=loader, method={method!r}); save "
+        "peft_model.loradafast_result.save(init_dir, convert_to_lora=False) before training, and after it "
+        "peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=init_dir): PEFT's conversion "
+        "to a plain LoRA adapter for the original base model"
+    )
 
 
 def reset_optimizer_state(optimizer, model) -> int:
