@@ -116,10 +116,10 @@ def solve_targets(model, loader, targets, record, config, layout, *, stats, memo
     weights = _weights(targets, record)
     if stats is not None:
         stats = statistics_for(load_statistics(stats), targets)
+        pass_s = time.perf_counter() - started  # loading and checking the file: what replaces the pass
         result = solve_with(record, config, stats, layout.rank, ranks=layout.ranks, lora_alpha=layout.lora_alpha,
                             use_rslora=layout.use_rslora, alphas=layout.alphas, freeze_a=freeze_a, progress=progress,
                             weights=weights if record.needs_weights else None)
-        pass_s = time.perf_counter() - started
     elif record.data_aware:
         result, pass_s = passes.collect_and_solve(
             model, loader, targets, record, config, layout, memory_budget=memory_budget, max_samples=max_samples,

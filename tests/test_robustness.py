@@ -309,6 +309,38 @@ def test_model_and_batch_dtypes():
     assert all(layer.lora_A.dtype == torch.float32 for layer in result.layers.values())
 
 
+def test_statistics_file_whose_tensors_contradict_its_header(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    stats = loradafast.collect(tiny_llama(hidden_size=48), batches(), progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    tensors = load_file(tmp_path / "s.safetensors")
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        header = json.loads(f.metadata()["loradafast"])
+    name = "model.layers.0.self_attn.o_proj"
+    header["layers"][name][0] = 32  # says 32 wide; its G and Z are 48 wide
+    save_file(tensors, tmp_path / "edited.safetensors", metadata={"loradafast": json.dumps(header)})
+    with pytest.raises(ValueError, match="edited.safetensors.*header says.*delete"):
+        loradafast.Statistics.load(tmp_path / "edited.safetensors")
+
+    data = (tmp_path / "s.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors.*delete it"):
+        loradafast.Statistics.load(tmp_path / "cut.safetensors")
+    with pytest.raises(FileNotFoundError):
+        loradafast.Statistics.load(tmp_path / "absent.safetensors")
+
+
+def test_timings_with_saved_statistics_keep_the_solve_out_of_the_pass():
+    model = tiny_llama()
+    stats = loradafast.collect(model, batches(), progress=False)
+    result = loradafast.initialize(model, stats=stats, rank=2, progress=False)
+    t = result.timings
+    # pass_s is what replaced the pass (reading and checking the statistics), not the solve as well.
+    assert t["pass_s"] + t["solve_s"] + t["apply_s"] <= t["total_s"]
+
+
 def test_statistics_of_another_version_or_model(tmp_path):
     stats = loradafast.collect(tiny_llama(), batches(), progress=False)
     stats.save(tmp_path / "s.safetensors")

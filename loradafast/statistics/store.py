@@ -156,9 +156,23 @@ class Statistics:
 
     @classmethod
     def load(cls, path) -> "Statistics":
-        from safetensors import safe_open
+        """The statistics saved in ``path``; every tensor's shape and dtype is checked against the
+        header, so a damaged or hand-edited file fails here, naming itself, not in the solve."""
+        from safetensors import SafetensorError
 
         path = Path(path)
+        try:
+            return cls._load(path)
+        except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(f"{path} is not a readable loradafast statistics file ({type(e).__name__}: {e}); it may "
+                             "be truncated or damaged: delete it and collect the statistics again") from e
+
+    @classmethod
+    def _load(cls, path: Path) -> "Statistics":
+        from safetensors import safe_open
+
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("loradafast")
             if raw is None:
@@ -173,17 +187,31 @@ class Statistics:
             layers = {}
             z_sums = {}
 
-            def tensor(factor, key):
-                return f.get_tensor(key) if factor in factors else None
+            def tensor(factor, key, shape):
+                if factor not in factors:
+                    return None
+                t = f.get_tensor(key)
+                if tuple(t.shape) != shape or t.dtype != torch.float32:
+                    raise ValueError(f"{path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, its header says float32 "
+                                     f"{shape}; the file is damaged or was edited: delete it and collect again")
+                return t
 
+            y_shape = {"diag": lambda out: (out,), "full": lambda out: (out, out)}.get(header["y_factor"])
+            if "Y" in factors and y_shape is None:
+                raise ValueError(f"{path}: y_factor {header['y_factor']!r} in the header is neither 'diag' nor 'full'")
             # Each layer's entry is [in, out, input group, kind] (the input group was called z_key).
             for name, (fin, fout, group, kind) in header["layers"].items():
-                layers[name] = LayerStats(name, fin, fout, tensor("G", f"g/{name}"), tensor("Y", f"y/{name}"),
-                                          group, kind)
+                layers[name] = LayerStats(name, fin, fout, tensor("G", f"g/{name}", (fout, fin)),
+                                          tensor("Y", f"y/{name}", y_shape(fout) if y_shape else None), group, kind)
                 if "Z" in factors and group not in z_sums:
-                    z_sums[group] = f.get_tensor(f"z/{group}")
-        return cls(layers, z_sums, header["num_tokens"], header["num_sequences"], header["y_factor"],
-                   header.get("meta", {}))
+                    z_sums[group] = tensor("Z", f"z/{group}", (fin, fin))
+                elif "Z" in factors and z_sums[group].shape[0] != fin:
+                    raise ValueError(f"{path}: layer {name!r} is {fin} wide but reads input group {group!r}, which is "
+                                     f"{z_sums[group].shape[0]} wide; the file is damaged: delete it and collect again")
+        counts = header["num_tokens"], header["num_sequences"]
+        if not all(isinstance(c, int) and c >= 0 for c in counts):
+            raise ValueError(f"{path}: the header's counts {counts} are not token and sequence counts")
+        return cls(layers, z_sums, *counts, header["y_factor"], header.get("meta", {}))
 
 
 def _divided(total: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
