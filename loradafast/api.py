@@ -19,6 +19,7 @@ from .planner import parse_bytes
 from .options import MethodConfig, check_pass_options, check_rank, check_ranks
 from .result import InitResult
 from .statistics.collector import is_causal_lm
+from .statistics import provenance
 from .statistics.store import Statistics
 from .targets import base_model_of, find_targets, is_peft_model, model_meta
 
@@ -170,7 +171,9 @@ def load_statistics(stats) -> Statistics:
 
 
 def statistics_for(stats: Statistics, targets) -> Statistics:
-    """``stats`` restricted to ``targets``, each of which it must hold with the same shape."""
+    """``stats`` restricted to ``targets``, each of which it must hold with the same shape and, where
+    the statistics recorded them, the same weights (:mod:`loradafast.statistics.provenance`)."""
+    provenance.check_whole(stats, "stats=")
     missing = [t.name for t in targets if t.name not in stats.layers]
     if missing:
         raise ValueError(f"the statistics hold no entry for {len(missing)} target layer(s), e.g. {missing[:3]} (they "
@@ -180,6 +183,8 @@ def statistics_for(stats: Statistics, targets) -> Statistics:
         if (s.in_features, s.out_features) != (t.in_features, t.out_features):
             raise ValueError(f"layer {t.name!r}: the statistics are for a {s.in_features}→{s.out_features} layer, the "
                              f"model's is {t.in_features}→{t.out_features}; they come from another model")
+    provenance.check_same_model(stats.meta.get("weight_samples"), provenance.weight_samples(targets),
+                                stats.meta.get("base_model_name_or_path"))
     layers = {t.name: stats.layers[t.name] for t in targets}
     groups = {s.input_group for s in layers.values()}
     return dataclasses.replace(stats, layers=layers, z_sums={k: v for k, v in stats.z_sums.items() if k in groups})

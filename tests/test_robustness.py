@@ -4,6 +4,7 @@ Each case asserts a clear error (what was wrong and what to do) or the correct h
 the model's parameters, buffers, requires_grad flags, train/eval modes and hooks are exactly as
 before the call.
 """
+import dataclasses
 import json
 
 import pytest
@@ -339,6 +340,37 @@ def test_timings_with_saved_statistics_keep_the_solve_out_of_the_pass():
     t = result.timings
     # pass_s is what replaced the pass (reading and checking the statistics), not the solve as well.
     assert t["pass_s"] + t["solve_s"] + t["apply_s"] <= t["total_s"]
+
+
+def test_statistics_of_another_model_with_the_same_shapes_are_refused(tmp_path):
+    stats = loradafast.collect(tiny_llama(seed=0), batches(), progress=False)
+    stats.save(tmp_path / "a.safetensors")
+    other = tiny_llama(seed=1)  # same architecture and shapes, other weights
+    for given in (stats, tmp_path / "a.safetensors"):
+        expect_error(other, ValueError, "another model", lambda: loradafast.initialize(other, stats=given, rank=2,
+                                                                                       progress=False))
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    expect_error(other, ValueError, "another model", lambda: loradafast.preprocess_lora_da(
+        other, config, batches(), cache_file=tmp_path / "a.safetensors", progress=False))
+    expect_error(other, ValueError, "another model", lambda: loradafast.get_peft_model(
+        other, config, stats=tmp_path / "a.safetensors", progress=False))
+    # The same weights in bf16 are the same model: accepted.
+    same = tiny_llama(seed=0, dtype=torch.bfloat16)
+    loradafast.initialize(same, stats=stats, rank=2, progress=False)
+
+
+def test_one_ranks_share_of_an_owner_pass_is_refused():
+    stats = loradafast.collect(tiny_llama(), batches(), progress=False)
+    names = list(stats.layers)
+    # What collect(reduce="owner") leaves on rank 0 of 2: its own layers and every layer's owner.
+    owners = {n: i % 2 for i, n in enumerate(names)}
+    share = dataclasses.replace(stats, layers={n: s for n, s in stats.layers.items() if owners[n] == 0},
+                                meta={**stats.meta, "owners": owners, "rank": 0, "world_size": 2})
+    with pytest.raises(ValueError, match="rank 0's share.*reduce='all'"):
+        loradafast.solve(share, 2)
+    model = tiny_llama()
+    expect_error(model, ValueError, "rank 0's share", lambda: loradafast.initialize(model, stats=share, rank=2,
+                                                                                    progress=False))
 
 
 def test_statistics_of_another_version_or_model(tmp_path):

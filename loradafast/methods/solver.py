@@ -19,6 +19,7 @@ from .. import distributed
 from ..options import MethodConfig
 from ..progress import solve_progress
 from ..result import InitResult, LayerInit, LoraDADiagnostics
+from ..statistics import provenance
 from ..statistics.store import Statistics
 from . import checks
 from .baselines import lora_scaling
@@ -76,6 +77,8 @@ def solve(
     """
     record = get_method(method)
     config = build_config(record, config, method_keywords("solve", options, "dtype"))
+    if stats is not None:
+        provenance.check_whole(stats, "solve()")
     return solve_with(record, config, stats, rank, weights=weights, kinds=kinds, ranks=ranks, lora_alpha=lora_alpha,
                       use_rslora=use_rslora, alphas=alphas, freeze_a=freeze_a, device=device, progress=progress)
 

@@ -34,6 +34,7 @@ from ..options import Y_FACTORS, check_choice, check_pass_options
 from .batches import IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
 from .hooks import Accumulator, agree_on_layers, all_reduce, reduce_to_owners
+from . import provenance
 from .store import LayerStats, Statistics, check_factors
 from ..integrations.peft import base_model_only
 from ..targets import Target, base_model_of, find_targets, model_meta
@@ -142,8 +143,8 @@ def collect(
     num_sequences = num_tokens = 0
     error = None
     try:
-        num_sequences, num_tokens = _stream(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples,
-                                            progress=progress and distributed.is_main(), global_cap=True)
+        num_sequences, num_tokens, checksum = _stream(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples,
+                                                      progress=progress and distributed.is_main(), global_cap=True)
     except Exception as e:  # noqa: BLE001 - every rank learns of it below, then it is raised
         error = e
     distributed.agree_on_failure(error, "the statistics pass")
@@ -154,6 +155,9 @@ def collect(
         "loradafast_version": _version(),
         "pass_seconds": time.perf_counter() - started,
         **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
+        "weight_samples": provenance.weight_samples(targets),
+        # One rank's shard does not describe the data of a distributed pass.
+        "data_fingerprint": None if distributed.is_distributed() else checksum,
     }
     if owners is not None:
         meta.update(owners=owners, input_groups={t.name: acc.input_group[t.name] for t in targets},
@@ -196,10 +200,12 @@ def _checked_targets(model: nn.Module, targets, *, target_modules, adapter_name,
 
 
 def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, max_samples,
-            progress: bool, global_cap: bool = False) -> tuple[int, int]:
+            progress: bool, global_cap: bool = False) -> tuple[int, int, str]:
     """Every batch through the hooked model (its state restored afterwards, adapters off);
-    returns (sequences, tokens) used.  ``global_cap``: ``max_samples`` over every rank (:class:`_Turns`)."""
+    returns (sequences, tokens) used and the data's fingerprint (:mod:`.provenance`).
+    ``global_cap``: ``max_samples`` over every rank (:class:`_Turns`)."""
     num_tokens = num_sequences = 0
+    checksum = None
     handles, bar = [], None
     sharded = global_cap and distributed.is_distributed() and distributed.is_sharded(model)
     turns = None
@@ -217,15 +223,12 @@ def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, ma
                 if turns is not None:
                     batch = turns.next_batch(batches, index, num_sequences, loss_fn)
                 else:
-                    if max_samples is not None and num_sequences >= max_samples:
-                        break  # before the loader is asked for one more batch
-                    raw = next(batches, _END)
-                    batch = None if raw is _END else normalize_batch(raw, index=index, token_labels=loss_fn is None)
-                    if batch is not None and max_samples is not None:
-                        batch = batch.take(max_samples - num_sequences)
+                    batch = _next_batch(batches, index, num_sequences, max_samples, loss_fn)
                 if batch is _END or (batch is None and turns is None):
                     break
                 if batch is not None and batch.size:
+                    sums = _checksum(batch).to(acc.device)
+                    checksum = sums if checksum is None else checksum + sums
                     used = turns.run(_run_batch, model, batch.to(acc.device), acc, loss_fn) if turns else \
                         _run_batch(model, batch.to(acc.device), acc, loss_fn)
                     num_sequences += used[0]
@@ -238,7 +241,42 @@ def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, ma
             for h in handles:
                 h.remove()
             _progress.finish_bar(bar)
-    return num_sequences, num_tokens
+    return num_sequences, num_tokens, provenance.data_fingerprint(_total(checksum), num_sequences)
+
+
+def _next_batch(batches, index: int, used: int, max_samples: int | None, loss_fn) -> Batch | None:
+    """The loader's next batch, normalised and cut to the ``max_samples − used`` sequences still
+    wanted; None at the end, or once the cap is reached (before the loader is asked for more)."""
+    if max_samples is not None and used >= max_samples:
+        return None
+    raw = next(batches, _END)
+    if raw is _END:
+        return None
+    batch = normalize_batch(raw, index=index, token_labels=loss_fn is None)
+    return batch if max_samples is None else batch.take(max_samples - used)
+
+
+def _checksum(batch: Batch) -> torch.Tensor:
+    """The wrapped sum of the batch's sequence checksums, left on the batch's device."""
+    return provenance.sequence_checksums(batch.inputs["input_ids"], batch.attention_mask, batch.labels).sum()
+
+
+def _total(checksum: torch.Tensor | None) -> int:
+    return 0 if checksum is None else int(checksum.item())
+
+
+def data_fingerprint(loader: Iterable, *, max_samples: int | None, loss_fn=None) -> str:
+    """The fingerprint a pass over ``loader`` would record (no model runs): the same batches,
+    normalised and capped at ``max_samples`` sequences as the pass takes them."""
+    checksum, used, batches = None, 0, iter(loader)
+    for index in itertools.count():
+        batch = _next_batch(batches, index, used, max_samples, loss_fn)
+        if batch is None:
+            break
+        if batch.size:
+            checksum = _checksum(batch) if checksum is None else checksum + _checksum(batch)
+            used += int(_has_labels(batch, loss_fn).sum())  # the pass's count, which its cap reads
+    return provenance.data_fingerprint(_total(checksum), used)
 
 
 class _Turns:
@@ -404,6 +442,14 @@ def _derived_position_ids(model: nn.Module, batch: Batch) -> torch.Tensor | None
     return (real.cumsum(-1) - 1).clamp(min=0)
 
 
+def _has_labels(batch: Batch, loss_fn) -> torch.Tensor:
+    """Which sequences the loss learns from ([B] bool), known before the forward: the causal-LM
+    loss's labels alone decide it; a user's loss_fn takes every sequence."""
+    if loss_fn is None:
+        return (next_token_labels(batch) != IGNORE_INDEX).any(1)
+    return torch.ones(batch.size, dtype=torch.bool, device=batch.attention_mask.device)
+
+
 def _run_batch(model: nn.Module, batch: Batch, acc: Accumulator, loss_fn) -> tuple[int, int]:
     """Forward and backward one batch; returns (sequences used, tokens used)."""
     inputs = dict(batch.inputs)
@@ -421,12 +467,7 @@ def _run_batch(model: nn.Module, batch: Batch, acc: Accumulator, loss_fn) -> tup
     if position_ids is not None:
         inputs["position_ids"] = position_ids
     with torch.enable_grad():
-        if loss_fn is None:
-            # The mask is only known after the loss tells which sequences have labels; the
-            # labels alone decide that, so compute it before the forward.
-            has_labels = (next_token_labels(batch) != IGNORE_INDEX).any(1)
-        else:
-            has_labels = torch.ones(batch.size, dtype=torch.bool, device=batch.attention_mask.device)
+        has_labels = _has_labels(batch, loss_fn)
         mask = (batch.attention_mask != 0) & has_labels[:, None]
         acc.start_batch(mask.to(torch.float32))
         try:
