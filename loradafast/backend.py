@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from . import api
+from . import api, distributed
 from .integrations import peft as peft_integration
 from .integrations.peft import AdapterLayout
 from .methods.registry import build_config, get_method, method_keywords
@@ -68,23 +68,32 @@ def get_lora_da_state_dict(model: nn.Module, loader: Iterable | None = None, pef
     """The initialised adapter as a state dict, the model unchanged (PEFT's ``get_eva_state_dict`` shape).
 
     ``model`` is a ``PeftModel`` (its LoRA layers of ``adapter_name`` are the targets) or a plain
-    model with ``peft_config``; the data are ``loader`` or ``stats=``.  The keys are those of
-    ``peft.get_peft_model_state_dict`` (no adapter name): load them with
-    ``peft.set_peft_model_state_dict(peft_model, state_dict, adapter_name)``.  For a method that
-    moves the base weight, ``convert_to_lora`` chooses as :meth:`InitResult.save` does (True: the
-    rank-2r adapter for the unmodified base, whose LoraConfig is ``result.lora_config`` of
-    :func:`loradafast.initialize`; False: the rank-r adapter for the residual base).
+    model with ``peft_config``; the data are ``loader`` or ``stats=``.  The keys and values are those
+    of ``peft.get_peft_model_state_dict`` (no adapter name) of the PEFT model initialised by
+    :func:`loradafast.get_peft_model` (or ``initialize``): the factors, and DoRA magnitudes computed
+    from them, modules_to_save copies, LoRA biases; load them with
+    ``peft.set_peft_model_state_dict(peft_model, state_dict, adapter_name)``.  A plain model is wrapped
+    by PEFT for the reading, and the wrapping undone: no weight is copied but the modules_to_save
+    ones the state dict holds.  For a method that moves the base weight, ``convert_to_lora``
+    chooses as :meth:`InitResult.save` does (True: the rank-2r adapter for the unmodified base,
+    whose LoraConfig is ``result.lora_config`` of :func:`loradafast.initialize`; False: the rank-r
+    adapter for the residual base); DoRA is refused with such a method.
     """
     if is_peft_model(model):
         if peft_config is not None:
             raise ValueError("the PeftModel's own LoraConfig holds; pass peft_config=None")
         result = api.initialize(model, loader, method=method, stats=stats, adapter_name=adapter_name, apply=False,
                                 **options)
+        result.extra_state = peft_integration.extra_state_for(result, model, adapter_name)
     else:
         if peft_config is None:
             raise ValueError("peft_config (a LoraConfig) is required when model is not a PeftModel")
-        result, _ = _solve_for_config(model, copy.deepcopy(peft_config), loader, method=method, stats=stats,
+        if getattr(peft_config, "use_dora", False) and get_method(method).moves_base:  # before the pass
+            raise ValueError(peft_integration.dora_refusal(method))
+        lora_config = copy.deepcopy(peft_config)  # its target_modules None becomes PEFT's default here
+        result, _ = _solve_for_config(model, lora_config, loader, method=method, stats=stats,
                                       cache_file=None, options=options, **_pop_pass_options(options))
+        result.extra_state = peft_integration.config_extra_state(result, model, lora_config, adapter_name)
     if result.moves_base and convert_to_lora is None:
         raise ValueError(f"method {result.method!r} moves the base weights; choose convert_to_lora=True (a rank-2r "
                          "adapter for the unmodified base) or convert_to_lora=False (rank r, for the residual base)")
@@ -105,7 +114,7 @@ def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, 
     record = get_method(method)
     config = build_config(record, config, method_keywords("preprocess_lora_da", options, "solve_dtype"))
     check_pass_options(max_samples)
-    cached = cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0
+    cached = cache_file is not None and _cached(cache_file)
     if cached:
         if stats is not None:
             raise ValueError("pass either stats= or cache_file=, not both")
@@ -117,9 +126,7 @@ def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, 
         api.check_weights_readable(targets, record)
         stats = collect(model, loader, targets=targets, y_factor=getattr(config, "y_factor", None) or "diag",
                         max_samples=max_samples, loss_fn=loss_fn, progress=progress, factors=record.statistics)
-        os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
-        stats.save(cache_file)
-        logger.info("preprocess: statistics saved to %s", cache_file)
+        _save_cache(stats, cache_file)
         loader = None
     result, pass_s = api.solve_targets(model, loader, targets, record, config, layout, stats=stats,
                                        memory_budget=memory_budget, max_samples=max_samples, loss_fn=loss_fn,
@@ -127,6 +134,42 @@ def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, 
     result.timings = {"pass_s": pass_s, "solve_s": result.timings["solve_s"], "apply_s": 0.0,
                       "total_s": time.perf_counter() - started}
     return result, targets
+
+
+def _cached(cache_file) -> bool:
+    """Whether ``cache_file`` holds the statistics, as rank 0's disk says for every rank of a
+    distributed run: all ranks run the pass, whose collectives they join together, or none does.
+    Each rank then loads its own path, so the file must be where every rank reads it (a shared disk,
+    or a copy on every node); a rank that lacks the file rank 0 has fails, and every rank with it."""
+    here = os.path.exists(cache_file) and os.path.getsize(cache_file) > 0
+    if not distributed.is_distributed():
+        return here
+    decision = [here]
+    torch.distributed.broadcast_object_list(decision, src=0)
+    error = None
+    if decision[0] and not here:
+        error = FileNotFoundError(
+            f"cache_file {os.fspath(cache_file)!r} exists on rank 0 but not on rank {distributed.rank()}, and rank 0's "
+            "disk decides for every rank (here: load the statistics, no pass); put cache_file on a disk that every "
+            "rank reads, or copy the file to every node"
+        )
+    distributed.agree_on_failure(error, "the check of cache_file")
+    return decision[0]
+
+
+def _save_cache(stats, cache_file) -> None:
+    """``stats`` written to ``cache_file`` by rank 0 alone (every rank holds the same reduced sums,
+    and ranks writing one path of a shared disk at once would corrupt it); every rank learns
+    whether the write failed."""
+    error = None
+    if distributed.is_main():
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
+            stats.save(cache_file)
+            logger.info("preprocess: statistics saved to %s", cache_file)
+        except Exception as e:  # noqa: BLE001 - every rank learns of it, then it is raised
+            error = e
+    distributed.agree_on_failure(error, "the write of cache_file")
 
 
 def config_targets(model: nn.Module, lora_config, record=None) -> tuple[list[Target], AdapterLayout]:

@@ -62,18 +62,22 @@ class RankFailedError(RuntimeError):
     """Another rank of the run failed; this one stopped at the same point, its model unchanged."""
 
 
-def agree_on_failure(error: BaseException | None, stage: str) -> None:
+def agree_on_failure(error: BaseException | None, stage: str, share=None) -> list:
     """A synchronisation point: every rank says whether it failed in ``stage``.  If any did, each
     rank raises: its own error where it had one, otherwise :class:`RankFailedError` naming the
-    first rank that failed and its message.  Without a process group, re-raises ``error``."""
+    first rank that failed and its message.  Without a process group, re-raises ``error``.
+
+    ``share``: a small picklable value that travels in the same gather, so that a stage which must
+    share its result (the probe's input groups) needs no collective of its own, which a rank that
+    failed before it would never reach; returns every rank's, by rank (``[share]`` alone)."""
     if not is_distributed():
         if error is not None:
             raise error
-        return
+        return [share]
     mine = None if error is None else f"{type(error).__name__}: {error}"
     everyone = [None] * world_size()
-    torch.distributed.all_gather_object(everyone, mine)
-    failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
+    torch.distributed.all_gather_object(everyone, (mine, None if error is not None else share))
+    failed = [(r, m) for r, (m, _) in enumerate(everyone) if m is not None]
     if error is not None:
         raise error
     if failed:
@@ -83,6 +87,7 @@ def agree_on_failure(error: BaseException | None, stage: str) -> None:
             f"rank {r}{others} failed during {stage}, so every rank stopped there and no model was changed: "
             f"{message}"
         )
+    return [value for _, value in everyone]
 
 
 def full_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -42,22 +42,23 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
                                  getattr(config, "eigensolver", "lobpcg"), device.type, distributed.world_size())
     groups, notes = {t.name: t.name for t in targets}, []
     if budget is not None:  # only a limit needs the groups before the pass
-        batch, loader = first_batch(loader)
-        if batch is not _END:
-            groups = input_groups(model, batch, targets, loss_fn=loss_fn)
-        groups = _agreed_groups(groups if batch is not _END else None, groups)
+        found, loader, error = _probe(model, loader, targets, loss_fn)
+        groups = _agreed_groups(found, error, groups)
     else:
         notes.append("no limit: one pass; input groups as the pass found them")
     shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, groups[t.name],
                                  layout.ranks.get(t.name, layout.rank)) for t in targets]
     plan = planner.plan_passes(shapes, memory, budget, source, notes)
-    if plan.num_passes > 1 and isinstance(loader, Iterator):
-        raise ValueError(
-            f"the memory budget ({planner.format_bytes(budget)}, {source}) needs {plan.num_passes} statistics passes, "
-            "and the loader is a one-shot iterator (a generator?) that can be iterated only once; pass a re-iterable "
-            "loader that yields the same batches each time (a list, a DataLoader without shuffling or with a seeded "
-            "sampler), or raise memory_budget"
-        )
+    if plan.num_passes > 1:  # the same plan on every rank, but whether the loader is one-shot is the rank's own
+        error = None
+        if isinstance(loader, Iterator):
+            error = ValueError(
+                f"the memory budget ({planner.format_bytes(budget)}, {source}) needs {plan.num_passes} statistics "
+                "passes, and the loader is a one-shot iterator (a generator?) that can be iterated only once; pass a "
+                "re-iterable loader that yields the same batches each time (a list, a DataLoader without shuffling or "
+                "with a seeded sampler), or raise memory_budget"
+            )
+        distributed.agree_on_failure(error, "the memory plan")
     kw = dict(y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn, progress=progress,
               adapter_name=adapter_name, factors=record.statistics)
     if distributed.is_distributed():  # owner computes (docs/design.md §6.5)
@@ -81,13 +82,21 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
     return result, pass_s
 
 
-def _agreed_groups(found: dict | None, fallback: dict) -> dict:
+def _probe(model, loader, targets, loss_fn) -> tuple[dict | None, Iterable, BaseException | None]:
+    """The input groups from one sequence of this rank's first batch (None for an empty shard),
+    the loader to use afterwards, and the error instead of raising it: the loader, the pass's
+    checks or the forward may fail on this rank alone, and the others wait in the gather."""
+    try:
+        batch, loader = first_batch(loader)
+        return (None if batch is _END else input_groups(model, batch, targets, loss_fn=loss_fn)), loader, None
+    except Exception as e:  # noqa: BLE001 - every rank learns of it in _agreed_groups, then it is raised
+        return None, loader, e
+
+
+def _agreed_groups(found: dict | None, error: BaseException | None, fallback: dict) -> dict:
     """The input groups of the first rank that had a batch to probe, on every rank, so that all
-    make the same plan (a rank with an empty shard probes nothing)."""
-    if not distributed.is_distributed():
-        return fallback if found is None else found
-    everyone = [None] * distributed.world_size()
-    torch.distributed.all_gather_object(everyone, found)
+    make the same plan (a rank with an empty shard probes nothing); every rank raises if a probe failed."""
+    everyone = distributed.agree_on_failure(error, "the probe of the first batch", share=found)
     return next((g for g in everyone if g is not None), fallback)
 
 

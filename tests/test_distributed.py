@@ -6,7 +6,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import socket
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from loradafast import planner
 from tiny import padded_batches, random_sequences, tiny_llama
 
 ATOL = 1e-5
+CACHE_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def tiny():
@@ -79,10 +82,21 @@ def _run_scenario(scenario: dict, rank: int) -> dict:
     log, count = logging.getLogger("loradafast"), _Count()
     log.setLevel(logging.INFO)
     log.addHandler(count)
+    started = time.perf_counter()
+    run = _preprocess if scenario.get("entry") == "preprocess" else _initialize
     try:
-        return {**_initialize(scenario, rank), "logs": count.count}
+        return {**run(scenario, rank), "logs": count.count, "seconds": time.perf_counter() - started}
     finally:
         log.removeHandler(count)
+
+
+def _failure(error: Exception, model, before: dict) -> dict:
+    """What a rank that raised reports: the error, and whether its model is as it was."""
+    import traceback
+
+    after = _state(model)
+    unchanged = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    return {"error": f"{type(error).__name__}: {error}", "unchanged": unchanged, "trace": traceback.format_exc()}
 
 
 def _initialize(scenario: dict, rank: int) -> dict:
@@ -90,28 +104,42 @@ def _initialize(scenario: dict, rank: int) -> dict:
     before = _state(model)
     loader = scenario["shards"][rank]
     if scenario.get("fail_rank") == rank:
-        loader = _Failing(loader, after=1)
+        loader = _Failing(loader, after=scenario.get("fail_after", 1))
+    if scenario.get("one_shot_rank") == rank:
+        loader = iter(loader)
     try:
         result = loradafast.initialize(model, loader, rank=2, method=scenario.get("method", "lora-da"),
                                        max_samples=scenario.get("max_samples"), progress=False,
                                        memory_budget=scenario.get("memory_budget"), **scenario.get("options", {}))
     except Exception as e:  # noqa: BLE001 - the parent checks the message
-        after = _state(model)
-        unchanged = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-        import traceback
-
-        return {"error": f"{type(e).__name__}: {e}", "unchanged": unchanged, "trace": traceback.format_exc()}
+        return _failure(e, model, before)
     layers = {n: (x.lora_A, x.lora_B, x.diagnostics.solved_by_rank, getattr(x.diagnostics, "input_group", None))
               for n, x in result.layers.items()}
     return {"layers": layers, "owners": result.owners, "num_passes": result.plan.num_passes if result.plan else 1}
 
 
-def _worker(rank, world, port, scenarios, out_dir):
+def _preprocess(scenario: dict, rank: int) -> dict:
+    """preprocess_lora_da with a cache file in this rank's own folder (a node-local disk)."""
+    from peft import LoraConfig
+
+    model = tiny()
+    before = _state(model)
+    cache_file = os.path.join(scenario["cache_dirs"][rank], "stats.safetensors")
+    try:
+        result = loradafast.preprocess_lora_da(model, LoraConfig(r=2, target_modules=CACHE_TARGETS),
+                                               scenario["shards"][rank], cache_file=cache_file, max_samples=None,
+                                               progress=False)
+    except Exception as e:  # noqa: BLE001 - the parent checks the message
+        return _failure(e, model, before)
+    return {"layers": {n: (x.lora_A, x.lora_B) for n, x in result.layers.items()}}
+
+
+def _worker(rank, world, port, scenarios, out_dir, timeout):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=180))
+                            timeout=datetime.timedelta(seconds=timeout))
     results = []
     try:
         for scenario in scenarios:
@@ -124,15 +152,17 @@ def _worker(rank, world, port, scenarios, out_dir):
         dist.destroy_process_group()
 
 
-def run_ranks(scenarios: list[dict], world: int, out_dir) -> list[list[dict]]:
-    """Per scenario, what each rank got; fails (after killing them) if a rank hangs."""
+def run_ranks(scenarios: list[dict], world: int, out_dir, timeout: float = 180) -> list[list[dict]]:
+    """Per scenario, what each rank got; fails (after killing them) if a rank hangs.  ``timeout``:
+    the process group's, after which a rank stuck in a collective fails."""
     ctx = torch.multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, str(out_dir))) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, str(out_dir), timeout))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=300)
+        p.join(timeout=timeout + 120)
     hung = [p for p in procs if p.is_alive()]
     for p in hung:
         p.kill()
@@ -243,3 +273,69 @@ def test_fsdp2(tmp_path):
         pytest.skip(f"FSDP2 on CPU/gloo: {got[0]['setup_error']}")
     _assert_same_adapter(got, _reference(a + b))
     _assert_same_adapter(pissa, _reference(None, "pissa"))
+
+
+SHORT_TIMEOUT = 30  # seconds: a rank left waiting in a collective fails fast instead of hanging the test
+
+
+def _assert_agreed_failure(per_rank: list[dict], failing: int, message: str, error_type: str = "ValueError") -> None:
+    """The failing rank raised its own error, every other one RankFailedError naming it; both at
+    once (not after the process group's timeout), and every model unchanged."""
+    for r, got in enumerate(per_rank):
+        assert "error" in got, (r, got)
+        assert message in got["error"], (r, got["error"])
+        if r == failing:
+            assert got["error"].startswith(error_type), got["error"]
+        else:
+            assert got["error"].startswith("RankFailedError") and f"rank {failing}" in got["error"], got["error"]
+        assert got["unchanged"], r
+        assert got["seconds"] < SHORT_TIMEOUT / 2, (r, got["seconds"])
+
+
+def test_rank_failing_before_the_pass(tmp_path):
+    """Under a memory limit the probe runs one sequence before the pass: a rank whose loader or
+    probe fails there, or whose one-shot loader cannot serve a plan of several passes, stops every rank."""
+    a, b = _batches(7, 1), _batches(2, 2)
+    long = padded_batches(random_sequences(2, lengths=(70, 80), seed=5), 2)  # tiny_llama's context is 64
+    scenarios = [
+        {"shards": [a, b], "fail_rank": 1, "fail_after": 0, "memory_budget": "1GB"},  # loader raises at once
+        {"shards": [a, long], "memory_budget": "1GB"},  # the probe's forward refuses the sequence
+        {"shards": [a, b], "one_shot_rank": 1, "memory_budget": 820_000},  # 3 passes, a generator on rank 1
+        {"shards": [a, b], "memory_budget": "1GB"},  # and the ranks still work together afterwards
+    ]
+    loader, context, one_shot, fine = run_ranks(scenarios, 2, tmp_path, timeout=SHORT_TIMEOUT)
+    _assert_agreed_failure(loader, 1, "corrupt sample")
+    _assert_agreed_failure(context, 1, "the model's context is 64")
+    _assert_agreed_failure(one_shot, 1, "one-shot iterator")
+    _assert_same_adapter(fine, _reference(a + b))
+
+
+def test_preprocess_cache_decided_by_rank_0(tmp_path):
+    """preprocess_lora_da(cache_file=...) with node-local disks (a folder per rank): rank 0's disk
+    decides for every rank whether the statistics are cached, and only rank 0 writes the file."""
+    from peft import LoraConfig
+
+    a, b = _batches(7, 1), _batches(2, 2)
+    saved = tmp_path / "saved.safetensors"
+    loradafast.collect(tiny(), a + b, max_samples=None, progress=False).save(saved)
+    dirs = {case: [tmp_path / case / f"node{r}" for r in range(2)] for case in ("rank0_only", "none", "both")}
+    for d in (*dirs["rank0_only"], *dirs["none"], *dirs["both"]):
+        d.mkdir(parents=True)
+    for d in (dirs["rank0_only"][0], *dirs["both"]):
+        shutil.copy(saved, d / "stats.safetensors")
+    scenarios = [{"entry": "preprocess", "shards": [a, b], "cache_dirs": [str(d) for d in dirs[case]]}
+                 for case in ("rank0_only", "none", "both")]
+    rank0_only, none, both = run_ranks(scenarios, 2, tmp_path, timeout=SHORT_TIMEOUT)
+    _assert_agreed_failure(rank0_only, 1, "exists on rank 0", "FileNotFoundError")
+    model = tiny()
+    reference = loradafast.preprocess_lora_da(model, LoraConfig(r=2, target_modules=CACHE_TARGETS), stats=str(saved),
+                                              progress=False)
+    reference = {n: (x.lora_A, x.lora_B) for n, x in reference.layers.items()}
+    for got in (none, both):  # the pass on every rank, or the file loaded on every rank
+        for r in got:
+            assert "error" not in r, r
+            for name, (lora_a, lora_b) in reference.items():
+                torch.testing.assert_close(r["layers"][name][0], lora_a, rtol=0, atol=ATOL, msg=name)
+                torch.testing.assert_close(r["layers"][name][1], lora_b, rtol=0, atol=ATOL, msg=name)
+    assert (dirs["none"][0] / "stats.safetensors").exists()  # written by rank 0 ...
+    assert not (dirs["none"][1] / "stats.safetensors").exists()  # ... only

@@ -347,8 +347,8 @@ def test_statistics_of_another_model_with_the_same_shapes_are_refused(tmp_path):
     stats.save(tmp_path / "a.safetensors")
     other = tiny_llama(seed=1)  # same architecture and shapes, other weights
     for given in (stats, tmp_path / "a.safetensors"):
-        expect_error(other, ValueError, "another model", lambda: loradafast.initialize(other, stats=given, rank=2,
-                                                                                       progress=False))
+        expect_error(other, ValueError, "another model", lambda given=given: loradafast.initialize(
+            other, stats=given, rank=2, progress=False))
     config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     expect_error(other, ValueError, "another model", lambda: loradafast.preprocess_lora_da(
         other, config, batches(), cache_file=tmp_path / "a.safetensors", progress=False))

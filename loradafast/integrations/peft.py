@@ -33,7 +33,9 @@ import copy
 import json
 import math
 import re
+import logging
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,12 @@ def adapter_key(name: str, factor: str) -> str:
     """The key of ``lora_A`` (``factor="A"``) or ``lora_B`` of layer ``name`` in an adapter file,
     as ``PeftModel.save_pretrained`` writes it (no adapter name)."""
     return f"{PEFT_PREFIX}{name}.lora_{factor}.weight"
+
+
+def magnitude_key(name: str) -> str:
+    """The key of layer ``name``'s DoRA magnitude in an adapter file, as ``get_peft_model_state_dict``
+    writes it (no adapter name, no ``.weight``)."""
+    return f"{PEFT_PREFIX}{name}.lora_magnitude_vector"
 
 
 def layer_of_key(key: str) -> tuple[str, str] | None:
@@ -294,15 +302,32 @@ def _refresh_dora_magnitude(lora_layer: nn.Module, adapter: str) -> None:
     """DoRA's magnitude ``‖W + s·B·A‖`` (per output row), computed by PEFT's own code from the
     factors just written.  PEFT computed it when the layer was created, from the factors of its
     own init; written into the existing parameter so that references to it stay valid."""
+    dora = lora_layer.lora_magnitude_vector[adapter]
+    dora.weight.copy_(_dora_magnitude(lora_layer, adapter, lora_layer.lora_A[adapter].weight,
+                                      lora_layer.lora_B[adapter].weight))
+    if hasattr(dora, "_cache_clear"):  # a weight norm cached in eval mode is stale now
+        dora._cache_clear()
+
+
+def _dora_magnitude(lora_layer: nn.Module, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """The magnitude that ``adapter``'s DoRA layer gets with the factors ``lora_a``, ``lora_b``: PEFT's
+    own ``DoraLinearLayer.update_layer`` on a throwaway DoRA layer, so that nothing of ``lora_layer``
+    is written.  The factors are first rounded as the adapter would store them (its dtype, and its
+    device, or the base weight's when PEFT left it on ``meta``), which makes this bit-identical to
+    writing them and refreshing the layer."""
     from peft.tuners.lora.dora import DoraLinearLayer
 
     dora = lora_layer.lora_magnitude_vector[adapter]
+    a_param = lora_layer.lora_A[adapter].weight
+    base = lora_layer.get_base_layer()
+    device = base.weight.device if a_param.is_meta else a_param.device
     fresh = DoraLinearLayer(fan_in_fan_out=getattr(dora, "fan_in_fan_out", False))
-    fresh.update_layer(base_layer=lora_layer.get_base_layer(), lora_A=lora_layer.lora_A[adapter].weight,
-                       lora_B=lora_layer.lora_B[adapter].weight, scaling=lora_layer.scaling[adapter])
-    dora.weight.copy_(fresh.weight.to(device=dora.weight.device, dtype=dora.weight.dtype))
-    if hasattr(dora, "_cache_clear"):  # a weight norm cached in eval mode is stale now
-        dora._cache_clear()
+    with torch.no_grad():
+        fresh.update_layer(base_layer=base, lora_A=lora_a.to(device=device, dtype=a_param.dtype),
+                           lora_B=lora_b.to(device=device, dtype=lora_layer.lora_B[adapter].weight.dtype),
+                           scaling=lora_layer.scaling[adapter])
+    target = fresh.weight if dora.weight.is_meta else dora.weight
+    return fresh.weight.detach().to(device=target.device, dtype=target.dtype)
 
 
 def _warn_if_tied(model: nn.Module, moved: list[tuple[str, torch.Tensor]], who: str) -> None:
@@ -327,10 +352,12 @@ def _warn_if_tied(model: nn.Module, moved: list[tuple[str, torch.Tensor]], who: 
         )
 
 
-def peft_extra_state(peft_model: nn.Module, adapter_name: str, layers) -> dict[str, torch.Tensor]:
+def peft_extra_state(peft_model: nn.Module, adapter_name: str, layers, *,
+                     copy_only=None) -> dict[str, torch.Tensor]:
     """Copies of the adapter's tensors other than the factors of ``layers`` (DoRA magnitudes,
     modules_to_save copies, LoRA biases, trainable tokens), keyed as ``save_pretrained`` writes
-    them; empty for a model that is not a PeftModel."""
+    them; empty for a model that is not a PeftModel.  ``copy_only`` (data pointers): copy only
+    these tensors, the others are returned as they are (a throwaway PEFT model's own)."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
@@ -340,7 +367,55 @@ def peft_extra_state(peft_model: nn.Module, adapter_name: str, layers) -> dict[s
     # Base weights stay out: for a targeted embedding PEFT would add the embedding matrices (meant
     # for resized vocabularies), which after a base-moving method hold the residual base.
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
-    return {k: v.detach().clone() for k, v in state.items() if k not in factors}
+    return {k: v.detach().clone() if copy_only is None or v.data_ptr() in copy_only else v.detach()
+            for k, v in state.items() if k not in factors}
+
+
+def extra_state_for(result, peft_model: nn.Module, adapter_name: str | None, *,
+                    copy_only=None) -> dict[str, torch.Tensor]:
+    """:func:`peft_extra_state` as :func:`attach` would leave it, with nothing written into
+    ``peft_model``: the DoRA magnitudes are those of ``result``'s factors (PEFT's are those of its own
+    init).  For ``get_lora_da_state_dict``, which must leave the model as it is."""
+    from ..distributed import unwrap
+
+    peft_model = unwrap(peft_model)  # under DistributedDataParallel, as initialize reads it
+    targets = {t.name: t for t in find_targets(peft_model, adapter_name=adapter_name, allow_quantized=True)}
+    missing = sorted(set(result.layers) - set(targets))
+    if missing:
+        raise ValueError(f"the PEFT model has no LoRA layer for {len(missing)} initialised layer(s), e.g. "
+                         f"{missing[:3]}")
+    adapter = adapter_name or active_adapter(targets[next(iter(result.layers))].lora_layer)
+    extra = peft_extra_state(peft_model, adapter, result.layers, copy_only=copy_only)
+    for name, layer in result.layers.items():
+        lora_layer = targets[name].lora_layer
+        if adapter not in getattr(lora_layer, "lora_magnitude_vector", {}):
+            continue
+        if layer.subtract_scaling is not None:  # the magnitude would be that of the wrong base
+            raise ValueError(dora_refusal(result.method))
+        extra[magnitude_key(name)] = _dora_magnitude(lora_layer, adapter, layer.lora_A, layer.lora_B)
+    return extra
+
+
+def config_extra_state(result, model: nn.Module, lora_config, adapter_name: str) -> dict[str, torch.Tensor]:
+    """:func:`extra_state_for` the PEFT model that ``peft.get_peft_model(model, lora_config)`` builds,
+    ``model`` a plain model, left as it was.
+
+    PEFT wraps ``model`` itself, in place, for the reading, and the wrapping is undone afterwards (as a
+    failed :func:`wrap` is): what PEFT adds (the LoRA factors, DoRA magnitudes, the modules_to_save
+    copies) is all the memory this takes, and no weight is copied but those modules_to_save copies, which
+    are the state dict's own.  PEFT's own initialisation is plain LoRA's here, whatever ``lora_config``
+    asks (pissa & co would move the base weights), and the random numbers it draws are given back."""
+    import peft
+
+    config = copy.deepcopy(lora_config)
+    config.init_lora_weights = True
+    # The model's own tensors that PEFT's state dict can hold (its biases, with bias="all"): copied, so
+    # that the state dict does not alias the model.
+    owned = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    cuda = sorted({t.device.index for t in model.parameters() if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), undone_afterwards(model):
+        peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+        return extra_state_for(result, peft_model, adapter_name, copy_only=owned)
 
 
 def apply_base_update(model: nn.Module, directory) -> nn.Module:
@@ -454,6 +529,27 @@ def undone_on_failure(model: nn.Module):
     Parameter *values* are not saved: what runs inside must not write them before it can no
     longer fail (``InitResult.apply_to`` checks every layer before it writes the first).
     """
+    restore = _restorer(model)
+    try:
+        yield model
+    except BaseException:
+        restore()
+        raise
+
+
+@contextlib.contextmanager
+def undone_afterwards(model: nn.Module):
+    """:func:`undone_on_failure`, undone on success too: for a throwaway PEFT wrapping, which must
+    not write any parameter value of ``model``."""
+    restore = _restorer(model)
+    try:
+        yield model
+    finally:
+        restore()
+
+
+def _restorer(model: nn.Module):
+    """A function that puts ``model`` back as it is now (see :func:`undone_on_failure`)."""
     modules = list(model.modules())
     saved = []
     for m in modules:
@@ -467,9 +563,8 @@ def undone_on_failure(model: nn.Module):
         if config is not None and not isinstance(config, nn.Module) and hasattr(config, "__dict__"):
             configs[id(config)] = config
     config_attrs = [(c, dict(vars(c))) for c in configs.values()]
-    try:
-        yield model
-    except BaseException:
+
+    def restore() -> None:
         for m, attrs, contents in saved:
             vars(m).clear()
             vars(m).update(attrs)
@@ -481,7 +576,8 @@ def undone_on_failure(model: nn.Module):
         for c, attrs in config_attrs:
             vars(c).clear()
             vars(c).update(attrs)
-        raise
+
+    return restore
 
 
 # PEFT initialisations that are not plain LoRA's: they ran when the PEFT model was created, and
@@ -604,17 +700,55 @@ PREPROCESSED = "_loradafast_preprocessed"
 LAYER_INIT = "_loradafast_init"
 
 
+_FILL_HOOKS = "_loradafast_fill_hooks"
+logger = logging.getLogger("loradafast")
+
+
 def mark_preprocessed(model: nn.Module, result, targets: list[Target]) -> None:
-    """Leave ``result`` on ``model`` and each layer's factors on its layer, for get_peft_model."""
+    """Leave ``result`` on ``model`` and each layer's factors on its layer, for get_peft_model.
+
+    PEFT's own ``get_peft_model`` knows nothing of them (it is the usual second step of PEFT's
+    LoRA-GA recipe, which users copy): each layer also gets a forward pre-hook that, on the first
+    forward after PEFT has wrapped it, writes every preprocessed layer's factors, so that the model
+    trains from them and not from PEFT's plain LoRA init.
+    """
     clear_preprocessed(model)
     object.__setattr__(model, PREPROCESSED, result)
+    root = weakref.ref(model)
+    hooks = []
     for t in targets:
         object.__setattr__(t.module, LAYER_INIT, result.layers[t.name])
+        hooks.append(t.module.register_forward_pre_hook(_fill_when_wrapped(root, t.name)))
+    object.__setattr__(model, _FILL_HOOKS, hooks)
+
+
+def _fill_when_wrapped(root, name: str):
+    def hook(module, args):
+        model = root()
+        if model is None or PREPROCESSED not in vars(model) or LAYER_INIT not in vars(module):
+            return None  # written already (init_lora_layer), or no longer pending
+        try:
+            wrapper = model.get_submodule(name)
+        except AttributeError:
+            return None
+        get_base_layer = getattr(wrapper, "get_base_layer", None)
+        if wrapper is module or not callable(get_base_layer) or get_base_layer() is not module:
+            return None  # the plain model runs (not wrapped yet), or a copy of it whose hooks came along
+        # Wrapped in place by something other than loradafast.get_peft_model (PEFT's get_peft_model):
+        # its LoRA layers were created with PEFT's init; write ours before the wrapper uses them.
+        logger.info("loradafast: writing the factors of preprocess_lora_da into the LoRA layers that "
+                    "peft.get_peft_model created, at their first forward")
+        fill_preprocessed(model, vars(model)[PREPROCESSED], None)
+        return None
+
+    return hook
 
 
 def clear_preprocessed(model: nn.Module) -> None:
+    for handle in vars(model).get(_FILL_HOOKS, ()):
+        handle.remove()  # safe inside a forward pre-hook: torch iterates over a copy of the hooks
     for m in [model, *model.modules()]:
-        for attr in (PREPROCESSED, LAYER_INIT):
+        for attr in (PREPROCESSED, LAYER_INIT, _FILL_HOOKS):
             if attr in vars(m):
                 delattr(m, attr)
 
