@@ -28,7 +28,9 @@ from .integrations.peft import AdapterLayout
 from .methods.registry import build_config, get_method, method_keywords
 from .options import MethodConfig, check_pass_options, check_rank
 from .result import InitResult
-from .statistics.collector import collect
+from .statistics import provenance
+from .statistics.collector import collect, data_fingerprint
+from .statistics.store import Statistics
 from .targets import Target, base_model_of, find_targets, is_peft_model, layer_kind
 
 logger = logging.getLogger("loradafast")
@@ -118,7 +120,8 @@ def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, 
     if cached:
         if stats is not None:
             raise ValueError("pass either stats= or cache_file=, not both")
-        stats, loader = cache_file, None
+        stats = _cache_for(cache_file, loader, max_samples, loss_fn)
+        loader = None
         logger.info("preprocess: statistics loaded from %s", cache_file)
     api.check_data_source(record, loader, stats)
     targets, layout = config_targets(model, lora_config, record)
@@ -134,6 +137,18 @@ def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, 
     result.timings = {"pass_s": pass_s, "solve_s": result.timings["solve_s"], "apply_s": 0.0,
                       "total_s": time.perf_counter() - started}
     return result, targets
+
+
+def _cache_for(cache_file, loader, max_samples, loss_fn):
+    """The cached statistics, refused where ``loader`` yields other samples than those they were
+    collected from (reading the loader costs no forward); without a loader, or in a distributed
+    run (each rank holds a shard), the path as it is."""
+    if loader is None or distributed.is_distributed():
+        return cache_file
+    stats = Statistics.load(cache_file)
+    provenance.check_same_data(stats.meta.get("data_fingerprint"),
+                               data_fingerprint(loader, max_samples=max_samples, loss_fn=loss_fn), cache_file)
+    return stats
 
 
 def _cached(cache_file) -> bool:

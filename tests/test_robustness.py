@@ -359,6 +359,21 @@ def test_statistics_of_another_model_with_the_same_shapes_are_refused(tmp_path):
     loradafast.initialize(same, stats=stats, rank=2, progress=False)
 
 
+def test_a_cache_file_of_other_data_is_refused(tmp_path):
+    cache = tmp_path / "stats.safetensors"
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    loradafast.preprocess_lora_da(tiny_llama(), config, batches(6, 2), cache_file=cache, progress=False)
+    model = tiny_llama()
+    expect_error(model, ValueError, "other samples.*delete the file", lambda: loradafast.preprocess_lora_da(
+        model, config, batches(6, 2, seed=5), cache_file=cache, progress=False))
+    # The same samples in other batches (other padding) are the same data; no loader: reused as it is.
+    loradafast.preprocess_lora_da(model, config, batches(6, 3), cache_file=cache, progress=False)
+    loradafast.preprocess_lora_da(tiny_llama(), config, cache_file=cache, progress=False)
+    # max_samples takes another subset: other data.
+    expect_error(model, ValueError, "other samples", lambda: loradafast.preprocess_lora_da(
+        model, config, batches(6, 2), cache_file=cache, max_samples=4, progress=False))
+
+
 def test_one_ranks_share_of_an_owner_pass_is_refused():
     stats = loradafast.collect(tiny_llama(), batches(), progress=False)
     names = list(stats.layers)

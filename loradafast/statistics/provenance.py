@@ -83,6 +83,17 @@ def data_fingerprint(total: int, count: int) -> str:
     return f"{count}:{total & _MASK63:016x}"
 
 
+def check_same_data(recorded: str | None, current: str, path) -> None:
+    """Raise unless the loader's fingerprint is the one the cached statistics recorded."""
+    if recorded is not None and recorded != current:
+        then, now = recorded.split(":")[0], current.split(":")[0]
+        raise ValueError(
+            f"cache_file {str(path)!r} holds statistics of other samples than the loader yields ({then} sequences "
+            f"then, {now} now, or other tokens); delete the file to collect the statistics of this data, or pass "
+            f"stats={str(path)!r} without a loader to reuse them as they are"
+        )
+
+
 def check_whole(stats, what: str) -> None:
     """Refuse one rank's share of an owner-computes pass (``collect(..., reduce="owner")``)."""
     meta = stats.meta
