@@ -29,7 +29,7 @@ def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | Non
                use_rslora: bool = False, ranks: dict[str, int] | None = None, freeze_a: bool = False,
                max_samples: int | None = 256, loss_fn: Callable | None = None, adapter_name: str | None = None,
                progress: bool = True, memory_budget: int | float | str | None = None, stats=None, apply: bool = True,
-               **options) -> InitResult:
+               split_halves: bool | None = None, **options) -> InitResult:
     """LoRA initialisation by ``method``, data-aware ones in one streaming pass over ``loader``.
 
     A plain model is left unchanged and the result carries the adapter (``result.state_dict()``,
@@ -70,6 +70,13 @@ def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | Non
     ``W − s·B·A`` so the output is unchanged at initialisation: see :meth:`InitResult.save` for the
     two ways to save them.  ``freeze_a=True`` gives LoRA-FA (``lora_A`` frozen when applied).
 
+    ``split_halves`` (None: wherever the memory plan fits them in one pass; never in a distributed
+    run): the pass also keeps every second batch's sums, and each layer's diagnostics report how
+    far the subspaces solved from the two halves of the data agree (``split_half_overlap``,
+    :mod:`loradafast.methods.stability`); a warning says what to do when most layers' subspaces
+    are not supported by the data.  It costs memory (up to three times the statistics) and two
+    more solves, to a looser tolerance.
+
     ``stats`` (a :class:`Statistics`, or the path of a file saved with ``Statistics.save``) replaces
     ``loader``: no pass runs, the solve reads the saved statistics of the target layers.
     ``apply=False`` leaves a ``PeftModel`` untouched (the result only).  A quantized base
@@ -88,12 +95,13 @@ def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | Non
                                           adapter_name=adapter_name, lora_alpha=lora_alpha, use_rslora=use_rslora)
     result, pass_s = solve_targets(model, loader, targets, record, config, layout, stats=stats,
                                    memory_budget=memory_budget, max_samples=max_samples, loss_fn=loss_fn,
-                                   progress=progress, adapter_name=adapter_name, freeze_a=freeze_a, started=started)
+                                   progress=progress, adapter_name=adapter_name, freeze_a=freeze_a, started=started,
+                                   split_halves=split_halves)
     apply_started = time.perf_counter()
     if is_peft_model(model) and apply:
         peft_integration.attach(result, model, targets, layout, adapter_name)
-    result.timings = {"pass_s": pass_s, "solve_s": result.timings["solve_s"],
-                      "apply_s": time.perf_counter() - apply_started, "total_s": time.perf_counter() - started}
+    result.timings = {"pass_s": pass_s, **result.timings, "apply_s": time.perf_counter() - apply_started,
+                      "total_s": time.perf_counter() - started}
     return result
 
 
@@ -110,7 +118,7 @@ def check_data_source(record, loader, stats) -> None:
 
 
 def solve_targets(model, loader, targets, record, config, layout, *, stats, memory_budget, max_samples, loss_fn,
-                  progress, adapter_name, freeze_a, started) -> tuple[InitResult, float]:
+                  progress, adapter_name, freeze_a, started, split_halves=None) -> tuple[InitResult, float]:
     """The factors of ``targets``: from ``stats``, from a pass over ``loader``, or from the weights
     alone (weight-only methods); and the seconds spent before the solve.  Touches no weight."""
     check_weights_readable(targets, record)
@@ -125,7 +133,7 @@ def solve_targets(model, loader, targets, record, config, layout, *, stats, memo
         result, pass_s = passes.collect_and_solve(
             model, loader, targets, record, config, layout, memory_budget=memory_budget, max_samples=max_samples,
             loss_fn=loss_fn, progress=progress, adapter_name=adapter_name, freeze_a=freeze_a,
-            weights=weights if record.needs_weights else None)
+            weights=weights if record.needs_weights else None, split_halves=split_halves)
         return result, pass_s  # collect() recorded the model in the statistics
     elif distributed.is_distributed():  # each rank solves the layers the cost model gives it
         pass_s = time.perf_counter() - started

@@ -130,6 +130,9 @@ def _model_arguments(p: argparse.ArgumentParser, *, data_required: bool) -> None
     g.add_argument("--max-length", type=int, default=512, metavar="TOKENS", help="tokens per sequence at most (longer ones are cut)")
     g.add_argument("--batch-size", type=int, default=8, metavar="N", help="sequences per forward/backward (memory only: the "
                                                              "statistics do not depend on it)")
+    g.add_argument("--no-split-halves", action="store_true",
+                   help="keep no sums of every second batch: no split-half stability diagnostic (saves memory: it "
+                        "is on by default where three times the statistics fit the device's free memory)")
     g.add_argument("--target-modules", metavar="NAMES",
                    help="comma-separated layer names or suffixes to adapt, as PEFT's target_modules "
                         "(default: every linear layer of the decoder blocks)")
@@ -310,7 +313,8 @@ def run_init(args) -> Path:
     else:
         batches = load_batches(args, tokenizer, model)
         stats = collect(model, batches, target_modules=targets, y_factor=options.get("y_factor") or "diag",
-                        max_samples=args.max_samples, progress=progress)
+                        max_samples=args.max_samples, progress=progress,
+                        split_halves=False if args.no_split_halves else None)
         if args.save_stats:
             stats.save(args.save_stats)
             logger.info("statistics written to %s", args.save_stats)
@@ -328,7 +332,8 @@ def run_collect(args) -> Path:
     model, tokenizer = load_model(args)
     batches = load_batches(args, tokenizer, model)
     stats = collect(model, batches, target_modules=_target_modules(args), y_factor=args.y_factor,
-                    max_samples=args.max_samples, progress=not args.quiet)
+                    max_samples=args.max_samples, progress=not args.quiet,
+                    split_halves=False if args.no_split_halves else None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats.save(out)

@@ -5,12 +5,14 @@ The plan (:mod:`.planner`) splits the target layers into passes of whole input g
 runs the loader through the model with hooks on its layers only, solves them, and drops their
 statistics before the next pass; the model is touched only after the last pass, as always.  Every
 layer's statistics are those of the one-pass run: the hooks of a layer see the same batches
-whichever other layers are hooked, so the adapters equal the one-pass adapters (bitwise on CPU).
+whichever other layers are hooked, so the adapters equal the one-pass adapters (bitwise on CPU, for
+the same ``split_halves``: keeping the halves sums the even and the odd batches apart, another order).
 A run of several passes iterates the loader once per pass, so the loader must be re-iterable and
 yield the same batches each time; both are checked.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -32,7 +34,7 @@ logger.addFilter(distributed.MAIN_RANK_ONLY)
 
 def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target], record, config, layout, *,
                       memory_budget, max_samples, loss_fn, progress: bool, adapter_name, freeze_a: bool,
-                      weights) -> tuple[InitResult, float]:
+                      weights, split_halves: bool | None = None) -> tuple[InitResult, float]:
     """The factors of every target, and the seconds spent before the solves (probe and passes)."""
     started = time.perf_counter()
     y_factor = getattr(config, "y_factor", None) or "diag"
@@ -48,7 +50,7 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
         notes.append("no limit: one pass; input groups as the pass found them")
     shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, groups[t.name],
                                  layout.ranks.get(t.name, layout.rank)) for t in targets]
-    plan = planner.plan_passes(shapes, memory, budget, source, notes)
+    plan, memory, split_halves = _plan_with_halves(shapes, memory, budget, source, notes, split_halves)
     if plan.num_passes > 1:  # the same plan on every rank, but whether the loader is one-shot is the rank's own
         error = None
         if isinstance(loader, Iterator):
@@ -60,7 +62,7 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
             )
         distributed.agree_on_failure(error, "the memory plan")
     kw = dict(y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn, progress=progress,
-              adapter_name=adapter_name, factors=record.statistics)
+              adapter_name=adapter_name, factors=record.statistics, split_halves=split_halves)
     if distributed.is_distributed():  # owner computes (docs/design.md §6.5)
         kw.update(reduce="owner", ranks={t.name: layout.ranks.get(t.name, layout.rank) for t in targets})
     solve_kw = dict(ranks=layout.ranks, lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
@@ -75,11 +77,31 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
     else:
         _announce(plan, progress)
         result = _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, weights)
-        pass_s = time.perf_counter() - started - result.timings["solve_s"]
+        pass_s = time.perf_counter() - started - result.timings["solve_s"] - result.timings.get("split_half_s", 0.0)
     if distributed.is_distributed():
         _shared(result, targets, layout)
     result.plan = plan
     return result, pass_s
+
+
+def _plan_with_halves(shapes, memory, budget, source, notes, split_halves):
+    """The plan, its memory model and whether the pass keeps split halves (``split_halves`` None:
+    where they fit one pass; never in a distributed run, which does not support them yet)."""
+    if split_halves and distributed.is_distributed():
+        raise ValueError("split_halves=True is not supported in a distributed run yet; pass split_halves=False")
+    if split_halves is not False and not distributed.is_distributed():
+        with_halves = dataclasses.replace(memory, halves=True)
+        try:
+            plan = planner.plan_passes(shapes, with_halves, budget, source, notes)
+        except planner.MemoryBudgetError:
+            if split_halves:
+                raise
+            plan = None
+        if plan is not None and (split_halves or plan.num_passes == 1):
+            return plan, with_halves, True
+        notes = [*notes, "split-half stability off: keeping the halves would need more passes (split_halves=True "
+                         "keeps them anyway)"]
+    return planner.plan_passes(shapes, memory, budget, source, notes), memory, False
 
 
 def _probe(model, loader, targets, loss_fn) -> tuple[dict | None, Iterable, BaseException | None]:
@@ -203,7 +225,7 @@ def _merged(results: list[InitResult], targets: list[Target], model, kw) -> Init
         first.owners = {k: v for r in results for k, v in r.owners.items()}
     for r in results[1:]:
         first.alphas.update(r.alphas)
-    first.timings = {"solve_s": sum(r.timings["solve_s"] for r in results)}
+    first.timings = {key: sum(r.timings.get(key, 0.0) for r in results) for key in first.timings}
     meta = model_meta(model, targets, causal=kw["loss_fn"] is None and is_causal_lm(model),
                       adapter_name=kw["adapter_name"])
     first.target_modules = meta["target_modules"]

@@ -197,6 +197,9 @@ class MemoryModel:
     eigensolver: str = "lobpcg"  # LoRA-DA: "lobpcg", "dense", or "auto" (resolved per width below)
     device_type: str = "cuda"
     world_size: int = 1  # ranks of a distributed run: each solves, and keeps the statistics of, its share
+    # Split halves (collect(split_halves=True)): the odd batches' sums beside the totals, and the even
+    # half the solve derives from them while it solves the halves: three times the statistics.
+    halves: bool = False
 
     @property
     def d(self) -> int:
@@ -221,6 +224,12 @@ def _group_statistics(m: MemoryModel, layers: list[LayerShape]) -> int:
         if "Y" in m.statistics:
             total += 4 * (s.out_features if m.y_factor == "diag" else s.out_features ** 2)
     return total
+
+
+def statistics_bytes(shapes: Iterable, factors, y_factor: str) -> int:
+    """The fp32 sums a pass keeps for ``shapes`` (:class:`LayerShape`; one Z per input group)."""
+    m = MemoryModel(statistics=frozenset(factors), y_factor=y_factor)
+    return sum(_group_statistics(m, g) for g in _input_groups(shapes).values())
 
 
 def _pass_transient(m: MemoryModel, groups: list[list[LayerShape]]) -> int:
@@ -287,7 +296,7 @@ def _pass_peak(m: MemoryModel, groups: list[list[LayerShape]], kept: int) -> tup
     if m.world_size > 1:
         return stats, kept + _rank_peak(m, groups, stats)
     work = max(_group_workspace(m, g) for g in groups)
-    return stats, kept + stats + max(_pass_transient(m, groups), work)
+    return stats, kept + stats * (3 if m.halves else 1) + max(_pass_transient(m, groups), work)
 
 
 def _rank_peak(m: MemoryModel, groups: list[list[LayerShape]], stats: int) -> int:

@@ -43,14 +43,16 @@ SPECTRUM_MAX_WIDTH = 2048
 COLUMNS = ("layer", "kind", "in", "out", "rank", "sigma", "lambda_1", "lambda_r", "lambda_r+1", "residual",
            "residual_tol", "residual_floor", "omega_norm", "eigensolver", "iterations", "converged", "fallback",
            "damping_z", "damping_y", "damping_raised", "z_condition", "y_condition", "cholesky_dtype", "variance_coef",
-           "input_group", "s_1", "s_r", "energy_fraction", "norm_A", "norm_B")
+           "input_group", "s_1", "s_r", "energy_fraction", "split_half_overlap", "split_half_sine", "random_overlap",
+           "norm_A", "norm_B")
 _RENAMED = {"eigensolver_iterations": "iterations", "eigensolver_converged": "converged",
             "eigensolver_fallback": "fallback", "z_condition_estimate": "z_condition",
             "y_condition_estimate": "y_condition"}
 _SCALARS = ("residual", "residual_tol", "residual_floor", "omega_norm", "eigensolver", "eigensolver_iterations",
             "eigensolver_converged", "eigensolver_fallback", "damping_z", "damping_y", "damping_raised",
             "z_condition_estimate", "y_condition_estimate", "cholesky_dtype", "sigma", "variance_coef",
-            "input_group", "energy_fraction", "num_tokens", "num_sequences")
+            "input_group", "energy_fraction", "num_tokens", "num_sequences", "split_half_overlap", "split_half_sine",
+            "random_overlap")
 
 
 # ---- from a result to plain data -------------------------------------------------------------------
@@ -224,6 +226,8 @@ def flagged_layers(rows: list[dict]) -> dict[str, list[str]]:
     flags = {"eigensolver fell back to dense eigh": "fallback", "damping raised": "damping_raised"}
     out = {label: [r["layer"] for r in rows if r.get(key) is True] for label, key in flags.items()}
     out["eigen-residual above tolerance"] = [r["layer"] for r in rows if r.get("converged") is False]
+    out["subspace not supported by the data (split-half overlap below 50 %)"] = [
+        r["layer"] for r in rows if isinstance(r.get("split_half_overlap"), float) and r["split_half_overlap"] < 0.5]
     return {k: v for k, v in out.items() if v}
 
 
@@ -254,5 +258,7 @@ def _markdown(data: dict, rows: list[dict], columns: list[str], images: list[str
     lines += ["", "Columns: σ = ‖Δ‖₂; λ_1, λ_r: the smallest and the r-th eigenvalue of Ω (kept); λ_r+1: the "
               "first one not kept (with the statistics); residual: ‖ΩX − XΛ‖_F / ‖Ω‖₂ and its rounding floor; "
               "z/y_condition: lower bounds on cond(Zλ), cond(Yλ); s_1, s_r: the largest and the r-th kept "
-              "singular value; norm_A, norm_B: Frobenius norms of the factors.", ""]
+              "singular value; split_half_overlap: the share of the span that the subspaces solved from the even and "
+              "from the odd batches have in common (1: the same; random_overlap = r/in: unrelated), split_half_sine: "
+              "the sine of their largest principal angle; norm_A, norm_B: Frobenius norms of the factors.", ""]
     return "\n".join(lines)

@@ -31,7 +31,8 @@ def draw(data: dict, rows: list[dict], directory: Path) -> tuple[list[str], str 
 
     images = []
     for name, plot in (("sigma.png", _sigma), ("residuals.png", _residuals), ("conditioning.png", _conditioning),
-                       ("spectrum.png", _spectrum), ("singular_values.png", _singular_values)):
+                       ("spectrum.png", _spectrum), ("singular_values.png", _singular_values),
+                       ("split_half.png", _split_half)):
         fig = figure()
         if plot(fig, data, rows):
             fig.savefig(directory / name, dpi=110)
@@ -160,4 +161,40 @@ def _singular_values(fig, data, rows) -> bool:
     ax.set_ylabel("singular value")
     ax.set_title("kept singular values of the " + ("weight" if key == "singular_values" else "gradient G"))
     ax.legend(fontsize=6, ncol=2)
+    return True
+
+
+def _block_and_module(name: str) -> tuple[int | None, str]:
+    """``model.layers.3.self_attn.q_proj`` → (3, "self_attn.q_proj"); (None, name) without a block number."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return int(parts[i]), ".".join(parts[i + 1:]) or parts[-1]
+    return None, name
+
+
+def _split_half(fig, data, rows) -> bool:
+    """The split-half overlap as a heat-map of block × module (legible at hundreds of layers)."""
+    cells = {}
+    for r in rows:
+        value = r.get("split_half_overlap")
+        if isinstance(value, float):
+            cells[_block_and_module(r["layer"])] = value
+    if not cells:
+        return False
+    blocks = sorted({b for b, _ in cells}, key=lambda b: -1 if b is None else b)
+    modules = list(dict.fromkeys(m for _, m in cells))
+    grid = [[cells.get((b, m), float("nan")) for b in blocks] for m in modules]
+    fig.set_size_inches(max(6.0, min(16.0, 0.3 * len(blocks) + 3)), max(2.5, 0.35 * len(modules) + 1.5))
+    ax = fig.subplots()
+    image = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(blocks)))
+    ax.set_xticklabels(["-" if b is None else str(b) for b in blocks], fontsize=6)
+    ax.set_yticks(range(len(modules)))
+    ax.set_yticklabels(modules, fontsize=7)
+    ax.set_xlabel("block")
+    randoms = [r["random_overlap"] for r in rows if isinstance(r.get("random_overlap"), float)]
+    baseline = f"; unrelated subspaces: {min(randoms):.1%}-{max(randoms):.1%}" if randoms else ""
+    ax.set_title(f"{data['method']}: subspace shared by two halves of the data{baseline}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="split-half overlap")
     return True

@@ -48,6 +48,12 @@ class LayerDiagnostics(_FieldMapping):
     num_tokens: int | None = None  # of the statistics (data-aware methods)
     num_sequences: int | None = None
     solved_by_rank: int | None = None  # the rank that solved this layer (a distributed run; else None)
+    # Split-half stability (loradafast.methods.stability): the subspaces solved from the even and
+    # from the odd batches share this much of their span (1: the same; random_overlap: unrelated),
+    # and the sine of their largest principal angle.  None where the pass kept no half.
+    split_half_overlap: float | None = None
+    split_half_sine: float | None = None
+    random_overlap: float | None = None
 
 
 @dataclass
@@ -223,9 +229,10 @@ class InitResult:
                 f"base_model={self.base_model_name_or_path!r}{', timings(s): ' + seconds if seconds else ''})")
 
     def summary(self) -> str:
-        """One line per layer: shapes, the extreme kept eigenvalue, residual, damping."""
+        """One line per layer: shapes, the extreme kept eigenvalues, residual, ‖Δ‖₂, and the overlap of
+        the subspaces solved from two halves of the data (``split_half_overlap``)."""
         rows = [f"{'layer':<48} {'in':>6} {'out':>6} {'r':>3}  {'λ_min(Ω)':>11} {'λ_r(Ω)':>11} "
-                f"{'residual':>9} {'‖Δ‖₂':>10}"]
+                f"{'residual':>9} {'‖Δ‖₂':>10} {'½-overlap':>9}"]
         for name, layer in self.layers.items():
             d = layer.diagnostics
             ev = getattr(d, "eigenvalues", None)
@@ -233,8 +240,9 @@ class InitResult:
             hi = f"{float(ev[-1]):11.3e}" if ev is not None else f"{'-':>11}"
             res = f"{d['residual']:9.1e}" if "residual" in d else f"{'-':>9}"
             sig = f"{d['sigma']:10.3e}" if "sigma" in d else f"{'-':>10}"
+            half = f"{d['split_half_overlap']:9.1%}" if "split_half_overlap" in d else f"{'-':>9}"
             rows.append(f"{name:<48} {layer.lora_A.shape[1]:>6} {layer.lora_B.shape[0]:>6} {layer.rank:>3}  "
-                        f"{lo} {hi} {res} {sig}")
+                        f"{lo} {hi} {res} {sig} {half}")
         return "\n".join(rows)
 
 

@@ -80,9 +80,11 @@ FROM_WHEEL = textwrap.dedent("""
     from loradafast.integrations import LoraDACallback
     config = lambda: peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     stats_file = sys.argv[1] + "/stats.safetensors"
+    same = LlamaForCausalLM(model.config)  # the same weights (statistics of another model are refused)
+    same.load_state_dict(model.state_dict())
     loradafast.preprocess_lora_da(model, config(), batches, cache_file=stats_file, progress=False)
     wrapped = loradafast.get_peft_model(model, config())
-    state = loradafast.get_lora_da_state_dict(LlamaForCausalLM(model.config), peft_config=config(), stats=stats_file)
+    state = loradafast.get_lora_da_state_dict(same, peft_config=config(), stats=stats_file)
     assert state and all(k.endswith(".weight") for k in state), sorted(state)[:3]
     for key, value in state.items():
         assert torch.equal(value, wrapped.get_parameter(key.replace(".weight", ".default.weight"))), key

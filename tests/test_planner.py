@@ -1,6 +1,7 @@
 """The memory planner (issue 12 item 4, docs/design.md §6.4): budgets that force one, two and many
 statistics passes give the one-pass adapters; the statistics held stay within the plan; budgets
 too small and loaders that cannot be iterated again fail clearly, with the model untouched."""
+import dataclasses
 import math
 import weakref
 
@@ -58,7 +59,10 @@ def setup():
 @pytest.fixture(scope="module")
 def one_pass(setup):
     model, batches, _ = setup
-    return {m: loradafast.initialize(model, batches, RANK, method=m, memory_budget=math.inf, progress=False)
+    # split_halves=False throughout: keeping the halves changes the totals' summation order (round-off),
+    # and these tests compare plans of the same pass.
+    return {m: loradafast.initialize(model, batches, RANK, method=m, memory_budget=math.inf, progress=False,
+                                     split_halves=False)
             for m in ("lora-da", "lora-ga")}
 
 
@@ -68,7 +72,8 @@ def test_planned_passes_give_the_one_pass_adapters(setup, one_pass, monkeypatch,
     model, batches, shapes = setup
     budget = _budget_for(shapes, _memory(method), wanted)
     held = _track_statistics(monkeypatch)
-    result = loradafast.initialize(model, batches, RANK, method=method, memory_budget=budget, progress=False)
+    result = loradafast.initialize(model, batches, RANK, method=method, memory_budget=budget, progress=False,
+                                   split_halves=False)
     plan = result.plan
     assert plan.num_passes == {"one": 1, "two": 2}.get(wanted, plan.num_passes)
     if wanted == "many":
@@ -112,8 +117,10 @@ def _track_statistics(monkeypatch) -> list[dict]:
 def test_max_samples_is_the_same_in_every_pass(setup):
     model, batches, shapes = setup
     budget = _budget_for(shapes, _memory("lora-da"), "many")
-    one = loradafast.initialize(model, batches, RANK, max_samples=3, memory_budget=math.inf, progress=False)
-    many = loradafast.initialize(model, batches, RANK, max_samples=3, memory_budget=budget, progress=False)
+    one = loradafast.initialize(model, batches, RANK, max_samples=3, memory_budget=math.inf, progress=False,
+                                split_halves=False)
+    many = loradafast.initialize(model, batches, RANK, max_samples=3, memory_budget=budget, progress=False,
+                                 split_halves=False)
     assert many.plan.num_passes > 1
     for name, layer in one.layers.items():
         assert layer.diagnostics.num_sequences == many.layers[name].diagnostics.num_sequences == 3
@@ -208,3 +215,19 @@ def test_plans_from_shapes():
     assert d["num_passes"] == plan.num_passes and d["passes"][0]["layers"][0] == "model.layers.0.self_attn.q_proj"
     with pytest.raises(planner.MemoryBudgetError, match="mlp.down_proj"):
         planner.plan_for_shapes(shapes, memory_budget="2GB")
+
+
+def test_split_halves_kept_where_they_fit_one_pass(setup):
+    model, batches, shapes = setup
+    fits = loradafast.initialize(model, batches, RANK, memory_budget=math.inf, progress=False)
+    assert all(layer.diagnostics.split_half_overlap is not None for layer in fits.layers.values())
+    # A budget that one pass fits without the halves, and not with them: halves off, said in the plan.
+    budget = _budget_for(shapes, _memory("lora-da"), "one")
+    with_halves = planner.plan_passes(shapes, dataclasses.replace(_memory("lora-da"), halves=True), budget, "test")
+    assert with_halves.num_passes > 1
+    tight = loradafast.initialize(model, batches, RANK, memory_budget=budget, progress=False)
+    assert tight.plan.num_passes == 1 and any("split-half stability off" in n for n in tight.plan.notes)
+    assert all(layer.diagnostics.split_half_overlap is None for layer in tight.layers.values())
+    forced = loradafast.initialize(model, batches, RANK, memory_budget=budget, progress=False, split_halves=True)
+    assert forced.plan.num_passes > 1
+    assert all(layer.diagnostics.split_half_overlap is not None for layer in forced.layers.values())

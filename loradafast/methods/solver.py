@@ -21,7 +21,7 @@ from ..progress import solve_progress
 from ..result import InitResult, LayerInit, LoraDADiagnostics
 from ..statistics import provenance
 from ..statistics.store import Statistics
-from . import checks
+from . import checks, stability
 from .baselines import lora_scaling
 from .problem import Problem
 from ..options import check_rank, check_ranks
@@ -106,7 +106,12 @@ def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, r
     started = time.perf_counter()
     with solve_progress(progress):
         layers = _layer_inits(record, config, problem)
-    _log_solve(record.name, layers, time.perf_counter() - started)
+    solve_s = time.perf_counter() - started
+    halves = stats.halves() if stats is not None and record.data_aware else None
+    if halves is not None:
+        with solve_progress(progress):
+            layers = _with_split_half(record, config, problem, layers, halves)
+    _log_solve(record.name, layers, solve_s)
     meta = stats.meta if stats is not None else {}
     return InitResult(
         layers=layers,
@@ -118,11 +123,22 @@ def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, r
         target_modules=meta.get("target_modules"),
         base_model_name_or_path=meta.get("base_model_name_or_path"),
         task_type=meta.get("task_type"),
-        timings={"solve_s": time.perf_counter() - started},
+        timings={"solve_s": solve_s, **({} if halves is None else
+                                         {"split_half_s": time.perf_counter() - started - solve_s})},
         options=_recorded_options(config, stats),
         freeze_a=freeze_a,
         config=config,
     )
+
+
+def _with_split_half(record: Method, config: MethodConfig, problem: Problem, layers: dict[str, LayerInit],
+                     halves) -> dict[str, LayerInit]:
+    """``layers`` with their split-half stability: the method solved again on each half of the data."""
+    loose = stability.half_config(config)
+    solved = [record.solve(dataclasses.replace(problem, stats=half), loose) for half in halves]
+    layers = stability.split_half_diagnostics(layers, *solved)
+    stability.warn_if_unsupported(layers, record.name, problem.stats.num_sequences)
+    return layers
 
 
 def _log_solve(method: str, layers: dict[str, LayerInit], seconds: float) -> None:
@@ -131,9 +147,12 @@ def _log_solve(method: str, layers: dict[str, LayerInit], seconds: float) -> Non
     fallbacks = sum(bool(d.eigensolver_fallback) for d in diags)
     raised = sum(bool(d.damping_raised) for d in diags)
     worst = max((d.residual for d in diags if d.residual is not None), default=None)
-    logger.info("solve: method=%s, %d layers, %.1f s, %d eigensolver fallback(s), damping raised on %d layer(s)%s",
+    halves = stability.summary(layers)
+    logger.info("solve: method=%s, %d layers, %.1f s, %d eigensolver fallback(s), damping raised on %d layer(s)%s%s",
                 method, len(layers), seconds, fallbacks, raised,
-                "" if worst is None else f", largest eigen-residual {worst:.1e}")
+                "" if worst is None else f", largest eigen-residual {worst:.1e}",
+                "" if halves is None else f", split-half overlap median {halves['median_overlap']:.1%} (random "
+                f"{halves['median_random']:.1%}; {halves['supported']} of {halves['layers']} layers supported)")
 
 
 def _check_inputs(record: Method, config: MethodConfig, stats, weights) -> None:

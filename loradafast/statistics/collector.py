@@ -106,6 +106,7 @@ def collect(
     factors=None,
     reduce: str = "all",
     ranks: Mapping[str, int] | int | None = None,
+    split_halves: bool | None = None,
 ) -> Statistics:
     """Run ``loader`` once through ``model`` and return the per-layer statistics (docs/design.md §3).
 
@@ -125,6 +126,13 @@ def collect(
     ``ranks``: a number or a per-layer mapping, 8 when not given), and each rank's statistics then
     hold its own layers only (``stats.meta["owners"]`` maps every layer to its rank).  A rank that
     fails stops every rank with an error, not a hang.
+
+    ``split_halves`` keeps, beside the totals, the sums of every second batch (``stats.half``), from
+    which the solve measures how far two halves of the data agree on each layer's subspace
+    (:mod:`loradafast.methods.stability`).  It costs memory, no arithmetic: the even and the odd
+    batches add into their own sums.  None: on where three times the statistics fit the device's
+    free memory (the totals, the odd half, and the even half the solve derives), off in a
+    distributed run (not supported there yet).
     """
     if reduce not in ("all", "owner"):
         raise ValueError(f"reduce must be 'all' or 'owner', got {reduce!r}")
@@ -132,13 +140,9 @@ def collect(
     factors = check_factors(factors)
     check_choice("y_factor", y_factor, Y_FACTORS)
     check_pass_options(max_samples)
-    targets = _checked_targets(model, targets, target_modules=target_modules, adapter_name=adapter_name,
-                               loss_fn=loss_fn)
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-    acc = Accumulator(targets, y_factor, device, factors)
+    targets, acc = _prepared(model, targets, target_modules=target_modules, adapter_name=adapter_name,
+                             loss_fn=loss_fn, y_factor=y_factor, factors=factors, split_halves=split_halves)
+    device = acc.device
     started = time.perf_counter()
     num_sequences = num_tokens = 0
     error = None
@@ -148,12 +152,48 @@ def collect(
     except Exception as e:  # noqa: BLE001 - every rank learns of it below, then it is raised
         error = e
     distributed.agree_on_failure(error, "the statistics pass")
+    odd = acc.finish_halves()
     counts = torch.tensor([num_tokens, num_sequences], dtype=torch.float64, device=device)
     owners = _reduce_and_check(acc, targets, counts, reduce, ranks)
+    meta = _meta(model, targets, acc, owners, loss_fn=loss_fn, adapter_name=adapter_name, checksum=checksum,
+                 seconds=time.perf_counter() - started)
+    stats = _statistics(acc, targets, counts, y_factor if "Y" in factors else None, meta, owners)
+    if odd is not None:
+        stats.half = _half(odd, stats, acc.half_counts[1])
+    logger.info("collect: %d tokens in %d sequences, %d layers (%d input groups), y_factor=%s, %.1f s",
+                stats.num_tokens, stats.num_sequences, len(stats.layers), len(stats.z_sums), y_factor,
+                meta["pass_seconds"])
+    return stats
+
+
+def _prepared(model, targets, *, target_modules, adapter_name, loss_fn, y_factor, factors,
+              split_halves) -> tuple[list[Target], Accumulator]:
+    """The layers to hook, checked, and their accumulator.  A check may fail on one rank alone (its
+    own model or mode): every rank learns of it before any other collective."""
+    error = None
+    try:
+        targets = _checked_targets(model, targets, target_modules=target_modules, adapter_name=adapter_name,
+                                   loss_fn=loss_fn)
+    except Exception as e:  # noqa: BLE001 - raised below, on every rank
+        error = e
+    distributed.agree_on_failure(error, "the checks before the statistics pass")
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    if split_halves is None:
+        split_halves = _halves_fit(targets, factors, y_factor, device)
+    elif split_halves and distributed.is_distributed():
+        raise ValueError("split_halves=True is not supported in a distributed run yet; pass split_halves=False")
+    return targets, Accumulator(targets, y_factor, device, factors, split_halves=split_halves)
+
+
+def _meta(model, targets, acc: Accumulator, owners, *, loss_fn, adapter_name, checksum, seconds) -> dict:
+    """The model, the pass and the provenance (:mod:`.provenance`) the statistics record."""
     meta = {
         "model_class": type(base_model_of(model)).__name__,
         "loradafast_version": _version(),
-        "pass_seconds": time.perf_counter() - started,
+        "pass_seconds": seconds,
         **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
         "weight_samples": provenance.weight_samples(targets),
         # One rank's shard does not describe the data of a distributed pass.
@@ -162,11 +202,33 @@ def collect(
     if owners is not None:
         meta.update(owners=owners, input_groups={t.name: acc.input_group[t.name] for t in targets},
                     rank=distributed.rank(), world_size=distributed.world_size())
-    stats = _statistics(acc, targets, counts, y_factor if "Y" in factors else None, meta, owners)
-    logger.info("collect: %d tokens in %d sequences, %d layers (%d input groups), y_factor=%s, %.1f s",
-                stats.num_tokens, stats.num_sequences, len(stats.layers), len(stats.z_sums), y_factor,
-                meta["pass_seconds"])
-    return stats
+    return meta
+
+
+def _halves_fit(targets: list[Target], factors, y_factor: str, device) -> bool:
+    """``split_halves=None``: whether three times the statistics fit the device's free memory (an
+    upper bound: each layer counted with a Z of its own)."""
+    if distributed.is_distributed():
+        return False
+    budget, _ = planner.resolve_budget(None, device)
+    shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, t.name, 1) for t in targets]
+    return budget is None or 3 * planner.statistics_bytes(shapes, factors, y_factor) <= budget
+
+
+def _half(odd: tuple[dict, dict, dict], stats: Statistics, counts: list[int]) -> Statistics:
+    """The odd batches' sums as statistics of the same layers (zeros where they reached none)."""
+    g, y, z = odd
+
+    def like(sums, key, total):
+        return None if total is None else sums[key] if key in sums else torch.zeros_like(total)
+
+    layers = {n: LayerStats(s.name, s.in_features, s.out_features, like(g, n, s.g_sum), like(y, n, s.y_sum),
+                            s.input_group, s.kind) for n, s in stats.layers.items()}
+    for s in layers.values():
+        if s.y_sum is not None and s.y_sum.dim() == 2:
+            kernels.symmetrize_lower_(s.y_sum)
+    z_sums = {k: kernels.symmetrize_lower_(like(z, k, total)) for k, total in stats.z_sums.items()}
+    return Statistics(layers, z_sums, counts[1], counts[0], stats.y_factor)
 
 
 def _version() -> str:
@@ -233,6 +295,7 @@ def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, ma
                         _run_batch(model, batch.to(acc.device), acc, loss_fn)
                     num_sequences += used[0]
                     num_tokens += used[1]
+                    acc.count(*used)
                 if bar is not None:
                     bar.update(batch.size if turns is None else turns.turn_total)
             if turns is not None and turns.error is not None:

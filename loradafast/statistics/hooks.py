@@ -42,7 +42,8 @@ class _CaptureGrad(torch.autograd.Function):
 class Accumulator:
     """Hook state for one pass."""
 
-    def __init__(self, targets: list[Target], y_factor: str, device: torch.device, factors=frozenset("GYZ")):
+    def __init__(self, targets: list[Target], y_factor: str, device: torch.device, factors=frozenset("GYZ"),
+                 split_halves: bool = False):
         self.targets = targets
         self.factors = frozenset(factors)
         # Makes every captured output require grad, even in a model whose parameters are all frozen.
@@ -63,8 +64,18 @@ class Accumulator:
         self.calls: dict[str, int] = {}
         # Full Y: input groups whose Z waits for the backward of their first layer (one launch with its Y).
         self.z_pending: set[str] = set()
+        # Split halves: even and odd batches add into their own sums (the g_sum, y_sum and z_sum
+        # above point at the current batch's), so the halves cost memory, not arithmetic;
+        # finish_halves() adds the odd ones into the even ones, which become the totals.
+        self.halves = [(self.g_sum, self.y_sum, self.z_sum), ({}, {}, {})] if split_halves else None
+        self.half_counts = [[0, 0], [0, 0]]  # [sequences, tokens] of the even and of the odd batches
+        self.batches = self.parity = 0
 
     def start_batch(self, mask: torch.Tensor) -> None:
+        self.parity = self.batches % 2
+        self.batches += 1
+        if self.halves is not None:
+            self.g_sum, self.y_sum, self.z_sum = self.halves[self.parity]
         self.mask = mask.reshape(-1)
         # Without padding the kernels need no mask: on CPU masking copies both operands of every
         # product (0.9 of 41.5 s of a SmolLM2 pass, measured); one test per batch.
@@ -72,6 +83,27 @@ class Accumulator:
         self.inputs.clear()
         self.seen.clear()
         self.calls.clear()
+
+    def count(self, sequences: int, tokens: int) -> None:
+        """What the current batch added, for its half's counts."""
+        self.half_counts[self.parity][0] += sequences
+        self.half_counts[self.parity][1] += tokens
+
+    def finish_halves(self) -> tuple[dict, dict, dict] | None:
+        """After the last batch: the totals in g_sum, y_sum and z_sum, and the odd batches' sums
+        returned (None without halves, or with fewer than two batches)."""
+        if self.halves is None:
+            return None
+        (g, y, z), odd = self.halves
+        self.g_sum, self.y_sum, self.z_sum = g, y, z
+        for total, part in zip((g, y, z), odd):
+            for key, t in part.items():
+                if key in total:
+                    total[key] += t
+                else:  # a layer reached in odd batches only
+                    total[key] = t.clone()
+        self.halves = None
+        return odd if self.batches > 1 else None
 
     def flush_pending(self) -> None:
         """Add the Z of input groups whose first layer got no backward in this batch."""

@@ -15,6 +15,7 @@ FACTORS = ("G", "Y", "Z")
 # Version 2 may leave factors out; version 1 files always hold all three and are still read.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+HALF_PREFIX = "half/"  # the kept half's sums, beside the totals (same layers, same factors)
 
 
 def check_factors(factors) -> frozenset:
@@ -67,13 +68,17 @@ class Statistics:
     num_sequences: int
     y_factor: str | None  # None when Y was not collected
     meta: dict = field(default_factory=dict)
+    # The sums of every second batch (the odd ones), for the split-half stability of the solve
+    # (:mod:`loradafast.methods.stability`); the other half is these sums' complement.  None: not kept.
+    half: "Statistics | None" = None
 
     def __repr__(self) -> str:  # no tensors: a model's statistics are gigabytes
         widths = sorted({(s.in_features, s.out_features) for s in self.layers.values()})
         shown = ", ".join(f"{i}→{o}" for i, o in widths[:4]) + (", ..." if len(widths) > 4 else "")
         return (f"Statistics({len(self.layers)} layers, {len(self.z_sums)} input groups, "
                 f"factors={''.join(sorted(self.factors)) or 'none'}, {self.num_sequences} sequences, "
-                f"{self.num_tokens} tokens, y_factor={self.y_factor!r}, {self.nbytes / 2**20:.1f} MiB, "
+                f"{self.num_tokens} tokens, y_factor={self.y_factor!r}, {self.nbytes / 2**20:.1f} MiB"
+                f"{'' if self.half is None else ' + a kept half'}, "
                 f"shapes: {shown}, model={self.meta.get('model_class')!r})")
 
     @property
@@ -116,32 +121,51 @@ class Statistics:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the sums."""
+        """Bytes held by the sums of the totals (a kept half holds as many more: ``half.nbytes``)."""
         tensors = [t for s in self.layers.values() for t in (s.g_sum, s.y_sum) if t is not None]
         return sum(t.numel() * t.element_size() for t in [*tensors, *self.z_sums.values()])
 
     def to(self, device) -> "Statistics":
-        def move(t):
-            return None if t is None else t.to(device)
+        return self._mapped(lambda t: t.to(device), self.half.to(device) if self.half is not None else None)
+
+    def _mapped(self, fn, half) -> "Statistics":
+        def apply(t):
+            return None if t is None else fn(t)
 
         layers = {
-            n: LayerStats(s.name, s.in_features, s.out_features, move(s.g_sum), move(s.y_sum), s.input_group, s.kind)
+            n: LayerStats(s.name, s.in_features, s.out_features, apply(s.g_sum), apply(s.y_sum), s.input_group, s.kind)
             for n, s in self.layers.items()
         }
-        z = {k: v.to(device) for k, v in self.z_sums.items()}
-        return Statistics(layers, z, self.num_tokens, self.num_sequences, self.y_factor, dict(self.meta))
+        z = {k: fn(v) for k, v in self.z_sums.items()}
+        return Statistics(layers, z, self.num_tokens, self.num_sequences, self.y_factor, dict(self.meta), half)
+
+    def halves(self) -> "tuple[Statistics, Statistics] | None":
+        """The statistics of the even batches and of the odd ones (each without a half of its own),
+        for the layers held here; None where no half was kept or one of them is empty.  The even
+        half is computed as the total less the odd one: one more copy of the sums, transiently."""
+        half = self.half
+        if half is None or not 0 < half.num_sequences < self.num_sequences:
+            return None
+        odd = half._mapped(lambda t: t, None)
+        odd.layers = {n: odd.layers[n] for n in self.layers}
+        odd.z_sums = {k: half.z_sums[k] for k in self.z_sums}
+        odd.meta = dict(self.meta)
+        even = Statistics(
+            {n: LayerStats(s.name, s.in_features, s.out_features, _less(s.g_sum, odd.layers[n].g_sum),
+                           _less(s.y_sum, odd.layers[n].y_sum), s.input_group, s.kind)
+             for n, s in self.layers.items()},
+            {k: z - odd.z_sums[k] for k, z in self.z_sums.items()},
+            self.num_tokens - half.num_tokens, self.num_sequences - half.num_sequences, self.y_factor,
+            dict(self.meta))
+        return even, odd
 
     def save(self, path) -> None:
         """One safetensors file; counts, layer shapes and provenance in its metadata."""
         from safetensors.torch import save_file
 
-        tensors = {}
-        for name, s in self.layers.items():
-            for prefix, t in (("g", s.g_sum), ("y", s.y_sum)):
-                if t is not None:
-                    tensors[f"{prefix}/{name}"] = t.contiguous().cpu()
-        for key, z in self.z_sums.items():
-            tensors[f"z/{key}"] = z.contiguous().cpu()
+        tensors = self._tensors("")
+        if self.half is not None:
+            tensors.update(self.half._tensors(HALF_PREFIX))
         header = {
             "format": "loradafast.statistics",
             "format_version": FORMAT_VERSION,
@@ -151,8 +175,19 @@ class Statistics:
             "factors": sorted(self.factors),
             "layers": {n: [s.in_features, s.out_features, s.input_group, s.kind] for n, s in self.layers.items()},
             "meta": self.meta,
+            "half": None if self.half is None else [self.half.num_tokens, self.half.num_sequences],
         }
         save_file(tensors, str(path), metadata={"loradafast": json.dumps(header)})
+
+    def _tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, s in self.layers.items():
+            for factor, t in (("g", s.g_sum), ("y", s.y_sum)):
+                if t is not None:
+                    tensors[f"{prefix}{factor}/{name}"] = t.contiguous().cpu()
+        for key, z in self.z_sums.items():
+            tensors[f"{prefix}z/{key}"] = z.contiguous().cpu()
+        return tensors
 
     @classmethod
     def load(cls, path) -> "Statistics":
@@ -184,34 +219,45 @@ class Statistics:
                     f"loradafast reads versions {READABLE_VERSIONS}; collect the statistics again"
                 )
             factors = set(header.get("factors", FACTORS))
-            layers = {}
-            z_sums = {}
+            stats = cls(*_read_sums(f, path, header, factors, ""), header["y_factor"], header.get("meta", {}))
+            if header.get("half") is not None:
+                stats.half = cls(*_read_sums(f, path, header, factors, HALF_PREFIX, header["half"]), header["y_factor"])
+        return stats
 
-            def tensor(factor, key, shape):
-                if factor not in factors:
-                    return None
-                t = f.get_tensor(key)
-                if tuple(t.shape) != shape or t.dtype != torch.float32:
-                    raise ValueError(f"{path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, its header says float32 "
-                                     f"{shape}; the file is damaged or was edited: delete it and collect again")
-                return t
 
-            y_shape = {"diag": lambda out: (out,), "full": lambda out: (out, out)}.get(header["y_factor"])
-            if "Y" in factors and y_shape is None:
-                raise ValueError(f"{path}: y_factor {header['y_factor']!r} in the header is neither 'diag' nor 'full'")
-            # Each layer's entry is [in, out, input group, kind] (the input group was called z_key).
-            for name, (fin, fout, group, kind) in header["layers"].items():
-                layers[name] = LayerStats(name, fin, fout, tensor("G", f"g/{name}", (fout, fin)),
-                                          tensor("Y", f"y/{name}", y_shape(fout) if y_shape else None), group, kind)
-                if "Z" in factors and group not in z_sums:
-                    z_sums[group] = tensor("Z", f"z/{group}", (fin, fin))
-                elif "Z" in factors and z_sums[group].shape[0] != fin:
-                    raise ValueError(f"{path}: layer {name!r} is {fin} wide but reads input group {group!r}, which is "
-                                     f"{z_sums[group].shape[0]} wide; the file is damaged: delete it and collect again")
-        counts = header["num_tokens"], header["num_sequences"]
-        if not all(isinstance(c, int) and c >= 0 for c in counts):
-            raise ValueError(f"{path}: the header's counts {counts} are not token and sequence counts")
-        return cls(layers, z_sums, *counts, header["y_factor"], header.get("meta", {}))
+def _read_sums(f, path: Path, header: dict, factors: set, prefix: str, counts=None) -> tuple:
+    """(layers, z_sums, num_tokens, num_sequences) of one set of sums in an open statistics file."""
+    layers, z_sums = {}, {}
+
+    def tensor(factor, key, shape):
+        if factor not in factors:
+            return None
+        t = f.get_tensor(prefix + key)
+        if tuple(t.shape) != shape or t.dtype != torch.float32:
+            raise ValueError(f"{path}: tensor {prefix + key!r} is {t.dtype} {tuple(t.shape)}, its header says float32 "
+                             f"{shape}; the file is damaged or was edited: delete it and collect again")
+        return t
+
+    y_shape = {"diag": lambda out: (out,), "full": lambda out: (out, out)}.get(header["y_factor"])
+    if "Y" in factors and y_shape is None:
+        raise ValueError(f"{path}: y_factor {header['y_factor']!r} in the header is neither 'diag' nor 'full'")
+    # Each layer's entry is [in, out, input group, kind] (the input group was called z_key).
+    for name, (fin, fout, group, kind) in header["layers"].items():
+        layers[name] = LayerStats(name, fin, fout, tensor("G", f"g/{name}", (fout, fin)),
+                                  tensor("Y", f"y/{name}", y_shape(fout) if y_shape else None), group, kind)
+        if "Z" in factors and group not in z_sums:
+            z_sums[group] = tensor("Z", f"z/{group}", (fin, fin))
+        elif "Z" in factors and z_sums[group].shape[0] != fin:
+            raise ValueError(f"{path}: layer {name!r} is {fin} wide but reads input group {group!r}, which is "
+                             f"{z_sums[group].shape[0]} wide; the file is damaged: delete it and collect again")
+    counts = (header["num_tokens"], header["num_sequences"]) if counts is None else tuple(counts)
+    if not (len(counts) == 2 and all(isinstance(c, int) and c >= 0 for c in counts)):
+        raise ValueError(f"{path}: the header's counts {counts} are not token and sequence counts")
+    return layers, z_sums, *counts
+
+
+def _less(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
+    return None if total is None else total - part
 
 
 def _divided(total: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
