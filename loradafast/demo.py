@@ -70,6 +70,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import loradafast
+    from loradafast.methods import stability
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -93,6 +94,11 @@ def main(argv=None) -> None:
           f"apply {t['apply_s']:.3f}s | total {t['total_s']:.1f}s")
     worst = max(layer.diagnostics["residual"] for layer in result.layers.values())
     print(f"largest eigen-residual ‖ΩX−XΛ‖/‖Ω‖: {worst:.1e}")
+    halves = stability.summary(result.layers)
+    if halves is not None:
+        print(f"split-half stability ({t.get('split_half_s', 0.0):.1f}s): the subspaces solved from two halves of the "
+              f"samples share a median {halves['median_overlap']:.1%} of their span (unrelated: "
+              f"{halves['median_random']:.1%}); {halves['supported']} of {halves['layers']} layers reach 50%")
 
     out = result.save(args.output)
     from peft import PeftModel

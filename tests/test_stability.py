@@ -81,7 +81,7 @@ def test_noise_is_flagged_and_a_planted_direction_is_not(method):
 
 def test_mostly_noise_warns_with_the_figure_and_what_to_do():
     stats = _statistics(planted=1, noise=3)
-    with pytest.warns(UserWarning, match=r"barely determine.*median .*%.*1 of 4 layers.*more samples.*gradient='raw'"):
+    with pytest.warns(UserWarning, match=r"barely determine.*median .*%.*1 of 4 layers.*damping=10.*lora-one"):
         loradafast.solve(stats, RANK)
 
 

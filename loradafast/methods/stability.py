@@ -85,8 +85,12 @@ def warn_if_unsupported(layers: dict[str, LayerInit], method: str, num_sequences
     data = f" from {num_sequences} sequences" if num_sequences else ""
     advice = "pass more samples (max_samples, a larger loader)"
     if method == "lora-da":
-        advice += (", or try gradient='raw' (no Fisher preconditioning; its subspaces are far more stable) or a "
-                   "relative damping (damping_mode='relative', damping=1e-2)")
+        # Why this advice: the split-half study (benchmarks/README.md) found Zλ⁻¹ amplifying the
+        # gradient's noise along the input directions of least variance; a strong damping of Z, or
+        # no Z⁻¹ at all, made the halves agree where more data barely did.
+        advice = ("more samples help little here (Zλ⁻¹ amplifies the gradient's noise along the input directions "
+                  "of least variance): try a strong relative damping (damping_mode='relative', damping=10), or "
+                  "method='lora-one', whose subspaces the same data determine far better")
     warnings.warn(
         f"loradafast: the data{data} barely determine the {method} subspaces: two halves of the samples give "
         f"subspaces sharing a median {s['median_overlap']:.1%} of their span (unrelated subspaces share about "
