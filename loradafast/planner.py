@@ -137,20 +137,25 @@ def parse_bytes(value) -> int | None:
 
 
 def default_budget(device) -> tuple[int | None, str]:
-    """Free memory of ``device`` less :data:`DEFAULT_MARGIN` of its total, and where it came from.
-    On CUDA the allocator's cached but unused blocks count as free; on CPU the kernel's
+    """Free memory of ``device`` less :data:`DEFAULT_MARGIN` of it, and where it came from (a margin
+    of the *total* left nothing, and refused a small job, wherever less than that was free).  On
+    CUDA the allocator's cached but unused blocks count as free; on CPU the kernel's
     ``MemAvailable``; elsewhere no limit."""
     device = torch.device(device)
-    margin = f"less a {DEFAULT_MARGIN:.0%} margin"
+    margin = f"less {DEFAULT_MARGIN:.0%}"
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return max(int(free - DEFAULT_MARGIN * total), 1), f"free CUDA memory {margin}"
+        return _less_margin(free, total), f"free CUDA memory {margin}"
     if device.type == "cpu":
         available, total = _host_memory()
         if available is not None:
-            return max(int(available - DEFAULT_MARGIN * total), 1), f"available RAM {margin}"
+            return _less_margin(available, total), f"available RAM {margin}"
     return None, f"free memory of {device.type} unknown: no limit"
+
+
+def _less_margin(free: int, total: int) -> int:
+    return max(int((1 - DEFAULT_MARGIN) * min(free, total)), 1)
 
 
 def _host_memory() -> tuple[int | None, int | None]:

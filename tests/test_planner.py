@@ -196,6 +196,18 @@ def test_default_budget_on_cpu():
     assert budget is None or (budget > 0 and "RAM" in source)
 
 
+def test_default_budget_never_refuses_a_small_job(monkeypatch):
+    # 10 GB free of 128 GB: "free less 10 % of the total" was 1 byte, which refused an 810 KB job.
+    monkeypatch.setattr(planner, "_host_memory", lambda: (10 * 2**30, 128 * 2**30))
+    budget, _ = planner.default_budget("cpu")
+    assert budget == int(0.9 * 10 * 2**30)
+    model = tiny_llama()
+    result = loradafast.initialize(model, padded_batches(random_sequences(4), 2), 2, progress=False)
+    assert result.plan.budget_bytes == budget and result.plan.num_passes == 1
+    monkeypatch.setattr(planner, "_host_memory", lambda: (100 * 2**30, 128 * 2**30))
+    assert planner.default_budget("cpu")[0] == int(0.9 * 100 * 2**30)
+
+
 def test_plans_from_shapes():
     shapes = planner.llama_shapes(4096, 11008, 32)
     assert len(shapes) == 224
