@@ -126,17 +126,15 @@ class Statistics:
         return sum(t.numel() * t.element_size() for t in [*tensors, *self.z_sums.values()])
 
     def to(self, device) -> "Statistics":
-        return self._mapped(lambda t: t.to(device), self.half.to(device) if self.half is not None else None)
-
-    def _mapped(self, fn, half) -> "Statistics":
-        def apply(t):
-            return None if t is None else fn(t)
+        def move(t):
+            return None if t is None else t.to(device)
 
         layers = {
-            n: LayerStats(s.name, s.in_features, s.out_features, apply(s.g_sum), apply(s.y_sum), s.input_group, s.kind)
+            n: LayerStats(s.name, s.in_features, s.out_features, move(s.g_sum), move(s.y_sum), s.input_group, s.kind)
             for n, s in self.layers.items()
         }
-        z = {k: fn(v) for k, v in self.z_sums.items()}
+        z = {k: v.to(device) for k, v in self.z_sums.items()}
+        half = self.half.to(device) if self.half is not None else None
         return Statistics(layers, z, self.num_tokens, self.num_sequences, self.y_factor, dict(self.meta), half)
 
     def halves(self) -> "tuple[Statistics, Statistics] | None":
@@ -146,10 +144,8 @@ class Statistics:
         half = self.half
         if half is None or not 0 < half.num_sequences < self.num_sequences:
             return None
-        odd = half._mapped(lambda t: t, None)
-        odd.layers = {n: odd.layers[n] for n in self.layers}
-        odd.z_sums = {k: half.z_sums[k] for k in self.z_sums}
-        odd.meta = dict(self.meta)
+        odd = Statistics({n: half.layers[n] for n in self.layers}, {k: half.z_sums[k] for k in self.z_sums},
+                         half.num_tokens, half.num_sequences, self.y_factor, dict(self.meta))
         even = Statistics(
             {n: LayerStats(s.name, s.in_features, s.out_features, _less(s.g_sum, odd.layers[n].g_sum),
                            _less(s.y_sum, odd.layers[n].y_sum), s.input_group, s.kind)
