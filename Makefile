@@ -44,21 +44,24 @@ demo: $(STAMP)
 	$(PY) -m loradafast.demo
 
 # The micro-benchmarks (kernels, eigensolver, solve stages): a pytest-benchmark suite in
-# tests/benchmarks/.  Its files are named bench_*.py, so `make test` does not collect them; here
-# python_files selects them.  The device is cuda when a GPU is visible, else cpu; BENCH_ARGS adds
-# pytest options (e.g. BENCH_ARGS="-k kfac"); BENCH_THREADS sets the CPU threads (default 1).
+# benchmarks/micro/.  `make test` does not collect them (testpaths is tests/, and the files are
+# named bench_*.py); here python_files selects them.  The device is cuda when a GPU is visible,
+# else cpu; BENCH_ARGS adds pytest options (e.g. BENCH_ARGS="-k kfac"); BENCH_THREADS sets the
+# CPU threads (default 1).
 BENCH_ARGS ?=
 bench: $(STAMP)
 	@dev=$$($(PY) -c "import sys; sys.path.insert(0, 'benchmarks'); from _common import default_device, device_slug; print(device_slug(default_device()))"); \
 	mkdir -p benchmarks/results; \
-	$(PY) -m pytest tests/benchmarks -q -p no:cacheprovider -o python_files='bench_*.py' \
+	$(PY) -m pytest benchmarks/micro -q -p no:cacheprovider -o python_files='bench_*.py' \
 		--benchmark-min-rounds=3 --benchmark-max-time=0.5 --benchmark-columns=min,median,iqr,rounds \
 		--benchmark-json=benchmarks/results/micro_$$dev.json $(BENCH_ARGS)
 
-# Every GPU figure in one command, on a CUDA machine that already has torch, triton and peft (no
-# venv, no network): GPU tests and the kernel, eigen, scale, solve and overhead benchmarks, into
-# benchmarks/results/gpu_report/ (docs/gpu.md).  GPU_REPORT_ARGS="--profile lease --pack DIR" fits
-# one 10-minute command on a GPU lent for minutes; GPU_PYTHON chooses the interpreter.
+# Every GPU figure in one command, on a CUDA machine that already has torch and triton (no venv, no
+# network; the steps that need transformers and peft skip without them): the kernels' tests and
+# speed, the native build, the CUDA tests, the scale solve, the overhead and the eigensolver, into
+# benchmarks/results/gpu_report/ (docs/gpu.md).  The same as `python benchmarks/gpu_report.py`.
+# GPU_REPORT_ARGS="--profile lease --pack DIR" fits one 10-minute command on a GPU lent for
+# minutes, everything under DIR; GPU_PYTHON chooses the interpreter.
 GPU_PYTHON ?= python3
 GPU_REPORT_ARGS ?=
 gpu-report:

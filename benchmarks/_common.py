@@ -1,4 +1,4 @@
-"""The benchmark harness shared by every script in benchmarks/ and by tests/benchmarks/.
+"""The benchmark harness shared by every script in benchmarks/ and by the micro-suite in benchmarks/micro/.
 
 * the machine: :func:`device_name`, :func:`device_slug`, :func:`environment` (device, versions,
   date, threads, git state);

@@ -3,6 +3,7 @@
     python benchmarks/bench_scale.py                       # CPU proxy: widths ×1/4, ×1/2, ×1, 1 thread
     python benchmarks/bench_scale.py --scales 0.25 --dense # also the float64 dense solve, for sin θ
     python benchmarks/bench_scale.py --device cuda         # the same on a GPU
+    python benchmarks/bench_scale.py --blocks 4 --spectra decay,tokens,flat   # 4 blocks, solved as one batch
 
 One block: q, k, v, o 4096×4096; gate, up 4096→11008; down 11008→4096 (×scale), rank 8.  The
 statistics are synthetic, in two spectra:
@@ -11,6 +12,14 @@ statistics are synthetic, in two spectra:
   rest of Z is zero, as with fewer tokens than inputs); G and Y random (the issue's set-up).
 * ``tokens``: Z and G from 2,048 synthetic tokens whose inputs have that spectrum, so that G lies
   in the row space of Z as real gradients do.
+* ``flat``: Δ without low-rank structure, the hard case for the eigensolve: Z full rank with
+  eigenvalues from 1 to 0.1, G Gaussian, Y's diagonal spread over three decades.
+
+``--blocks N`` stacks N blocks of that shape (block ``b`` drawn from seed ``b``), solved together
+as the solve batches them; the ratio is then to N forward+backwards.  Each solve is also run once
+more under an op counter, untimed: aten ops and host synchronisations (as tests/syncs.py defines
+them).  ``--fp32-effect``: how far rounding the sums to fp32 (what collect() keeps) moves each
+layer's subspace (dense float64 solves from float64 and from fp32 sums; O(n³), small scales).
 
 Side by side in one run: ``loradafast.solve`` (per-stage times from the diagnostics) and one
 forward+backward of a transformers ``LlamaDecoderLayer`` over 2,048 tokens (input gradients
@@ -46,8 +55,17 @@ BLOCK = {"q": ("h", "h", "attn"), "k": ("h", "h", "attn"), "v": ("h", "h", "attn
          "gate": ("h", "i", "mlp"), "up": ("h", "i", "mlp"), "down": ("i", "h", "down")}
 
 
-def synthetic_stats(hidden: int, inter: int, spectrum: str, device, seed: int = 0) -> Statistics:
-    """Sums over TOKENS tokens, as collect() leaves them (fp32)."""
+def synthetic_stats(hidden: int, inter: int, spectrum: str, device, seed: int = 0, blocks: int = 1,
+                    sums_dtype: torch.dtype = torch.float32) -> Statistics:
+    """Sums over TOKENS tokens, as collect() leaves them (fp32; ``sums_dtype`` float64 to measure
+    what that rounding does), for ``blocks`` blocks (block ``b`` from seed ``seed + b``)."""
+    if blocks > 1:
+        parts = [synthetic_stats(hidden, inter, spectrum, device, seed + b, 1, sums_dtype) for b in range(blocks)]
+        layers = {f"b{b}.{n}": LayerStats(f"b{b}.{n}", s.in_features, s.out_features, s.g_sum, s.y_sum,
+                                          f"b{b}.{s.input_group}") for b, part in enumerate(parts)
+                  for n, s in part.layers.items()}
+        z_sums = {f"b{b}.{k}": z for b, part in enumerate(parts) for k, z in part.z_sums.items()}
+        return Statistics(layers, z_sums, TOKENS, TOKENS // 1024 * 8, "diag", {})
     g = torch.Generator(device=device).manual_seed(seed)
     dims = {"h": hidden, "i": inter}
 
@@ -57,25 +75,34 @@ def synthetic_stats(hidden: int, inter: int, spectrum: str, device, seed: int = 
     inputs, z_sums, layers = {}, {}, {}
     for name, (fin, fout, key) in BLOCK.items():
         n, out = dims[fin], dims[fout]
+        if spectrum == "flat":
+            if key not in z_sums:
+                spec = torch.logspace(0, -1, n, device=device, dtype=torch.float64)
+                z_sums[key] = torch.diag(spec * TOKENS).to(sums_dtype)
+            spread = torch.logspace(0, -3, out, device=device, dtype=torch.float64)
+            spread = spread[torch.randperm(out, generator=torch.Generator().manual_seed(seed)).to(device)]
+            layers[name] = LayerStats(name, n, out, (randn(out, n) * 1e-3 * TOKENS).to(sums_dtype),
+                                      (spread * 1e-4 * TOKENS).to(sums_dtype), key)
+            continue
         if key not in inputs:
             k = min(n, 2048)
             spec = torch.logspace(0, -6, k, device=device, dtype=torch.float64)
             basis, _ = torch.linalg.qr(randn(n, k))
             if spectrum == "decay":
-                z_sums[key] = (((basis * spec) @ basis.T) * TOKENS).float()
+                z_sums[key] = (((basis * spec) @ basis.T) * TOKENS).to(sums_dtype)
             else:  # tokens with that covariance
                 x = (randn(TOKENS, k) * spec.sqrt()) @ basis.T
                 inputs[key] = x
-                z_sums[key] = (x.T @ x).float()
+                z_sums[key] = (x.T @ x).to(sums_dtype)
             inputs.setdefault(key, None)
         if spectrum == "decay":
-            g_sum = (randn(out, n) * 1e-3 * TOKENS).float()
+            g_sum = (randn(out, n) * 1e-3 * TOKENS).to(sums_dtype)
             y_sum = torch.rand(out, device=device, dtype=torch.float64, generator=g) * 1e-4 * TOKENS + 1e-8
         else:
             grads = randn(TOKENS, out) * 1e-2
-            g_sum = (grads.T @ inputs[key]).float()
+            g_sum = (grads.T @ inputs[key]).to(sums_dtype)
             y_sum = (grads * grads).sum(0)
-        layers[name] = LayerStats(name, n, out, g_sum, y_sum.float(), key)
+        layers[name] = LayerStats(name, n, out, g_sum, y_sum.to(sums_dtype), key)
     return Statistics(layers, z_sums, TOKENS, TOKENS // 1024 * 8, "diag", {})
 
 
@@ -128,18 +155,54 @@ def _solve_once(stats, device, dtype, eigensolver):
         result, total = timed(lambda: loradafast.solve(stats, 8, dtype=dtype, device=device,
                                                        eigensolver=eigensolver), device)
     stages: dict[str, float] = {}
-    groups = {layer.diagnostics.get("input_group"): layer.diagnostics.get("group_times_s", {})
-              for layer in result.layers.values()}
-    for times in groups.values():
-        for k, v in times.items():
+    # A batch's stage times are shared by all its layers: counted once per batch.
+    batches = {tuple(sorted(layer.diagnostics.get("group_times_s", {}).items())) for layer in result.layers.values()}
+    for times in batches:
+        for k, v in times:
             stages[k] = stages.get(k, 0.0) + v
     per_layer = {name: {k: layer.diagnostics.get(k) for k in (
         "eigensolver", "eigensolver_iterations", "eigensolver_fallback", "residual", "residual_tol", "residual_floor",
         "sigma_iterations", "preconditioner_factorisations", "z_condition_estimate")}
         for name, layer in result.layers.items()}
-    return result, {"seconds": total, "stages_s": stages, "layers": per_layer,
+    iterations = [layer.diagnostics.get("eigensolver_iterations") or 0 for layer in result.layers.values()]
+    return result, {"seconds": total, "stages_s": stages, "layers": per_layer, "batches": len(batches),
+                    "max_eigensolver_iterations": max(iterations),
                     "warnings": [str(w.message).splitlines()[0] for w in caught],
                     "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+
+
+def counted_solve(stats, device, dtype, eigensolver="auto", mixed=None) -> dict:
+    """Aten ops and host synchronisations of one more (untimed) solve."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from syncs import SyncCounter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.total += 1
+            return func(*args, **(kwargs or {}))
+
+    syncs = SyncCounter()
+    with warnings.catch_warnings(), Ops(), syncs:
+        warnings.simplefilter("ignore")
+        solve_once(stats, device, dtype, eigensolver, mixed)
+    return {"aten_ops": Ops.total, "host_syncs": syncs.total}
+
+
+def fp32_effect(hidden: int, inter: int, spectrum: str, device, scale: float) -> dict:
+    """sin θ between each layer's subspace solved (dense, float64) from float64 sums and from the
+    same sums rounded to fp32, as collect() keeps them."""
+    exact = synthetic_stats(hidden, inter, spectrum, device, sums_dtype=torch.float64)
+    rounded = synthetic_stats(hidden, inter, spectrum, device, sums_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = loradafast.solve(exact, 8, eigensolver="dense", device=device)
+        b = loradafast.solve(rounded, 8, eigensolver="dense", device=device)
+    sines = {n: span_sine(a.layers[n].lora_A.T, b.layers[n].lora_A.T) for n in a.layers}
+    return {"scale": scale, "hidden": hidden, "intermediate": inter, "spectrum": spectrum, "sin_theta_fp32_sums": sines,
+            "z_condition_estimate": {n: a.layers[n].diagnostics["z_condition_estimate"] for n in a.layers}}
 
 
 def main(argv=None):
@@ -153,6 +216,10 @@ def main(argv=None):
     ap.add_argument("--dense", action="store_true", help="also the float64 dense solve, for sin θ (O(n³))")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dense-max-n", type=int, default=None, help="override lora_da_solve.CPU_DENSE_MAX_N")
+    ap.add_argument("--blocks", type=int, default=1, help="a stack of N identically shaped blocks, solved together")
+    ap.add_argument("--no-count", action="store_true", help="skip the untimed counted solve (ops, syncs)")
+    ap.add_argument("--fp32-effect", action="store_true",
+                    help="only measure how far fp32 sums move each subspace (dense float64 solves)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -174,7 +241,17 @@ def main(argv=None):
         "torch": env["torch"], "python": env["python"], "rank": 8, "tokens": TOKENS,
         "cpu_dense_max_n": lora_da_solve.CPU_DENSE_MAX_N, "runs": runs,
     }
+    record["blocks"] = args.blocks
     path = results_path("scale", device, args.out)
+    if args.fp32_effect:
+        record["benchmark"] = "bench_scale --fp32-effect"
+        for scale in [float(s) for s in args.scales.split(",")]:
+            for spectrum in args.spectra.split(","):
+                runs.append(fp32_effect(int(HIDDEN * scale), int(INTERMEDIATE * scale), spectrum, device, scale))
+                print(runs[-1], flush=True)
+                write_json(record, path, indent=1, quiet=True)
+        write_json(record, path, indent=1)
+        return
     for scale in [float(s) for s in args.scales.split(",")]:
         hidden, inter = int(HIDDEN * scale), int(INTERMEDIATE * scale)
         block = block_forward_backward(hidden, inter, device)
@@ -186,7 +263,7 @@ def main(argv=None):
             # speed drifts by tens of percent over minutes.
             before = fwd_bwd()
             print(f"scale {scale}: block fwd+bwd over {TOKENS} tokens {before:.2f}s", flush=True)
-            stats = synthetic_stats(hidden, inter, spectrum, device)
+            stats = synthetic_stats(hidden, inter, spectrum, device, blocks=args.blocks)
             reference = None
             if args.dense:
                 reference, ref_info = solve_once(stats, device, torch.float64, "dense")
@@ -197,10 +274,15 @@ def main(argv=None):
                     info["sin_theta_vs_dense_f64"] = {
                         n: span_sine(result.layers[n].lora_A.T, reference.layers[n].lora_A.T) for n in result.layers}
                     info["dense_f64_seconds"] = ref_info["seconds"]
-                info.update(scale=scale, hidden=hidden, intermediate=inter, spectrum=spectrum, dtype=dtype_name)
+                info.update(scale=scale, hidden=hidden, intermediate=inter, spectrum=spectrum, dtype=dtype_name,
+                            blocks=args.blocks)
+                if not args.no_count:
+                    info.update(counted_solve(stats, device, *_working_dtype(dtype_name)))
                 sines = info.get("sin_theta_vs_dense_f64")
                 print(f"  {spectrum} {dtype_name}: solve {info['seconds']:.1f}s "
-                      f"= {info['seconds'] / before:.2f}× the fwd+bwd before; "
+                      f"= {info['seconds'] / (args.blocks * before):.2f}× the fwd+bwd before (per block); "
+                      f"{info.get('aten_ops')} ops, {info.get('host_syncs')} syncs, "
+                      f"{info['max_eigensolver_iterations']} iterations at most; "
                       f"stages {({k: round(v, 2) for k, v in info['stages_s'].items()})}"
                       + (f"; max sin θ {max(sines.values()):.1e}" if sines else ""), flush=True)
                 runs.append(info)
@@ -209,7 +291,7 @@ def main(argv=None):
             print(f"  block fwd+bwd after: {after:.2f}s (ratios against the mean, {fb:.2f}s)", flush=True)
             for info in runs[len(runs) - len(args.dtypes.split(",")):]:
                 info.update(block_fwd_bwd_s=fb, block_fwd_bwd_before_after_s=[before, after],
-                            ratio=info["seconds"] / fb)
+                            ratio=info["seconds"] / (args.blocks * fb))
             record["load_average"] = list(os.getloadavg())
             write_json(record, path, indent=1, quiet=True)  # a run cut off from outside keeps each spectrum
     write_json(record, path, indent=1)

@@ -8,7 +8,7 @@ Defaults per model (each overridable per model, e.g. ``--samples tiny=64,smollm2
 tiny 32 × 64 tokens, batch 8, 5 repetitions; SmolLM2 16 × 128 tokens, batch 8, 2 repetitions;
 Llama-2-7B shape 256 × 1024 tokens, batch 2, 3 repetitions.  On CPU the workers run with
 one torch thread (``--threads``): on a small shared machine, OpenMP teams stall at every barrier
-when another process takes a core, which made 2-thread timings swing by 50× in trial runs.
+when another process takes a core (measured: benchmarks/README.md, "One torch thread on CPU").
 
 Every method runs on the same model, the same samples and the same device, in ONE run of this
 script, and the methods are alternated: repetition i runs every method once, in the method order

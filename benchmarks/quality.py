@@ -56,6 +56,11 @@ METHODS = {
     "lora-da-full": {"kind": "stats", "method": "lora-da", "y_factor": "full", "parent": "lora-da"},
     "lora-da-beta0": {"kind": "stats", "method": "lora-da", "beta": 0.0, "parent": "lora-da"},
     "lora-da-raw": {"kind": "stats", "method": "lora-da", "gradient": "raw", "parent": "lora-da"},
+    # candidates for the default (issue 25): the split-half study's strong relative damping
+    "lora-da-rel10": {"kind": "stats", "method": "lora-da", "damping_mode": "relative", "damping": 10.0,
+                      "parent": "lora-da"},
+    "lora-da-rel1": {"kind": "stats", "method": "lora-da", "damping_mode": "relative", "damping": 1.0,
+                     "parent": "lora-da"},
     "lora-da-g16": {"kind": "gamma", "gamma": 16, "parent": "lora-da"},
     "lora-da-g64": {"kind": "gamma", "gamma": 64, "parent": "lora-da"},
     "lora-da-g256": {"kind": "gamma", "gamma": 256, "parent": "lora-da"},
@@ -71,10 +76,11 @@ PROFILES = {
         "ranks": [8], "steps": 12, "batch_size": 4, "seq_len": 128, "init_samples": 16,
         "heldout_eval": 24, "eval_len": 320, "em_problems": 20, "em_new_tokens": 96, "em_seeds": [1],
         "seeds": [0, 1, 2], "lrs": [3e-4, 1e-3, 3e-3], "extend_edges": 0, "warmup_frac": 0.1,
-        "swept": ["lora", "lora-da"],
+        # lora-da-rel10 and lora-one: the candidates for the default (issue 25), at 3 seeds
+        "swept": ["lora", "lora-da", "lora-da-rel10", "lora-one"],
         # most informative first (the run may be cut short); the γ variants and LoRA-FA reuse
         # lora-da's solve, the ablations re-solve
-        "inherited": ["lora-da-g16", "lora-one", "pissa", "lora-fa-da", "lora-fa-random", "lora-da-g256",
+        "inherited": ["lora-da-g16", "pissa", "lora-fa-da", "lora-fa-random", "lora-da-g256",
                       "lora-ga", "peft-lora-ga", "lora-da-beta0", "lora-da-raw", "lora-da-full", "milora",
                       "lora-fa-da-g16"],
         "eva_max_epochs": 3,
@@ -325,7 +331,7 @@ class Inits:
             info = {"total_s": res.timings["total_s"]}
         elif spec["kind"] == "stats":
             stats = self.stats(spec.get("y_factor", "diag"))
-            options = {k: spec[k] for k in ("beta", "gradient") if k in spec}
+            options = {k: spec[k] for k in ("beta", "gradient", "damping", "damping_mode") if k in spec}
             res = loradafast.solve(stats, self.rank, method=spec["method"], lora_alpha=alpha, **options)
             info = {"shared_pass_s": self.timings["shared_pass_full_y_s"], "solve_s": res.timings["solve_s"]}
         else:  # gamma: from lora-da's solve

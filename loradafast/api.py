@@ -290,8 +290,8 @@ def _peft_model_arguments(peft_config, args: tuple, loader, kwargs: dict):
                       "PEFT's: get_peft_model(model, lora_config, loader=loader)", DeprecationWarning, stacklevel=3)
         peft_config, loader, args = args[0], peft_config, args[1:]
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"get_peft_model(model, peft_config, ...) takes a peft.LoraConfig as its second argument (PEFT's "
-                        f"order), got {type(peft_config).__name__}; the data go as loader=... or stats=...")
+        raise TypeError(f"get_peft_model(model, peft_config, ...) takes a peft.LoraConfig as its second argument "
+                        f"(PEFT's order), got {type(peft_config).__name__}; the data go as loader=... or stats=...")
     if len(args) > len(PEFT_ARGUMENTS):
         raise TypeError(f"get_peft_model() takes at most {2 + len(PEFT_ARGUMENTS)} positional arguments (PEFT's)")
     peft_kwargs = dict(PEFT_ARGUMENTS)

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = _HelpFormatter
 
-    init = commands.add_parser("init", parents=[common], formatter_class=fmt, help="model + data -> PEFT adapter directory",
+    init = commands.add_parser("init", parents=[common], formatter_class=fmt,
+                               help="model + data -> PEFT adapter directory",
                                description="Run the data through the model once and save the initialised LoRA "
                                            "adapter as a PEFT adapter directory.")
     _model_arguments(init, data_required=False)
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--save-stats", metavar="FILE", help="also save the statistics there, for `loradafast solve`")
     init.set_defaults(run=run_init)
 
-    collect = commands.add_parser("collect", parents=[common], formatter_class=fmt, help="model + data -> statistics file",
+    collect = commands.add_parser("collect", parents=[common], formatter_class=fmt,
+                                  help="model + data -> statistics file",
                                   description="Run the statistics pass only and save the statistics (one "
                                               "safetensors file) for `loradafast solve`.")
     _model_arguments(collect, data_required=True)
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--out", required=True, metavar="FILE", help="the statistics file to write (.safetensors)")
     collect.set_defaults(run=run_collect)
 
-    solve = commands.add_parser("solve", parents=[common], formatter_class=fmt, help="statistics file -> PEFT adapter directory",
+    solve = commands.add_parser("solve", parents=[common], formatter_class=fmt,
+                                help="statistics file -> PEFT adapter directory",
                                 description="Turn statistics saved by `collect` (or `init --save-stats`) into a "
                                             "PEFT adapter, without running the model.")
     solve.add_argument("--stats", required=True, metavar="FILE", help="statistics file written by `collect`")
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_arguments(solve)
     solve.set_defaults(run=run_solve)
 
-    report = commands.add_parser("report", parents=[common], formatter_class=fmt, help="per-layer table and plots of an adapter",
+    report = commands.add_parser("report", parents=[common], formatter_class=fmt,
+                                 help="per-layer table and plots of an adapter",
                                  description="Write a per-layer table (layers.csv, report.md) and PNG plots "
                                              "(with matplotlib) of an adapter directory made by init or solve.")
     report.add_argument("directory", metavar="DIR", help="adapter directory written by `loradafast init` or `solve`")
@@ -121,15 +125,18 @@ def _model_arguments(p: argparse.ArgumentParser, *, data_required: bool) -> None
                    help="training samples: .jsonl (one JSON object per line), .json (a list of objects), a plain "
                         "text file (one sample per line), or a directory saved by datasets' save_to_disk"
                         + ("" if data_required else "; not needed by the weight-only methods lora, pissa, milora"))
-    g.add_argument("--text-field", default="text", metavar="FIELD", help="the field holding the text (JSON and datasets)")
-    g.add_argument("--prompt-field", metavar="FIELD", help="with --answer-field: prompt/answer pairs, the loss on the answer only")
+    g.add_argument("--text-field", default="text", metavar="FIELD",
+                   help="the field holding the text (JSON and datasets)")
+    g.add_argument("--prompt-field", metavar="FIELD",
+                   help="with --answer-field: prompt/answer pairs, the loss on the answer only")
     g.add_argument("--answer-field", metavar="FIELD", help="see --prompt-field")
     g.add_argument("--split", default="train", help="the split of a saved DatasetDict")
     g.add_argument("--max-samples", type=int, default=256, metavar="N",
                    help="sequences used for the statistics")
-    g.add_argument("--max-length", type=int, default=512, metavar="TOKENS", help="tokens per sequence at most (longer ones are cut)")
-    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="sequences per forward/backward (memory only: the "
-                                                             "statistics do not depend on it)")
+    g.add_argument("--max-length", type=int, default=512, metavar="TOKENS",
+                   help="tokens per sequence at most (longer ones are cut)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="sequences per forward/backward (memory only: the statistics do not depend on it)")
     g.add_argument("--no-split-halves", action="store_true",
                    help="keep no sums of every second batch: no split-half stability diagnostic (saves memory: it "
                         "is on by default where three times the statistics fit the device's free memory)")

@@ -17,6 +17,8 @@ import logging
 import torch
 from torch import nn
 
+from .layer_init import LayerInit
+
 
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -112,12 +114,10 @@ def weights_to_owners(targets, owners: dict[str, int]) -> dict[str, torch.Tensor
 
 
 def broadcast_layers(local: dict, names: list[str], owners: dict[str, int]) -> dict:
-    """Every layer's :class:`~loradafast.result.LayerInit`, from the ranks that solved them, on
+    """Every layer's :class:`~loradafast.layer_init.LayerInit`, from the ranks that solved them, on
     every rank.  ``local`` holds this rank's layers; the factors travel as one flat fp32 buffer per
     owner (``Σ r·(in + out)`` per layer), their diagnostics as small pickled objects."""
     import torch.distributed as dist
-
-    from .result import LayerInit
 
     me, world = rank(), world_size()
     device = _device_of(local)

@@ -38,6 +38,7 @@ KEYWORDS = {
     "gradient": "gradient",
     "eigensolver": "eigensolver",
     "residual_tol": "residual_tol",
+    "subspace_sine": "subspace_sine",
     "loraga_variant": "variant",
     "pissa_niter": "niter",
     "svd": "svd",
@@ -96,8 +97,12 @@ class LoraDAConfig(MethodConfig):
     ``gamma`` (the scale denominator), ``damping`` and ``damping_mode`` ("absolute" λ, or
     "relative": λ·mean(diag)), ``gradient`` ("fisher", or "raw": Δ = −G), ``y_factor`` (the Y the
     pass collects: "diag" or "full"; None: "diag", or whatever the statistics hold),
-    ``eigensolver`` ("auto", "lobpcg", "dense") and its ``residual_tol`` (None: from the
-    measured rounding of Ω).
+    ``eigensolver`` ("auto", "lobpcg", "dense") and its stopping rule: ``residual_tol`` (None:
+    from the measured rounding of Ω; a number is taken as given, e.g. 1e-10 for a tight solve) and
+    ``subspace_sine`` (where ``residual_tol`` is None, a layer also stops once Davis–Kahan bounds
+    the sine between its subspace and the exact one by this; None: no such test).  The default
+    1e-4 sits below what rounding the sums to fp32 moves an ill-conditioned layer's subspace by,
+    and far below what separates two halves of a few hundred samples (docs/design.md §4.8).
     """
 
     beta: float = 0.03
@@ -110,6 +115,7 @@ class LoraDAConfig(MethodConfig):
     gradient: str = "fisher"
     eigensolver: str = "auto"
     residual_tol: float | None = None
+    subspace_sine: float | None = 1e-4
 
     def __post_init__(self):
         super().__post_init__()
@@ -128,6 +134,8 @@ class LoraDAConfig(MethodConfig):
         check_choice("eigensolver", self.eigensolver, EIGENSOLVERS)
         if self.residual_tol is not None:
             _check_positive("residual_tol", self.residual_tol)
+        if self.subspace_sine is not None:
+            _check_positive("subspace_sine", self.subspace_sine)
 
 
 @dataclass(kw_only=True)

@@ -25,7 +25,8 @@ from . import distributed, planner
 from .methods.solver import solve_with
 from .result import InitResult
 from .statistics.collector import collect
-from .statistics.probe import _END, first_batch, input_groups
+from .statistics.batches import END
+from .statistics.probe import first_batch, input_groups
 from .targets import Target
 
 logger = logging.getLogger("loradafast")
@@ -39,7 +40,7 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
     started = time.perf_counter()
     y_factor = getattr(config, "y_factor", None) or "diag"
     device = _device(model)
-    budget, source = planner.resolve_budget(memory_budget, device)
+    budget, source = _budget(memory_budget, targets, device)
     memory = planner.MemoryModel(record.name, _collected(record), y_factor, config.dtype,
                                  getattr(config, "eigensolver", "lobpcg"), device.type, distributed.world_size())
     groups, notes = {t.name: t.name for t in targets}, []
@@ -73,6 +74,7 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
         if budget is None:  # the plan's groups were guesses: remake it with the pass's own
             plan = _replanned(plan, shapes, stats, memory)
         _announce(plan, progress)
+        solve_kw["workspace_budget"] = _workspace_budget(plan, plan.passes[0], bool(split_halves))
         result = _solve(record, config, stats, layout.rank, weights, solve_kw, targets)
     else:
         _announce(plan, progress)
@@ -110,7 +112,7 @@ def _probe(model, loader, targets, loss_fn) -> tuple[dict | None, Iterable, Base
     checks or the forward may fail on this rank alone, and the others wait in the gather."""
     try:
         batch, loader = first_batch(loader)
-        return (None if batch is _END else input_groups(model, batch, targets, loss_fn=loss_fn)), loader, None
+        return (None if batch is END else input_groups(model, batch, targets, loss_fn=loss_fn)), loader, None
     except Exception as e:  # noqa: BLE001 - every rank learns of it in _agreed_groups, then it is raised
         return None, loader, e
 
@@ -158,6 +160,37 @@ def _collected(record) -> frozenset:
     return frozenset(record.statistics)
 
 
+def _budget(memory_budget, targets: list[Target], device: torch.device) -> tuple[int | None, str]:
+    """The memory budget and its source, read on every device the targets' weights live on."""
+    devices = _target_devices(targets) or [device]
+    if memory_budget is not None or len(devices) == 1:
+        return planner.resolve_budget(memory_budget, devices[0])
+    # A model spread over devices (device_map): each layer's statistics and solve live on its own
+    # device, but the plan is one byte count for a whole pass, which does not say how the layers
+    # of a pass spread over the devices. Only the smallest device budget holds wherever the
+    # layers land; a device without a known limit (meta, mps) constrains nothing.
+    known = [(b, d) for d in devices if (b := planner.default_budget(d)[0]) is not None]
+    if not known:
+        return planner.resolve_budget(None, devices[0])
+    tightest = min(known, key=lambda bd: bd[0])[1]
+    budget, source = planner.resolve_budget(None, tightest)  # one call: one collective per rank
+    return budget, f"{source} of {tightest}, the smallest of {len(devices)} devices"
+
+
+def _workspace_budget(plan: planner.MemoryPlan, p: planner.PassPlan, halves: bool) -> int | None:
+    """What the budget leaves the solve of pass ``p`` once its statistics (with their halves) are
+    held: the solve stacks input groups up to it.  None without a budget."""
+    if plan.budget_bytes is None:
+        return None
+    return max(0, plan.budget_bytes - p.statistics_bytes * (3 if halves else 1))
+
+
+def _target_devices(targets: list[Target]) -> list[torch.device]:
+    """The devices of the targets' weights, in model order, each once."""
+    weights = (getattr(t.module, "weight", None) for t in targets)
+    return list(dict.fromkeys(w.device for w in weights if isinstance(w, torch.Tensor)))
+
+
 def _device(model: nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -202,7 +235,8 @@ def _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, 
         ranks = {k: v for k, v in (solve_kw["ranks"] or {}).items() if k in names}
         alphas = {k: v for k, v in (solve_kw["alphas"] or {}).items() if k in names}
         results.append(_solve(record, config, stats, layout.rank, _only(weights, names),
-                              {**solve_kw, "ranks": ranks, "alphas": alphas}, subset))
+                              {**solve_kw, "ranks": ranks, "alphas": alphas,
+                               "workspace_budget": _workspace_budget(plan, p, bool(kw["split_halves"]))}, subset))
         del stats  # freed before the next pass: the plan counts one pass's statistics at a time
     return _merged(results, targets, model, kw)
 

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device_memory import free_memory
+from .device_memory import host_memory as _host_memory  # a module global: tests stub it
+
 # The default budget keeps this fraction of the device's total memory free: activations of the
 # pass's batches, the allocator's fragmentation and whatever else runs.
 DEFAULT_MARGIN = 0.10
@@ -101,8 +104,9 @@ class MemoryPlan:
         width = len(str(self.num_passes))
         for i, p in enumerate(self.passes, 1):
             span = p.layers[0] if len(p.layers) == 1 else f"{p.layers[0]} … {p.layers[-1]}"
-            lines.append(f"  pass {i:>{width}}: {len(p.layers):>4} layers, {len(p.input_groups):>3} input groups, statistics "
-                         f"{format_bytes(p.statistics_bytes):>9}, peak {format_bytes(p.peak_bytes):>9}  ({span})")
+            lines.append(f"  pass {i:>{width}}: {len(p.layers):>4} layers, {len(p.input_groups):>3} input groups, "
+                         f"statistics {format_bytes(p.statistics_bytes):>9}, peak {format_bytes(p.peak_bytes):>9}  "
+                         f"({span})")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -144,8 +148,7 @@ def default_budget(device) -> tuple[int | None, str]:
     device = torch.device(device)
     margin = f"less {DEFAULT_MARGIN:.0%}"
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, total = free_memory(device)
         return _less_margin(free, total), f"free CUDA memory {margin}"
     if device.type == "cpu":
         available, total = _host_memory()
@@ -156,22 +159,6 @@ def default_budget(device) -> tuple[int | None, str]:
 
 def _less_margin(free: int, total: int) -> int:
     return max(int((1 - DEFAULT_MARGIN) * min(free, total)), 1)
-
-
-def _host_memory() -> tuple[int | None, int | None]:
-    try:
-        import psutil
-
-        vm = psutil.virtual_memory()
-        return int(vm.available), int(vm.total)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
-        return info["MemAvailable"], info["MemTotal"]
-    except (OSError, KeyError, ValueError, IndexError):
-        return None, None
 
 
 def resolve_budget(memory_budget, device) -> tuple[int | None, str]:
@@ -250,30 +237,12 @@ def _pass_transient(m: MemoryModel, groups: list[list[LayerShape]]) -> int:
 
 
 def _lora_da_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
-    """One input group's solve (methods/lora_da_solve.py): the float64 Z, its damped copies and
-    Cholesky factor, every layer's G and Y factor, then either the dense Ω of every layer and
-    their ``eigh``, or one preconditioner factor per layer (the worst case of the clustering, three
-    more ``n × n`` while one is built) and the LOBPCG blocks or block Lanczos's basis, whichever
-    is larger.  LOBPCG's dense fallback for a layer that misses its tolerance (about ``6 n²``
-    more) is not reserved: it is the exception, and at the widths where memory is short it would
-    be far too slow anyway."""
-    d, n, b = m.d, layers[0].in_features, len(layers)
-    n2, outs = d * n * n, [s.out_features for s in layers]
-    grads = d * n * sum(outs)
-    full_y = m.y_factor == "full"
-    y_factors = d * (sum(o * o for o in outs) if full_y else sum(outs))
-    factor = max(5 * n2, 3 * n2 + grads + d * n * max(outs)) + y_factors + (4 * d * max(outs) ** 2 if full_y else 0)
-    steady = 2 * n2 + grads + y_factors
-    rank = max(s.rank for s in layers)
-    if m.lora_da_dense(n, rank):
-        solve = steady + (2 * b + 4) * n2 + 3 * d * n * max(outs)
-    else:
-        from .methods.lora_da_solve import KRYLOV_COLUMNS, _oversample
+    """One input group's LoRA-DA solve, as the solve itself sizes it."""
+    from .methods.lora_da_solve import workspace_bytes
 
-        block = 3 * (rank + _oversample(n, rank))  # LOBPCG's [X, W, P], as lora_da_solve sizes them
-        krylov = min(KRYLOV_COLUMNS, n // 2)  # block Lanczos's basis and image, freed before LOBPCG starts
-        solve = steady + (b + 3) * n2 + max(12 * b * n * block, 2 * b * n * krylov + b * krylov * krylov) * d
-    return max(factor, solve)
+    n, rank = layers[0].in_features, max(s.rank for s in layers)
+    return workspace_bytes(n, [s.out_features for s in layers], rank, itemsize=m.d, full_y=m.y_factor == "full",
+                           dense=m.lora_da_dense(n, rank))
 
 
 def _svd_workspace(m: MemoryModel, s: LayerShape) -> int:
@@ -347,9 +316,9 @@ def plan_passes(shapes: list[LayerShape], model: MemoryModel, budget: int | None
         raise MemoryBudgetError(
             f"input group {key!r} ({len(layers)} layer(s): {', '.join(s.name for s in layers)}; in="
             f"{layers[0].in_features}) needs an estimated {format_bytes(peak)} in a pass of its own (statistics "
-            f"{format_bytes(stats)}, the rest the solve's workspace, the pass's transients and the factors kept for all "
-            f"{len(shapes)} layers), but the memory budget is {format_bytes(budget)} ({budget_source}); no plan fits "
-            f"below {format_bytes(peak)}: raise memory_budget, free device memory, or exclude these layers with "
+            f"{format_bytes(stats)}, the rest the solve's workspace, the pass's transients and the factors kept for "
+            f"all {len(shapes)} layers), but the memory budget is {format_bytes(budget)} ({budget_source}); no plan "
+            f"fits below {format_bytes(peak)}: raise memory_budget, free device memory, or exclude these layers with "
             "target_modules"
         )
     passes, current = [], []

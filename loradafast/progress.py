@@ -88,14 +88,22 @@ def solve_progress(enabled: bool):
 
 
 def track(items: Iterable, *, total: int | None = None, desc: str = "loradafast: solve",
-          unit: str = "layer") -> Iterator:
-    """``items`` as they are, through a bar when :func:`solve_progress` asked for one."""
+          unit: str = "layer", weight=None) -> Iterator:
+    """``items`` as they are, through a bar when :func:`solve_progress` asked for one.  ``weight``:
+    how many units each item counts for (a batch of several input groups advances the bar by its
+    groups), ``total`` then in those units."""
     if not _SOLVE_PROGRESS.get():
         yield from items
         return
     from tqdm.auto import tqdm
 
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)
-    with tqdm(items, total=total, desc=desc, unit=unit, leave=False) as bar:
-        yield from bar
+    if weight is None:
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)
+        with tqdm(items, total=total, desc=desc, unit=unit, leave=False) as bar:
+            yield from bar
+        return
+    with tqdm(total=total, desc=desc, unit=unit, leave=False) as bar:
+        for item in items:
+            yield item
+            bar.update(weight(item))

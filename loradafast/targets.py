@@ -2,10 +2,12 @@
 
 Names are module paths relative to the *base* model (the transformers model), so that the PEFT
 state-dict key of a layer is always ``base_model.model.<name>.lora_A.weight``, whether the user
-passed a plain model or a ``PeftModel``.
+passed a plain model or a ``PeftModel``; :func:`base_model_only` runs a ``PeftModel`` as that
+base model (the statistics pass reads the base model's layers).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +56,8 @@ class Target:
     def weight_out_in(self) -> torch.Tensor:
         """The weight as ``[out, in]`` (transposed view for ``Conv1D``)."""
         if self.quantized:
-            raise TypeError(f"layer {self.name!r} is quantized ({type(self.module).__name__}); its weight cannot be read")
+            raise TypeError(f"layer {self.name!r} is quantized ({type(self.module).__name__}); "
+                            "its weight cannot be read")
         w = self.module.weight
         return w.T if self.kind == "conv1d" else w
 
@@ -247,3 +250,36 @@ def model_meta(model: nn.Module, targets: list[Target], *, causal: bool, adapter
         "target_modules": target_modules,
     }
 
+
+def _adapter_switches(model: nn.Module) -> list[nn.Module]:
+    # PEFT's tuner layers (LoRA and the other methods) and its modules_to_save / trainable-token
+    # wrappers all gate their adapters on this one flag.
+    return [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "enable_adapters")]
+
+
+def check_not_merged(model: nn.Module) -> None:
+    merged = [name for name, m in model.named_modules() if getattr(m, "merged", False) is True]
+    if merged:
+        raise ValueError(
+            f"{len(merged)} PEFT layer(s) have adapters merged into their base weights (e.g. {merged[0]!r}), so the "
+            "base model is not available; call peft_model.unmerge_adapter() first"
+        )
+
+
+@contextlib.contextmanager
+def base_model_only(model: nn.Module):
+    """Run ``model`` as its base model: every PEFT adapter layer, active or not, and every
+    ``modules_to_save`` copy switched off, then switched back exactly as they were.
+
+    The flag is set directly: PEFT's ``enable_adapters``/``disable_adapter()`` would also change
+    the adapters' ``requires_grad`` and, on exit, enable adapters that the user had disabled.
+    """
+    check_not_merged(model)
+    switches = [(m, m._disable_adapters) for m in _adapter_switches(model)]
+    try:
+        for m, _ in switches:
+            m._disable_adapters = True
+        yield model
+    finally:
+        for m, flag in switches:
+            m._disable_adapters = flag

@@ -94,7 +94,8 @@ def _snapshot(model):
         {n: p.detach().clone() for n, p in model.named_parameters()},
         {n: p.requires_grad for n, p in model.named_parameters()},
         {n: m.training for n, m in model.named_modules()},
-        {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for n, m in model.named_modules()},
+        {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+         for n, m in model.named_modules()},
         {n: p.grad for n, p in model.named_parameters()},
     )
 

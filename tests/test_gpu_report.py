@@ -30,14 +30,71 @@ def test_plans_call_existing_scripts_with_flags_they_accept(tmp_path):
     assert scripts >= {"overhead.py", "bench_scale.py", "bench_kernels.py", "bench_eigen.py"}
 
 
-def test_lease_plan_puts_the_missing_gpu_figures_first(tmp_path):
+LEASE_ORDER = ["machine", "kernel-tests", "kernels", "native", "gpu-tests", "scale", "overhead", "eigen"]
+
+
+def test_lease_plan_checks_the_hardware_before_it_measures(tmp_path):
     steps = plan("lease", tmp_path)
-    assert [s.name for s in steps] == ["machine", "overhead", "scale", "native", "kernels", "gpu-tests", "eigen"]
-    # Steps before the native build must not build it inside a timed child.
-    assert all(("LORADAFAST_NO_NATIVE", "1") in s.env for s in steps[1:3])
-    assert [s.name for s in plan("full", tmp_path)][:2] == ["machine", "native"]
+    # The kernels (correctness, then speed) and the CUDA tests before the scale solve and the 7B
+    # overhead, which builds a 7B model in each of its processes.
+    assert [s.name for s in steps] == LEASE_ORDER
+    assert [s.name for s in plan("full", tmp_path)][:4] == ["machine", "kernel-tests", "kernels", "native"]
+    # Every step's estimate is within its cap, and the steps before the overhead fit the budget.
+    assert all(0 < s.estimate <= s.cap_s for s in steps)
+    assert sum(s.estimate for s in steps[:LEASE_ORDER.index("overhead")]) <= gpu_report.LEASE_BUDGET_S
     with pytest.raises(ValueError, match="profile"):
         plan("weekend", tmp_path)
+
+
+def test_dry_run_prints_the_lease_order_and_runs_nothing(tmp_path):
+    # As a user runs it: the script alone, no make.
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), "--profile", "lease",
+                          "--dry-run", "--pack", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert "budget 540" in lines[0] and str(tmp_path / "out" / "gpu_report") in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == LEASE_ORDER
+    assert all(" est " in line and " cap " in line for line in lines[1:])
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_the_library_its_steps_skip_and_the_kernel_steps_run_bare(tmp_path, monkeypatch):
+    # A machine with torch and triton only: stand in a module that is missing for transformers/peft.
+    monkeypatch.setattr(gpu_report, "LIBRARY", ("no_such_module_xyz",))
+    probe = ("import sys; from loradafast import kernels, linalg; "
+             "print('library imported:', 'loradafast.api' in sys.modules, 'args:', sys.argv[1:])")
+    script = tmp_path / "probe.py"
+    script.write_text(probe + "\n")
+    steps = [Step("bare-c", _py(probe), 60, bare=True), Step("bare-script", (sys.executable, str(script), "--x", "1"),
+                                                               60, bare=True),
+             Step("bare-module", (sys.executable, "-m", "pytest", "--version"), 60, bare=True),
+             Step("library", _py("print('never')"), 60, needs=gpu_report.LIBRARY)]
+    report = tmp_path / "r"
+    lines = []
+    records = run_report(steps, report, profile="test", budget=None, log=lines.append)
+    assert [r["status"] for r in records] == ["ok", "ok", "ok", "skipped: needs no_such_module_xyz"]
+    assert "library imported: False" in (report / "bare-c.log").read_text()
+    assert "library imported: False args: ['--x', '1']" in (report / "bare-script.log").read_text()
+    assert lines[-1].startswith("library: skipped: needs no_such_module_xyz")  # one line says so
+    # With the library present the same steps run as written.
+    monkeypatch.setattr(gpu_report, "LIBRARY", ("torch",))
+    assert gpu_report.command(steps[1]) == steps[1].argv
+
+
+def test_pack_puts_everything_under_one_folder(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_report(steps, report, **kw):
+        outs = [a for s in steps for a in s.argv if a.endswith(".json")]
+        seen.update(report=report, pack_to=kw["pack_to"], outs=outs)
+        report.mkdir(parents=True, exist_ok=True)
+        return []
+
+    monkeypatch.setattr(gpu_report, "run_report", fake_run_report)
+    gpu_report.main(["--profile", "lease", "--pack", str(tmp_path / "out")])
+    assert seen["report"] == tmp_path / "out" / "gpu_report" and seen["pack_to"] == tmp_path / "out"
+    assert seen["outs"] and all(Path(o).parent == seen["report"] for o in seen["outs"])
 
 
 def _py(code: str) -> tuple[str, ...]:
@@ -74,13 +131,6 @@ def test_runner_budget_timeout_skip_and_pack(tmp_path):
     summary = (dest / "gpu_report_summary.md").read_text()
     assert all(f"| {name} |" in summary for name in status) and "fine" in summary
     assert sorted(p.name for p in dest.iterdir()) == ["gpu_report.tar.gz", "gpu_report_summary.md"]
-
-
-def test_dry_run_runs_nothing(tmp_path, capsys):
-    assert gpu_report.main(["--profile", "lease", "--dry-run", "--report", str(tmp_path / "r")]) == 0
-    out = capsys.readouterr().out
-    assert "budget 540" in out and "overhead.py --gpu" in out
-    assert not (tmp_path / "r").exists()
 
 
 def test_a_failed_native_build_is_not_retried_by_later_steps(tmp_path):

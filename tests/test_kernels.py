@@ -25,7 +25,7 @@ from loradafast.kernels import reference
 
 triton = pytest.importorskip("triton")
 tl = triton.language
-from loradafast.kernels.kfac_triton import _lower_tile_coords  # noqa: E402  (after the importorskip)
+from loradafast.kernels.triton_common import lower_tile_coords  # noqa: E402  (after the importorskip)
 
 U32 = 2.0 ** -24
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -168,11 +168,11 @@ def test_kfac_accumulates_across_calls(dtype, triton_device):
 
 
 def test_kfac_skips_upper_tiles_and_split_k_atomics(triton_device):
-    from loradafast.kernels import kfac_triton
+    from loradafast.kernels import kfac_triton, triton_common
 
     gen = torch.Generator().manual_seed(3)
     d, tokens = 100, 260
-    block = kfac_triton._block_for(d)
+    block = triton_common.block_for(d, None)
     x = torch.randn(tokens, d, generator=gen).to(torch.bfloat16)
     mask = _mask("bool", tokens, gen)
     start = torch.randn(d, d, generator=gen)
@@ -193,7 +193,7 @@ def test_kfac_skips_upper_tiles_and_split_k_atomics(triton_device):
 @triton.jit
 def _tile_coords_probe(pid_ptr, i_ptr, j_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    i, j = _lower_tile_coords(tl.load(pid_ptr + offs))
+    i, j = lower_tile_coords(tl.load(pid_ptr + offs))
     tl.store(i_ptr + offs, i)
     tl.store(j_ptr + offs, j)
 
@@ -248,7 +248,8 @@ def test_kfac_pair_matches_two_references(dx, dg, tokens, dtype, triton_device):
     g = (torch.randn(tokens, dg, generator=gen) * 1e-3).to(dtype)  # gradients are small
     mask = _mask("float", tokens, gen)
     ax0, ag0 = torch.randn(dx, dx, generator=gen), torch.randn(dg, dg, generator=gen) * 1e-6
-    ax, ag = on_impl(kernels.kfac_accumulate_pair, ax0.clone(), x, ag0.clone(), g, mask, impl="triton", device=triton_device)
+    ax, ag = on_impl(kernels.kfac_accumulate_pair, ax0.clone(), x, ag0.clone(), g, mask, impl="triton",
+                     device=triton_device)
     rx, rg = kernels.kfac_accumulate_pair(ax0.clone(), x, ag0.clone(), g, mask, impl="reference")
     xs, gs = _keep_rows(x.double(), mask), _keep_rows(g.double(), mask)
     _assert_sum_close(ax, rx, (xs.abs().T @ xs.abs()).float(), xs.shape[0], base=ax0, where=_lower(dx))
@@ -311,7 +312,8 @@ def test_omega_apply_matches_dense(impl, z_is_inverse, triton_device):
     gen = torch.Generator().manual_seed(11 + z_is_inverse)
     X, chol, c, delta, z = _omega_problem(3, 37, [45, 20, 1], 5, gen)
     zarg = torch.linalg.inv(z).float() if z_is_inverse else chol
-    got = on_impl(kernels.omega_apply, X, zarg, c, delta, 0.7, z_is_inverse=z_is_inverse, impl=impl, device=triton_device)
+    got = on_impl(kernels.omega_apply, X, zarg, c, delta, 0.7, z_is_inverse=z_is_inverse, impl=impl,
+                  device=triton_device)
     # Ground truth in float64 from the float32 inputs. fp32 error of a solve with cond(Zλ) ≈ 100 on
     # n = 37 is ~cond·n·u ≈ 2e-4 relative to ‖c·Zλ⁻¹X‖ in the worst case, typically far less;
     # 1e-4 of the column scale with a 1e-4 rtol separates round-off from a wrong term (O(1)).
@@ -347,41 +349,64 @@ def test_omega_triton_rejects_fp64(triton_device):
 
 
 # ------------------------------------------------------------------------------------------
-# Autotuning: configs that spill on sm_90 are pruned before they are compiled
+# Autotuning: configs that spill or overflow shared memory on sm_90 are pruned before they are
+# compiled (tests/test_kernels_sm90.py compiles every config kept, for sm_90, and checks)
 
 
-def _kept(block, precision):
-    from loradafast.kernels import kfac_triton
-
-    kept = kfac_triton._prune(kfac_triton.TUNED_CONFIGS, {}, BLOCK=block, DOT_PRECISION=precision,
-                              HAS_MASK=True, ATOMIC=False, UPCAST=False)
-    return {(c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept}
+def _cfg(c):
+    return c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
 
 
-def test_autotune_prunes_spilling_configs():
-    # The compiles behind the register model: 16-bit tiles of 128 at 4 warps spill 88-96 B; the
-    # fp32 `ieee` paths spill up to ~40 KB at 128 unless the token depth is 32 over 8 warps.
-    kept = _kept(128, None)
-    assert kept and all(w == 8 for _, w, _ in kept)
-    assert _kept(128, "ieee") == {(32, 8, 4)}
-    assert all(w == 8 and k <= 64 for k, w, _ in _kept(128, "tf32"))  # BLOCK_K 128 overflows shared memory
-    from loradafast.kernels import kfac_triton
+def _kept(block, precision, branches=1):
+    from loradafast.kernels import triton_common
 
-    everything = {(c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kfac_triton.TUNED_CONFIGS}
-    assert _kept(64, None) == everything  # narrow layers: every candidate fits
+    return {_cfg(c) for c in triton_common.kept_configs(triton_common.TUNED_CONFIGS, block, precision, branches)}
+
+
+def test_autotune_prunes_configs_that_spill_or_overflow_shared_memory():
+    from loradafast.kernels import triton_common
+
+    everything = {_cfg(c) for c in triton_common.TUNED_CONFIGS}
+    assert _kept(64, None) == _kept(64, "ieee") == everything  # narrow tiles: every candidate fits
+    # 128-wide tiles spill at 4 warps (sm_90 compiles); BLOCK_K 128 over 3 stages of 4-byte operands
+    # needs 384 KB of shared memory.
+    assert _kept(128, None) == {(64, 8, 3), (128, 8, 3), (32, 8, 4)}
+    assert _kept(128, "tf32") == {(64, 8, 3), (32, 8, 4)}
+    # The pair kernel's two branches each allocate their pipeline buffers: twice the shared memory.
+    assert _kept(128, None, branches=2) == {(64, 8, 3), (32, 8, 4)}
+    assert triton_common.tile_shared_bytes(128, 32, 4, 4, branches=2) > triton_common.SHARED_MEMORY_LIMIT  # 256 KB
+    assert triton_common.tile_shared_bytes(128, 64, 3, 4, branches=2) > triton_common.SHARED_MEMORY_LIMIT  # 384 KB
+    assert triton_common.SHARED_MEMORY_LIMIT == 227 * 1024
     for block in (64, 128, 256):  # never empty, even where nothing fits the model
         for precision in (None, "ieee", "tf32"):
-            assert _kept(block, precision)
+            assert _kept(block, precision, branches=2)
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+@pytest.mark.parametrize("precision", [None, "ieee", "tf32"])
+def test_every_tile_the_host_picks_has_a_config_that_fits(branches, precision, monkeypatch):
+    # The pruner's fallback (the config with the fewest registers) would compile a config the model
+    # rejects: the host picks the tile so that it is never needed.
+    from loradafast.kernels import triton_common
+
+    monkeypatch.setattr(triton_common, "INTERPRET", False)  # the GPU's tiles, not the interpreter's
+    operand_bytes = 2 if precision is None else 4
+    for size in (64, 576, 1024, 4096, 11008):
+        block = triton_common.block_for(size, precision, branches)
+        assert block == (128 if size >= 1024 and precision != "ieee" and (branches, precision) != (2, "tf32") else 64)
+        assert any(triton_common.config_fits(block, k, w, s, operand_bytes, precision == "ieee", branches)
+                   for k, w, s in map(_cfg, triton_common.TUNED_CONFIGS))
 
 
 def test_autotuners_prune_and_cache_across_processes():
-    from loradafast.kernels import kfac_triton, omega_triton
+    from loradafast.kernels import gradient_triton, kfac_pair_triton, kfac_triton, omega_triton, triton_common
 
-    for kernel in (kfac_triton._kfac_kernel, kfac_triton._kfac_pair_kernel, kfac_triton._gradient_kernel):
-        assert kernel.early_config_prune is kfac_triton._prune
+    for kernel, branches in ((kfac_triton._kfac_kernel, 1), (kfac_pair_triton._kfac_pair_kernel, 2),
+                             (gradient_triton._gradient_kernel, 1)):
+        assert kernel.early_config_prune.branches == branches
     # Triton turns the on-disk cache off in the interpreter; on a GPU timings persist per shape.
-    assert kfac_triton._AUTOTUNE["cache_results"] is True
-    assert omega_triton.omega_warps(64, 64, 64) == 8  # 4 warps spilled 764 B
+    assert triton_common.autotune_options()["cache_results"] is True
+    assert omega_triton.omega_warps(64, 64, 64) == 8  # 96 modelled registers a thread at 4 warps
     assert omega_triton.omega_warps(64, 16, 64) == 4
 
 
@@ -392,16 +417,82 @@ def test_autotuners_prune_and_cache_across_processes():
 def test_auto_on_cpu_never_touches_triton(monkeypatch):
     from loradafast.kernels import dispatch
 
-    def boom():
-        raise AssertionError("Triton path taken for CPU tensors under impl='auto'")
+    def boom(module):
+        raise AssertionError(f"Triton path ({module}) taken for CPU tensors under impl='auto'")
 
-    monkeypatch.setattr(dispatch, "_kfac_triton", boom)
-    monkeypatch.setattr(dispatch, "_omega_triton", boom)
+    monkeypatch.setattr(dispatch, "_triton_op", boom)
     x = torch.randn(5, 4)
     kernels.kfac_accumulate(torch.zeros(4, 4), x)
     kernels.kfac_accumulate_pair(torch.zeros(4, 4), x, torch.zeros(4, 4), x)
     kernels.gradient_accumulate(torch.zeros(4, 4), x, x)
     kernels.omega_apply(torch.randn(4, 2), torch.eye(4), 1.0, torch.randn(3, 4))
+
+
+def test_launch_guard_makes_the_tensors_cuda_device_current(monkeypatch):
+    # Triton launches on the current CUDA device: the guard must make the tensor's device current
+    # (a layer on cuda:1 of a device_map model), and leave CUDA alone for CPU tensors.
+    import contextlib
+    from types import SimpleNamespace
+
+    from loradafast.kernels import triton_common
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    with triton_common.on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))):
+        assert entered == [torch.device("cuda", 1)]
+    with triton_common.on_device(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def _guard_cases(gen):
+    x, g = torch.randn(7, 5, generator=gen), torch.randn(7, 3, generator=gen)
+    X, chol, c, delta, _ = _omega_problem(2, 5, [4, 3], 2, gen)
+    return {
+        "kfac_triton": ("_kfac_kernel", kernels.kfac_accumulate, (torch.zeros(5, 5), x)),
+        "kfac_pair_triton": ("_kfac_pair_kernel", kernels.kfac_accumulate_pair,
+                             (torch.zeros(5, 5), x, torch.zeros(3, 3), g)),
+        "gradient_triton": ("_gradient_kernel", kernels.gradient_accumulate, (torch.zeros(3, 5), g, x)),
+        "omega_triton": ("_omega_kernel", kernels.omega_apply, (X, chol, c, delta)),
+    }
+
+
+@pytest.mark.parametrize("module_name", ["kfac_triton", "kfac_pair_triton", "gradient_triton", "omega_triton"])
+def test_every_kernel_launches_inside_its_tensors_device_guard(module_name, monkeypatch, triton_device):
+    import contextlib
+    import importlib
+
+    from loradafast.kernels import triton_common
+
+    module = importlib.import_module(f"loradafast.kernels.{module_name}")
+    kernel_name, op, args = _guard_cases(torch.Generator().manual_seed(20))[module_name]
+    real_guard, kernel = triton_common.on_device, getattr(module, kernel_name)
+    inside, at_launch = [], []
+
+    @contextlib.contextmanager
+    def spy(t):
+        inside.append(t.device)
+        with real_guard(t):
+            yield
+        inside.pop()
+
+    class Launch:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                at_launch.append(list(inside))
+                return kernel[grid](*a, **kw)
+            return launch
+
+    monkeypatch.setattr(triton_common, "on_device", spy)
+    monkeypatch.setattr(module, kernel_name, Launch())
+    on_impl(op, *args, impl="triton", device=triton_device)
+    assert at_launch == [[torch.device(triton_device, 0) if triton_device == "cuda" else torch.device("cpu")]]
 
 
 def test_force_reference_env(monkeypatch):
@@ -434,11 +525,11 @@ def test_triton_device_rule(cuda, interpreting, want):
 def test_triton_device_matches_kernel_mode(triton_device):
     # The kernels' interpreter mode is fixed at import: "cpu" is offered exactly when it is on, and
     # a CUDA machine without TRITON_INTERPRET compiles (no test feeds CPU tensors to a kernel).
-    from loradafast.kernels import kfac_triton
+    from loradafast.kernels import triton_common
 
-    assert (triton_device == "cpu") <= kfac_triton.INTERPRET
-    assert kfac_triton.INTERPRET == (os.environ.get("TRITON_INTERPRET", "0") == "1")
-    if torch.cuda.is_available() and not kfac_triton.INTERPRET:
+    assert (triton_device == "cpu") <= triton_common.INTERPRET
+    assert triton_common.INTERPRET == (os.environ.get("TRITON_INTERPRET", "0") == "1")
+    if torch.cuda.is_available() and not triton_common.INTERPRET:
         assert triton_device == "cuda"
 
 

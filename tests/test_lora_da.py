@@ -6,7 +6,7 @@ import torch
 
 import loradafast
 from loradafast.linalg.eigen import span_sine as sin_largest_angle
-from loradafast.methods import lora_da
+from loradafast.methods import lora_da, lora_da_solve
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 
@@ -118,11 +118,14 @@ def test_degraded_solve_warns(llama_stats):
 
 
 def test_shared_inputs_are_factorised_once(llama_stats, monkeypatch):
-    calls = []
-    real = lora_da.damped_z
-    monkeypatch.setattr(lora_da, "damped_z", lambda *a, **k: calls.append(1) or real(*a, **k))
+    """Every input's Zλ is factorised once (in batches of same-shaped inputs), not once per layer."""
+    factorised = []
+    real = lora_da_solve.damped_cholesky_stack
+    monkeypatch.setattr(lora_da_solve, "damped_cholesky_stack",
+                        lambda m, d: factorised.append(m.shape[0]) or real(m, d))
+    assert llama_stats.y_factor == "diag"  # no Y factorisations to count
     loradafast.solve(dataclasses.replace(llama_stats, half=None), 2)  # one solve (the halves would add two)
-    assert len(calls) == len(llama_stats.z_sums) < len(llama_stats.layers)
+    assert sum(factorised) == len(llama_stats.z_sums) < len(llama_stats.layers)
 
 
 def test_damping_raised_when_fp32_round_off_makes_Z_indefinite():

@@ -28,9 +28,9 @@ def _group(stats, gradient="fisher", beta=0.03):
     names = sorted(stats.layers)
     config = loradafast.LoraDAConfig(beta=beta, num_train_samples=1000, alpha_b=1.0, damping=1e-6,
                                      damping_mode="absolute", gradient=gradient, dtype=torch.float64)
-    group, factors = lora_da_solve._group_operator(stats, names, config, torch.device("cpu"), times={})
-    terms = [lora_da.omega_terms(stats.G(k), f, beta=beta, num_train_samples=1000, gradient=gradient)
-             for k, f in zip(names, factors)]
+    group = lora_da_solve._stack_operator(stats, [("shared", names)], config, torch.device("cpu"), times={})
+    terms = [lora_da.omega_terms(stats.G(k), lora_da.damped_factors(stats.Z(k), stats.Y(k), 1e-6), beta=beta,
+                                 num_train_samples=1000, gradient=gradient) for k in names]
     return group, terms
 
 
@@ -131,7 +131,7 @@ def test_preconditioner_within_its_bound_of_the_exact_one(beta, kinds):
         assert set(group.layer_preconditioner.values()) == kinds and count == 0
     x = torch.randn(group.batch, N_IN, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     got = apply(x)
-    s, z = lora_da_operator.PRECOND_SHIFT, group.z_lambda
+    s, z = lora_da_operator.PRECOND_SHIFT, group.z_lambda[0]
     bound = 1.001 if kinds else lora_da_operator.PRECOND_SHARE_RATIO
     for i in range(group.batch):
         c = float(group.variance_coef[i])

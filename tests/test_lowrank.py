@@ -162,3 +162,26 @@ def test_the_randomized_path_does_not_depend_on_the_gradient_scale(scale):
         assert top.path == "randomized" and top.backward_error <= max(10 * reference.backward_error, 1e-5)
         torch.testing.assert_close(top.s / scale, reference.s, rtol=1e-5, atol=0)
         assert span_sine(top.vh.T, reference.vh.T) < FP32
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_stack_gives_each_matrix_its_own_result(shape):
+    """The batched randomized SVD (top_singular_triplets_batched) on a stack of a gapped, a flat and
+    a low-rank gradient: each gets the path, depth and triplets it gets alone, the gapped one the
+    exact SVD's subspaces."""
+    from loradafast.linalg.lowrank import top_singular_triplets_batched
+
+    values = torch.zeros(min(shape), dtype=torch.float64)
+    values[:5] = 0.9 ** torch.arange(5, dtype=torch.float64)
+    stack = torch.stack([_decaying(*shape), _flat(*shape), _with_spectrum(*shape, values)])
+    together = top_singular_triplets_batched(stack, 8, boundaries=(4, 8))
+    assert together.paths == ["randomized", "exact-fallback", "exact-fallback"]
+    for i, a in enumerate(stack):
+        alone, mine = top_singular_triplets(a, 8, boundaries=(4, 8)), together.layer(i)
+        assert (mine.path, mine.iterations, mine.sketch_size) == (alone.path, alone.iterations, alone.sketch_size)
+        kept = 5 if i == 2 else 8  # beyond rank 5, any basis of the null space is the SVD's
+        assert span_sine(mine.vh[:kept].T, alone.vh[:kept].T) < FP32
+        assert span_sine(mine.u[:, :kept], alone.u[:, :kept]) < FP32
+    u, s, vh = torch.linalg.svd(stack[0])
+    assert span_sine(together.vh[0].T, vh[:8].T) < FP32 and span_sine(together.u[0], u[:, :8]) < FP32
+    torch.testing.assert_close(together.s[0], s[:8], rtol=FP32, atol=0)

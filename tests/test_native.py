@@ -143,9 +143,106 @@ def test_cuda_source_compiles(tmp_path):
     stub.mkdir(parents=True)
     if not (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    src = Path(__file__).resolve().parent.parent / "loradafast" / "csrc" / "eigh_cuda.cu"
+    src = _native._CSRC / "eigh_cuda.cu"
     cmd = [nvcc, "-c", "-std=c++20", "-O3", f"-I{tmp_path / 'stub'}", f"-I{include}",
            f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
            "-o", str(tmp_path / "eigh_cuda.o"), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# ---- the build: one line when it compiles, and a lock file left by a killed build -------------------
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """``load()`` as in a new process, building into ``tmp_path`` with torch's build replaced by a
+    stub that records its calls (the real build is exercised by the tests above)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_error", None)
+    monkeypatch.delenv("LORADAFAST_NO_NATIVE", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "module")
+    return calls
+
+
+def _build_dir():
+    return _native.build_directory(_native.extension_name(torch.cuda.is_available()))
+
+
+def test_a_build_says_so_once(fresh_load, capsys):
+    assert _native.load() == "module"
+    assert _native.load() == "module"
+    err = capsys.readouterr().err
+    assert err.count("compiling the native eigensolver") == 1 and str(_build_dir()) in err
+    assert len(fresh_load) == 1 and fresh_load[0]["build_directory"] == str(_build_dir())
+
+
+def test_an_up_to_date_build_is_loaded_silently(fresh_load, capsys):
+    library = _build_dir() / f"{_native.extension_name(torch.cuda.is_available())}.so"
+    library.write_bytes(b"")
+    newer = max((_native._CSRC / name).stat().st_mtime for name in _native._SOURCES) + 10
+    os.utime(library, (newer, newer))
+    assert _native.load() == "module"
+    assert "compiling" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("age_s", [0.0, 3600.0])
+def test_a_stale_lock_gives_up_and_names_the_directory(fresh_load, monkeypatch, age_s):
+    # A fresh lock is waited on until it is as old as the timeout; one left by an old run at once.
+    import time
+
+    monkeypatch.setenv("LORADAFAST_NATIVE_LOCK_TIMEOUT", "1.0")
+    lock = _build_dir() / "lock"
+    lock.write_text("")
+    then = time.time() - age_s
+    os.utime(lock, (then, then))
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="delete the directory") as record:
+        assert _native.load() is None
+    waited = time.monotonic() - start
+    assert (0.5 <= waited < 10) if age_s == 0 else waited < 0.5
+    assert str(_build_dir()) in str(record[0].message) and "StaleLockError" in _native.build_error()
+    assert fresh_load == []  # torch's build, which would wait forever, was never reached
+
+
+def test_a_lock_released_in_time_lets_the_build_proceed(fresh_load, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("LORADAFAST_NATIVE_LOCK_TIMEOUT", "30")
+    lock = _build_dir() / "lock"
+    lock.write_text("")
+    threading.Timer(0.5, lock.unlink).start()  # another process finishing its build
+    assert _native.load() == "module" and len(fresh_load) == 1
+
+
+def test_sources_found_in_a_checkout_and_in_a_wheel(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parent.parent
+    assert _native._CSRC == root / "csrc" and all((root / "csrc" / n).is_file() for n in _native._SOURCES)
+    # An installed package carries its own copy, which wins over anything beside it.
+    package = tmp_path / "site" / "loradafast"
+    (package / "linalg").mkdir(parents=True)
+    (package / "csrc").mkdir()
+    for name in _native._SOURCES:
+        (package / "csrc" / name).write_text("")
+    monkeypatch.setattr(_native, "__file__", str(package / "linalg" / "native.py"))
+    assert _native._find_csrc() == package / "csrc"
+
+
+@pytest.mark.parametrize("path", eigen.EIGH_PATHS)
+def test_every_small_eigh_path_agrees(native, path, monkeypatch):
+    """Each path batched_eigh can take on a GPU, run here on the CPU (the host round trip is then a
+    no-op copy, its logic the same), and the environment override."""
+    a = _random_symmetric(5, 48, seed=3)
+    ref_values, ref_vectors = torch.linalg.eigh(a)
+    values, vectors = eigen.batched_eigh(a, path)
+    torch.testing.assert_close(values, ref_values, atol=1e-11, rtol=0)
+    torch.testing.assert_close(eigen.canonicalize_signs(vectors), eigen.canonicalize_signs(ref_vectors),
+                               atol=1e-9, rtol=0)
+    monkeypatch.setenv("LORADAFAST_EIGH_PATH", path)
+    torch.testing.assert_close(eigen.batched_eigh(a)[0], ref_values, atol=1e-11, rtol=0)
+    with pytest.raises(ValueError, match="path must be one of"):
+        eigen.batched_eigh(a, "gpu")

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a wheel is built from (a copy: setuptools writes build/ and *.egg-info beside the sources).
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "loradafast")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "loradafast", "csrc")
 
 # Blocks `import triton` as on a CPU machine without it; then runs the snippet.
 NO_TRITON = textwrap.dedent("""

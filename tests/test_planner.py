@@ -131,7 +131,8 @@ def test_a_budget_too_small_names_the_group_and_leaves_the_model_alone(setup):
     model, batches, shapes = setup
     budget = _budget_for(shapes, _memory("lora-da"), "many") - 1
     state = ModelState(model)
-    with pytest.raises(planner.MemoryBudgetError, match=r"input group .* needs an estimated .* budget is .*no plan fits below"):
+    with pytest.raises(planner.MemoryBudgetError,
+                       match=r"input group .* needs an estimated .* budget is .*no plan fits below"):
         loradafast.initialize(model, batches, RANK, memory_budget=budget, progress=False)
     state.assert_unchanged()
     fresh = tiny_llama()

@@ -5,7 +5,8 @@
 * writing into a ``PeftModel``: :func:`apply_to`, :func:`freeze_lora_a`, and :func:`attach` for
   ``initialize(peft_model)``;
 * reading a ``PeftModel`` before the pass: :func:`peft_layout` (its ranks, alphas, LoraConfig;
-  refusing adapters loradafast cannot honour), :func:`base_model_only`;
+  refusing adapters loradafast cannot honour); the pass itself runs the base model under
+  :func:`loradafast.targets.base_model_only`;
 * :func:`wrap` for ``get_peft_model``: PEFT wraps the model, and the wrapping is undone on failure.
 
 The key of a factor in an adapter file is spelled in :func:`adapter_key` only.
@@ -44,8 +45,8 @@ import torch
 from torch import nn
 
 from ..options import check_ranks
-from ..targets import (PEFT_PREFIX, Target, active_adapter, base_model_of, find_targets, is_peft_model, is_quantized,
-                       layer_kind, peft_config_of)
+from ..targets import (PEFT_PREFIX, Target, active_adapter, base_model_of, check_not_merged, find_targets,
+                       is_peft_model, is_quantized, layer_kind, peft_config_of)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INIT_SUMMARY = "loradafast_init.json"
@@ -232,8 +233,8 @@ def _materialise(target: Target, adapter: str) -> None:
     for factors in (target.lora_layer.lora_A, target.lora_layer.lora_B):
         w = factors[adapter].weight
         if w.is_meta:
-            factors[adapter].weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device=target.module.weight.device),
-                                                   requires_grad=w.requires_grad)
+            factors[adapter].weight = nn.Parameter(
+                torch.empty(w.shape, dtype=w.dtype, device=target.module.weight.device), requires_grad=w.requires_grad)
 
 
 def _plan(result, peft_model: nn.Module, adapter_name: str | None) -> list[tuple[str, Target, str]]:
@@ -484,40 +485,6 @@ def freeze_lora_a(peft_model: nn.Module, adapter_name: str | None = None) -> nn.
 
 
 # ---- reading a PEFT model; wrapping and unwrapping one ------------------------------------------
-
-def _adapter_switches(model: nn.Module) -> list[nn.Module]:
-    # PEFT's tuner layers (LoRA and the other methods) and its modules_to_save / trainable-token
-    # wrappers all gate their adapters on this one flag.
-    return [m for m in model.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "enable_adapters")]
-
-
-def check_not_merged(model: nn.Module) -> None:
-    merged = [name for name, m in model.named_modules() if getattr(m, "merged", False) is True]
-    if merged:
-        raise ValueError(
-            f"{len(merged)} PEFT layer(s) have adapters merged into their base weights (e.g. {merged[0]!r}), so the "
-            "base model is not available; call peft_model.unmerge_adapter() first"
-        )
-
-
-@contextlib.contextmanager
-def base_model_only(model: nn.Module):
-    """Run ``model`` as its base model: every PEFT adapter layer, active or not, and every
-    ``modules_to_save`` copy switched off, then switched back exactly as they were.
-
-    The flag is set directly: PEFT's ``enable_adapters``/``disable_adapter()`` would also change
-    the adapters' ``requires_grad`` and, on exit, enable adapters that the user had disabled.
-    """
-    check_not_merged(model)
-    switches = [(m, m._disable_adapters) for m in _adapter_switches(model)]
-    try:
-        for m, _ in switches:
-            m._disable_adapters = True
-        yield model
-    finally:
-        for m, flag in switches:
-            m._disable_adapters = flag
-
 
 @contextlib.contextmanager
 def undone_on_failure(model: nn.Module):

@@ -31,7 +31,8 @@ class LoraDACallback(TrainerCallback):
     """Initialise the trainer's PEFT model by ``method`` from its train dataloader, before the first step.
 
     Keywords are :func:`loradafast.initialize`'s: ``method`` ("lora-da"; any of
-    :data:`loradafast.METHODS` that keeps the base weight), ``max_samples`` (sequences of the pass, 256; None: one epoch),
+    :data:`loradafast.METHODS` that keeps the base weight), ``max_samples`` (sequences of the pass,
+    256; None: one epoch),
     ``stats`` (saved statistics instead of a pass), ``loss_fn``, ``memory_budget``, ``freeze_a``,
     ``adapter_name``, ``config`` and the method's options (checked here, when the callback is built).
     Progress is shown on the main process only.  After training starts, ``callback.result`` is the
@@ -101,10 +102,10 @@ def reset_optimizer_state(optimizer, model) -> int:
 @contextlib.contextmanager
 def _without_activation_checkpointing(model, args):
     """The pass refuses gradient checkpointing (it would run the hooks twice): off for the pass, back on after."""
-    from ..statistics.collector import _uses_activation_checkpointing
+    from ..statistics.collector import uses_activation_checkpointing
 
     base = base_model_of(model)
-    on = _uses_activation_checkpointing(base)
+    on = uses_activation_checkpointing(base)
     new = hasattr(base, "activation_checkpointing_disable")  # transformers 5's names
     if on:
         base.activation_checkpointing_disable() if new else base.gradient_checkpointing_disable()

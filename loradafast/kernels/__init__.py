@@ -5,6 +5,11 @@ that is faster, see :mod:`.dispatch`) for CUDA tensors and the references in :mo
 otherwise; ``LORADAFAST_FORCE_REFERENCE=1`` makes ``"auto"`` pick the references everywhere.
 ``impl="triton"`` on CPU tensors runs the kernels in the Triton interpreter when
 ``TRITON_INTERPRET=1`` was set before the first kernel call (the CPU test-suite does this).
+
+One op per module: :mod:`.kfac_triton`, :mod:`.kfac_pair_triton`, :mod:`.gradient_triton` and
+:mod:`.omega_triton`, each the Triton twin of the function of the same name in :mod:`.reference`,
+with what they share (autotune candidates and the model that prunes them, the tile routine, the
+device guard) in :mod:`.triton_common`. The Ω kernel is reached only through ``impl="triton"``.
 """
 from .dispatch import (  # noqa: F401
     force_reference,

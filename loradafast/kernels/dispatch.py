@@ -27,6 +27,7 @@ What ``"auto"`` runs on CUDA, and why:
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Literal
 
@@ -74,14 +75,10 @@ def _use_triton(impl: str, *tensors: torch.Tensor) -> bool:
 
 # Imported on first use: importing triton costs about a second, and the interpreter mode is fixed
 # when a kernel module is imported, so tests must be able to set TRITON_INTERPRET first.
-def _kfac_triton():
-    from . import kfac_triton
-    return kfac_triton
-
-
-def _omega_triton():
-    from . import omega_triton
-    return omega_triton
+def _triton_op(module: str):
+    """The Triton module of one op (``kfac_triton``, ``kfac_pair_triton``, ``gradient_triton``,
+    ``omega_triton``), imported on first use."""
+    return importlib.import_module(f".{module}", __package__)
 
 
 def _flatten_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -112,7 +109,7 @@ def kfac_accumulate(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | Non
     _check_acc(acc, (x.shape[1], x.shape[1]))
     _check_mask(mask, x.shape[0])
     if _use_triton(impl, acc, x):
-        return _kfac_triton().kfac_accumulate(acc, x, mask)
+        return _triton_op("kfac_triton").kfac_accumulate(acc, x, mask)
     return reference.kfac_accumulate(acc, x, mask)
 
 
@@ -130,7 +127,7 @@ def kfac_accumulate_pair(acc_x: torch.Tensor, x: torch.Tensor, acc_g: torch.Tens
         if g.dtype != x.dtype:  # one launch compiles one operand dtype
             dtype = torch.promote_types(x.dtype, g.dtype)
             x, g = x.to(dtype), g.to(dtype)
-        return _kfac_triton().kfac_accumulate_pair(acc_x, x, acc_g, g, mask)
+        return _triton_op("kfac_pair_triton").kfac_accumulate_pair(acc_x, x, acc_g, g, mask)
     return reference.kfac_accumulate_pair(acc_x, x, acc_g, g, mask)
 
 
@@ -186,7 +183,7 @@ def gradient_accumulate(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
             return _gradient_accumulate_cublas(acc, *_same_dtype(g, x), mask)
         impl = "triton"
     if _use_triton(impl, acc, g, x):
-        return _kfac_triton().gradient_accumulate(acc, *_same_dtype(g, x), mask)
+        return _triton_op("gradient_triton").gradient_accumulate(acc, *_same_dtype(g, x), mask)
     return reference.gradient_accumulate(acc, g, x, mask)
 
 
@@ -225,7 +222,7 @@ def omega_apply(X: torch.Tensor, z_factor: torch.Tensor, c: torch.Tensor | float
         _use_triton(impl, X, z_factor, delta_hat)  # raises where Triton cannot run
         if not X.dtype == z_factor.dtype == delta_hat.dtype == torch.float32:
             raise TypeError("the Triton Ω operator is fp32 only; use impl='reference' for fp64")
-        out = _omega_triton().omega_apply(X, z_factor, c, delta_hat, alpha, z_is_inverse=z_is_inverse)
+        out = _triton_op("omega_triton").omega_apply(X, z_factor, c, delta_hat, alpha, z_is_inverse=z_is_inverse)
     else:
         _use_triton(impl, X)  # validates impl
         out = reference.omega_apply(X, z_factor, c, delta_hat, alpha, z_is_inverse=z_is_inverse)

@@ -9,6 +9,10 @@ eigensolver, so it is never formed. Per layer of a batch of same-width layers::
 separate batched GEMM. The kernel fuses the rest: the ``Zλ⁻¹ X`` product (when a cached inverse is
 given) or the precomputed Cholesky solve, the ``Δ̂ᵀ P`` product, the per-layer scale ``c`` and the
 subtraction, writing ``Ω X`` once. Reference: :func:`.reference.omega_apply`.
+
+No library path calls it: the solve applies Ω with batched cuBLAS/cuSOLVER calls (see
+:mod:`.dispatch`), and only ``impl="triton"`` (tests, benchmarks/bench_kernels.py) reaches this
+kernel, until a GPU measurement says whether fusing the combination pays.
 """
 from __future__ import annotations
 
@@ -16,7 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .kfac_triton import INTERPRET, REGISTER_BUDGET, tile_registers  # one reading of TRITON_INTERPRET
+from . import triton_common as common
+from .triton_common import INTERPRET
+
+
+# Two: at three stages the sm_90 compile of the cached-inverse path spilled at BLOCK_K 64 (8 warps),
+# and no GPU measurement says the third stage would pay for itself.
+NUM_STAGES = 2
 
 
 @triton.jit
@@ -89,23 +99,26 @@ def omega_apply(X: torch.Tensor, z_factor: torch.Tensor, c: torch.Tensor, delta_
     precision = "ieee"
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k), b)
     num_warps = omega_warps(block_n, block_k, block_r)
-    _omega_kernel[grid](
-        out, z, X, delta_hat, p, c, float(alpha), n, k, m,
-        *z.stride(), *X.stride(), *delta_hat.stride(), *p.stride(), *out.stride(),
-        Z_IS_INVERSE=z_is_inverse, DOT_PRECISION=precision,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-        num_warps=num_warps, num_stages=1 if INTERPRET else 3)
+    with common.on_device(X):
+        _omega_kernel[grid](
+            out, z, X, delta_hat, p, c, float(alpha), n, k, m,
+            *z.stride(), *X.stride(), *delta_hat.stride(), *p.stride(), *out.stride(),
+            Z_IS_INVERSE=z_is_inverse, DOT_PRECISION=precision,
+            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+            num_warps=num_warps, num_stages=1 if INTERPRET else NUM_STAGES)
     return out
 
 
+def omega_registers(block_n: int, block_k: int, block_r: int, num_warps: int) -> int:
+    """Modelled registers per thread, as :func:`.triton_common.tile_registers` counts them: the
+    ``Zλ⁻¹X`` tile stays live beside the ``Δ̂ᵀP`` accumulator, and the FMA (`ieee`) dot holds an
+    operand slab."""
+    return (2 * block_n * block_k + block_n * block_r) // (32 * num_warps)
+
+
 def omega_warps(block_n: int, block_k: int, block_r: int) -> int:
-    """Fewest warps (4 or 8) at which the kernel fits the register model of :mod:`.kfac_triton`:
-    the ``Zλ⁻¹X`` tile stays live (``block_n·block_k`` fp32 over the threads) while the fp32
-    `ieee` accumulation of ``Δ̂ᵀP`` runs (its accumulator and both operand tiles in registers).
-    At 64/64/64 that is 128 registers a thread at 4 warps (the sm_90 compile spilled 764 B) and 64
-    at 8."""
+    """Fewest warps (4 or 8) at which the kernel fits the register model."""
     for warps in (4, 8):
-        regs = block_n * block_k // (32 * warps) + tile_registers(block_n, block_k, block_r, warps, True)
-        if regs <= REGISTER_BUDGET:
+        if omega_registers(block_n, block_k, block_r, warps) <= common.REGISTER_BUDGET:
             return warps
     return 8

@@ -14,6 +14,40 @@ def damping_for(matrix_or_diag: torch.Tensor, damping: float, mode: str) -> floa
     raise ValueError(f"damping_mode must be 'absolute' or 'relative', got {mode!r}")
 
 
+def damping_for_each(matrices_or_diags: torch.Tensor, damping: float, mode: str) -> torch.Tensor:
+    """:func:`damping_for` of every matrice ``[B, n, n]`` (or diagonal ``[B, n]``) of a stack, as a
+    ``[B]`` float64 tensor on their device: no host synchronisation."""
+    stack = matrices_or_diags
+    if mode == "absolute":
+        return torch.full(stack.shape[:1], float(damping), dtype=torch.float64, device=stack.device)
+    if mode == "relative":
+        diag = stack if stack.dim() == 2 else stack.diagonal(dim1=-2, dim2=-1)
+        return damping * diag.mean(-1).clamp_min(torch.finfo(diag.dtype).tiny).to(torch.float64)
+    raise ValueError(f"damping_mode must be 'absolute' or 'relative', got {mode!r}")
+
+
+def damped_cholesky_stack(matrices: torch.Tensor, damping: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.dtype, torch.Tensor]:
+    """:func:`damped_cholesky` of a stack ``[B, n, n]`` with per-matrix dampings ``[B]``: one
+    batched factorisation and one host synchronisation (its error codes) where every matrix
+    factorises at its requested damping, the common case; the others take
+    :func:`damped_cholesky`'s raises one by one.  Returns (factors, dtype, dampings used [B])."""
+    shifted = matrices.clone()
+    shifted.diagonal(dim1=-2, dim2=-1).add_(damping.to(matrices.dtype).unsqueeze(-1))
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    failed = (info != 0).nonzero().flatten().tolist()
+    if not failed:
+        return factor, factor.dtype, damping
+    lam = damping.clone()
+    redo = [damped_cholesky(matrices[i], float(damping[i])) for i in failed]
+    dtype = torch.float64 if any(used == torch.float64 for _, used, _ in redo) else factor.dtype
+    factor = factor.to(dtype)
+    for i, (chol, _, used_lam) in zip(failed, redo):
+        factor[i] = chol.to(dtype)
+        lam[i] = used_lam
+    return factor, dtype, lam
+
+
 def cholesky_with_retry(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     """Lower Cholesky factor; retried in float64 when the working dtype fails.
 
@@ -81,12 +115,26 @@ def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * canonical_sign_factors(vectors)
 
 
-def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
-    """Per tensor, whether every entry is finite: one ``aminmax`` per tensor (NaN and ±Inf reach
-    the extremes; no tensor of flags as large as the input: ``isfinite(t).all()`` took 10×, a
-    float64 sum 13× as long over SmolLM2's gradients on a CPU) and one host synchronisation."""
-    flags = [torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all() if t.numel()
-             else torch.ones((), dtype=torch.bool, device=t.device) for t in tensors]
-    if not flags:
+def finite_flags(tensors: list[torch.Tensor], *, fused: bool | None = None) -> list[bool]:
+    """Per tensor, whether every entry is finite, with one host synchronisation.  NaN and ±Inf
+    reach the extremes, so no tensor of flags as large as the input is made (``isfinite(t).all()``
+    took 10×, a float64 sum 13× as long over SmolLM2's gradients on a CPU).  ``fused`` (default:
+    where every tensor is on one CUDA device): one multi-tensor max-norm for the whole list, as a
+    launch per tensor would grow with the model's depth; otherwise one ``aminmax`` per tensor,
+    which on a CPU, where launches cost nothing, reads faster."""
+    if not tensors:
         return []
+    tensors = [t.detach() for t in tensors]
+    if fused is None:
+        fused = all(t.is_cuda for t in tensors) and len({t.device for t in tensors}) == 1
+    if fused:
+        flags = [True] * len(tensors)
+        full = [i for i, t in enumerate(tensors) if t.numel()]  # the max-norm of nothing is undefined
+        if full:
+            norms = torch.stack(torch._foreach_norm([tensors[i] for i in full], float("inf")))
+            for i, ok in zip(full, torch.isfinite(norms).tolist()):
+                flags[i] = ok
+        return flags
+    flags = [torch.isfinite(torch.stack(torch.aminmax(t))).all() if t.numel()
+             else torch.ones((), dtype=torch.bool, device=t.device) for t in tensors]
     return torch.stack([f.to(flags[0].device) for f in flags]).tolist()

@@ -53,6 +53,7 @@ its Ritz vectors.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -101,15 +102,28 @@ class EigenResult:
 # small helpers
 
 
-def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+EIGH_PATHS = ("torch", "native", "host")
+
+
+def batched_eigh(a: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors of a batch of small symmetric matrices.
 
-    Dispatches to the native solver of csrc/ where it was measured faster than
-    ``torch.linalg.eigh`` (see :func:`loradafast._native.prefer_native`), else to torch.
-    Only the lower triangle is read.
+    ``path``: "torch" (``torch.linalg.eigh``: on CUDA cuSOLVER's batched Jacobi up to 32 rows, one
+    call per matrix above), "native" (the batched solver of csrc/), or "host" (one copy to the CPU
+    and back: a fixed number of launches and one synchronisation whatever the batch).  Default:
+    the environment's ``LORADAFAST_EIGH_PATH``, else "native" where
+    :func:`loradafast.linalg.native.prefer_native` measured it faster, else "torch".  Which is
+    fastest on a GPU for the Rayleigh–Ritz sizes (48-100 rows) is for a GPU run to decide
+    (``benchmarks/bench_eigen.py``).  Only the lower triangle is read.
     """
-    if _native.prefer_native(a):
+    path = path or os.environ.get("LORADAFAST_EIGH_PATH") or ("native" if _native.prefer_native(a) else "torch")
+    if path not in EIGH_PATHS:
+        raise ValueError(f"batched_eigh path must be one of {EIGH_PATHS}, got {path!r}")
+    if path == "native":
         return _native.eigh(a)
+    if path == "host" and a.device.type != "cpu":
+        values, vectors = torch.linalg.eigh(a.cpu())
+        return values.to(a.device, non_blocking=True), vectors.to(a.device, non_blocking=True)
     return torch.linalg.eigh(a)
 
 
@@ -259,7 +273,7 @@ def omega_preconditioner(z_lambda: torch.Tensor, c: torch.Tensor | float, alpha:
 # the solver
 
 
-def _default_tol(dtype: torch.dtype) -> float:
+def default_tol(dtype: torch.dtype) -> float:
     # Relative to ‖Ω‖₂.  float64: LOBPCG's attainable floor is ~1e-14 for n ≲ 10⁴, and 1e-10 gives a
     # subspace error of ~1e-10·‖Ω‖/gap, which for LoRA-DA (‖Ω‖ ~ c/λ, gaps ~1e-3) is what keeps
     # the sine of the subspace angle near 1e-6.  float32 can do no better than ~1e-5.
@@ -322,7 +336,7 @@ def smallest_eigenpairs(
     apply, mat = _as_operator(op, batch, n, dtype, device)
     if not isinstance(r, int) or r < 1 or r > n:
         raise ValueError(f"need 1 ≤ r ≤ n, got r={r}, n={n}")
-    tol = _default_tol(dtype) if tol is None else tol
+    tol = default_tol(dtype) if tol is None else tol
     if isinstance(tol, torch.Tensor):  # per operator, e.g. each one's attainable residual
         tol = tol.to(device=device, dtype=torch.float64)
     m = min(n, r + (max(r, 8) if oversample is None else int(oversample)))
@@ -342,10 +356,15 @@ def smallest_eigenpairs(
                          _per_layer(used_tol, batch, device))
     if fallback and bool((~conv).any()):  # the one unavoidable synchronisation: which layers failed
         layers = (~conv).nonzero().flatten()
-        # A dense op is re-solved from the caller's tensor, in its own (possibly higher) precision.
-        full = op[layers.to(op.device)] if mat is not None else _dense_matrices(dense, apply, batch, n, dtype, device, layers)
-        _replace_by_dense(result, layers, full, r)
+        _replace_by_dense(result, layers, _fallback_matrices(op, mat, dense, apply, batch, n, dtype, device, layers), r)
     return result
+
+
+def _fallback_matrices(op, mat, dense, apply, batch, n, dtype, device, layers):
+    # A dense op is re-solved from the caller's tensor, in its own (possibly higher) precision.
+    if mat is not None:
+        return op[layers.to(op.device)]
+    return _dense_matrices(dense, apply, batch, n, dtype, device, layers)
 
 
 def _replace_by_dense(result: EigenResult, layers: torch.Tensor, full: torch.Tensor, r: int) -> None:
@@ -467,7 +486,8 @@ def _block_lanczos(run: _Lobpcg, x0: torch.Tensor | None, seed: int, op_norm, bl
 
     Returns the ``m`` leading Ritz vectors (to start LOBPCG from), then, like :func:`_lobpcg`, the
     ``r`` wanted ones (canonical signs), their Rayleigh quotients, honest residuals, the norm
-    estimate, the blocks used, the converged flags and the tolerance they were tested against.  ``‖Ω‖₂`` is estimated by the largest
+    estimate, the blocks used, the converged flags and the tolerance they were tested against.
+    ``‖Ω‖₂`` is estimated by the largest
     ``|θ|`` seen (Krylov spaces find both ends of the spectrum first) unless given."""
     b, n, r, m = run.batch, run.n, run.r, run.m
     cols = block * blocks

@@ -42,6 +42,16 @@ fall below ``GRAM_MIN_RATIO·σ₁`` (a gradient of lower rank than the block), 
 is taken instead.  The products are written with wide results (``(QᵀA)Aᵀ``): MKL runs a GEMM with
 a thin result several times slower (see ``lora_da_operator._g_times``).  The exact path keeps
 the dtype of ``A``.
+
+**Stacks.**  :func:`top_singular_triplets_batched` runs all of this on a stack ``[B, m, n]`` of
+same-shaped matrices (the layers of one shape across a model's blocks), so that a GPU pays its
+launches and host synchronisations per stack, not per layer: batched products, one batched
+Rayleigh–Ritz ``eigh`` and one check per depth for the whole stack.  Each matrix is still
+accepted or refused on its own; the refused ones grow their spaces together as a sub-stack (the
+accepted ones cost no more products), and those still refused at ``MAX_DEPTH`` take one batched
+exact SVD.  Every matrix starts from the same Ω, and a direction found dependent is a zero row
+of its basis rather than a dropped one, so a matrix gets the same triplets in a stack as alone (up
+to the rounding of batched products); :func:`top_singular_triplets` is a stack of one.
 """
 from __future__ import annotations
 
@@ -89,73 +99,162 @@ class TopSingular:
     iterations: int | None = None  # its depth: products with AAᵀ
 
 
+@dataclass
+class TopSingularStack:
+    """The triplets of a stack of matrices ``[B, m, n]``: ``u`` ``[B, m, k]``, ``s`` ``[B, k]``,
+    ``vh`` ``[B, k, n]``, and per matrix what :class:`TopSingular` reports (lists of B, read to
+    the host once per stack)."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    paths: list[str]
+    backward_errors: list[float | None]
+    sine_estimates: list[float | None]
+    sketch_sizes: list[int | None]
+    iterations: list[int | None]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def layer(self, i: int) -> TopSingular:
+        """Matrix ``i``'s triplets (views into the stack) and diagnostics."""
+        return TopSingular(self.u[i], self.s[i], self.vh[i], self.paths[i], self.backward_errors[i],
+                           self.sine_estimates[i], self.sketch_sizes[i], self.iterations[i])
+
+
+def _kept_first(flags: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``flags`` ``[B, b]`` and ``rows`` ``[B, b, m]`` reordered so that each matrix's flagged rows
+    come first (in their order), with the permutation: a Householder QR's column j depends only
+    on the columns before it, so dropped directions, zeroed and moved last, change nothing."""
+    order = torch.argsort((~flags).to(torch.uint8), dim=-1, stable=True)
+    return flags.gather(-1, order), rows.gather(-2, order[..., None].expand_as(rows)), order
+
+
 class _BlockKrylov:
-    """An orthonormal basis of the block Krylov space of ``a`` ``[m, n]``, kept as rows ``[q, m]``
-    with their products ``rows @ a`` ``[q, n]``: those are ``QᵀA`` for the Rayleigh–Ritz step and
-    the input of the next block, so each block costs two products with ``a``."""
+    """Orthonormal bases of the block Krylov spaces of a stack ``a`` ``[B, m, n]``, kept as rows
+    ``[B, q, m]`` with their products ``rows @ a`` ``[B, q, n]``: those are ``QᵀA`` for the
+    Rayleigh–Ritz step and the input of the next block, so each block costs two products with ``a``.
+
+    Every matrix's basis has the same number of rows; a direction found dependent (``a``'s rank is
+    exhausted) is a zero row, not a dropped one, so the stack stays rectangular and no per-matrix
+    size is read to the host.  ``count``: the nonzero rows per matrix; ``depth``: its blocks after
+    the first; ``alive``: whether its last block found a new direction (else the space stopped
+    growing)."""
 
     def __init__(self, a: torch.Tensor, block: int, seed: int):
         self.a = a
         gen = torch.Generator().manual_seed(seed)  # on the CPU: the same start on every device
-        omega = torch.randn(block, a.shape[1], generator=gen, dtype=torch.float32).to(device=a.device, dtype=a.dtype)
-        self.rows = a.new_empty(0, a.shape[0])
-        self.projected = a.new_empty(0, a.shape[1])
-        self.depth = -1
-        self._append(omega @ a.T)
+        # One Ω for the whole stack, so that a matrix's triplets do not depend on its neighbours.
+        omega = torch.randn(block, a.shape[-1], generator=gen, dtype=torch.float32).to(device=a.device, dtype=a.dtype)
+        batch = a.shape[0]
+        self.rows = a.new_empty(batch, 0, a.shape[1])
+        self.projected = a.new_empty(batch, 0, a.shape[2])
+        self.count = torch.zeros(batch, dtype=torch.int64, device=a.device)
+        self.depth = torch.zeros(batch, dtype=torch.int64, device=a.device)
+        self.alive = torch.ones(batch, dtype=torch.bool, device=a.device)
+        self._append(torch.bmm(omega.expand(batch, -1, -1), a.mT))
 
-    def extend(self) -> bool:
-        """One more block, ``(AAᵀ)`` times the last; False where the space stopped growing."""
-        if self._last.shape[0] == 0:
-            return False
-        self._append(self._last_projected @ self.a.T)
-        return self._last.shape[0] > 0
+    def __len__(self) -> int:
+        return self.a.shape[0]
+
+    def extend(self) -> None:
+        """One more block, ``(AAᵀ)`` times the last, for the matrices whose space still grows."""
+        self.depth = self.depth + self.alive
+        self._append(torch.bmm(self._last_projected, self.a.mT))
+
+    def select(self, index: torch.Tensor) -> _BlockKrylov:
+        """The spaces of the matrices ``index`` only (those that grow further)."""
+        sub = object.__new__(_BlockKrylov)
+        for name in ("a", "rows", "projected", "count", "depth", "alive", "_last", "_last_projected"):
+            setattr(sub, name, getattr(self, name).index_select(0, index))
+        return sub
 
     def _project_out(self, y: torch.Tensor) -> torch.Tensor:
-        return y - (y @ self.rows.T) @ self.rows if self.rows.shape[0] else y
+        return torch.baddbmm(y, torch.bmm(y, self.rows.mT), self.rows, alpha=-1) if self.rows.shape[1] else y
 
     def _append(self, y: torch.Tensor) -> None:
-        before = torch.linalg.vector_norm(y, dim=1)
-        y = self._project_out(self._project_out(y))  # twice is enough (Giraud et al. 2005): orthogonal to float32 accuracy
-        keep = torch.linalg.vector_norm(y, dim=1) > DEPENDENT * before
-        if not bool(keep.all()):
-            y, before = y[keep], before[keep]
-        q, r = torch.linalg.qr(y.T)
-        kept = r.diagonal().abs() / before.clamp_min(torch.finfo(y.dtype).tiny)
-        q = q.T if bool((kept > DEPENDENT).all()) else q.T[kept > DEPENDENT]
+        before = torch.linalg.vector_norm(y, dim=-1)
+        # Twice is enough (Giraud et al. 2005): orthogonal to float32 accuracy.
+        y = self._project_out(self._project_out(y))
+        keep = torch.linalg.vector_norm(y, dim=-1) > DEPENDENT * before
+        q, r = torch.linalg.qr(y.mT)
+        kept = self._kept(r, before)
+        good = kept > DEPENDENT
         # A column that lost most of its norm to the projections carries up to eps₃₂/kept of the old
-        # rows after the QR (1e-3 at DEPENDENT): once more through both for such blocks.
-        if self.rows.shape[0] and bool((kept < WEAK).any()):
-            q = torch.linalg.qr(self._project_out(q).T)[0].T
-        self._last, self._last_projected = q, q @ self.a
-        self.rows = torch.cat([self.rows, q])
-        self.projected = torch.cat([self.projected, self._last_projected])
-        self.depth += 1
+        # rows after the QR (1e-3 at DEPENDENT): once more through both for the blocks with one.
+        weak = (kept < WEAK).any(-1)
+        # Every direction new and none weak: the common case, read as one flag for the stack.
+        if bool((keep.all() & good.all()) & (~weak.any() if self.rows.shape[1] else True)):
+            q = q.mT
+        else:
+            q, good = self._irregular(y, before, keep)
+        self._last, self._last_projected = q, torch.bmm(q, self.a)
+        self.rows = torch.cat([self.rows, q], dim=1)
+        self.projected = torch.cat([self.projected, self._last_projected], dim=1)
+        self.count = self.count + good.sum(-1)
+        self.alive = good.any(-1)
 
-    def triplets(self, last: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The leading ``last`` singular triplets of ``QᵀA``, lifted: ``u [m, last]``, ``s``, ``vh``."""
+    @staticmethod
+    def _kept(r: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        return r.diagonal(dim1=-2, dim2=-1).abs() / before.clamp_min(torch.finfo(before.dtype).tiny)
+
+    def _irregular(self, y: torch.Tensor, before: torch.Tensor,
+                   keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new block where some matrix has a dependent or a weak direction: the dependent ones
+        (projections, then the QR's diagonal) zeroed and moved last, the weak blocks orthogonalised
+        once more.  (For the other matrices of the stack the result is the common case's.)"""
+        keep, y, order = _kept_first(keep, y)
+        q, r = torch.linalg.qr((y * keep[..., None]).mT)
+        kept = self._kept(r, before.gather(-1, order))
+        weak = ((kept < WEAK) & keep).any(-1)
+        good, q, _ = _kept_first(kept > DEPENDENT, q.mT)  # a zeroed column has r_jj = 0: not good
+        q = q * good[..., None]
+        if self.rows.shape[1]:
+            again = torch.linalg.qr(self._project_out(q).mT)[0].mT * good[..., None]
+            q = torch.where(weak[:, None, None], again, q)
+        return q, good
+
+    def triplets(self, last: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The leading ``last`` singular triplets of each ``QᵀA``, lifted: ``u [B, m, last]``, ``s``,
+        ``vh``, and whether the space holds fewer than ``last`` directions (its triplets are then
+        not meaningful: the caller takes the exact SVD)."""
         b = self.projected.double()
-        values, vectors = torch.linalg.eigh(b @ b.T)
-        values, vectors = values.flip(0)[:last], vectors.flip(1)[:, :last]
+        values, vectors = torch.linalg.eigh(torch.bmm(b, b.mT))
+        values, vectors = values.flip(-1)[..., :last], vectors.flip(-1)[..., :last]
         s = values.clamp_min(0).sqrt()
-        if s.shape[0] < last or not bool(s[-1] > GRAM_MIN_RATIO * s[0]):
-            uq, s, vh = torch.linalg.svd(self.projected, full_matrices=False)
-            return (uq[:, :last].T @ self.rows).T, s[:last], vh[:last]
-        vh = (vectors.T @ b) / s[:, None]
-        u = (vectors.T.to(self.a.dtype) @ self.rows).T  # the wide product, transposed (module docstring)
-        return u, s.to(self.a.dtype), vh.to(self.a.dtype)
+        short = self.count < last
+        vh = (torch.bmm(vectors.mT, b) / s[..., None]).to(self.a.dtype)
+        u = torch.bmm(vectors.mT.to(self.a.dtype), self.rows).mT  # the wide product, transposed (module docstring)
+        s = s.to(self.a.dtype)
+        redo = (~short & ~(s[:, -1] > GRAM_MIN_RATIO * s[:, 0])).nonzero().squeeze(1)
+        if redo.numel():
+            uq, sv, vhq = torch.linalg.svd(self.projected.index_select(0, redo), full_matrices=False)
+            u.index_copy_(0, redo, torch.bmm(uq[..., :last].mT, self.rows.index_select(0, redo)).mT)
+            s.index_copy_(0, redo, sv[..., :last])
+            vh.index_copy_(0, redo, vhq[..., :last, :])
+        return u, s, vh, short
 
 
-def _accuracy(a, u, s, vh, k: int, boundaries) -> tuple[float, float]:
-    """(backward error of the first k triplets, summed Wedin sine estimates at ``boundaries``)."""
-    last = max(k, *boundaries) + 1
-    norms = torch.linalg.vector_norm((vh[:last] @ a.T).T - u[:, :last] * s[:last], dim=0).tolist()
-    sv = s[:last].tolist()
-    backward = sum(x * x for x in norms[:k]) ** 0.5 / sv[0] if sv[0] > 0 else float("inf")
-    sine = 0.0
+def _accuracy(a, u, s, vh, k: int, boundaries) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per matrix, (backward error of the first k triplets, summed Wedin sine estimates at
+    ``boundaries``), float64 ``[B]`` on the device."""
+    norms = torch.linalg.vector_norm(torch.baddbmm((u * s[:, None, :]).mT, vh, a.mT, beta=-1), dim=-1).double()
+    sv = s.double()
+    partial = norms.square().cumsum(-1).sqrt()  # partial[:, j - 1] = ‖R_{:j}‖_F
+    inf = torch.full_like(sv[:, 0], float("inf"))
+    backward = torch.where(sv[:, 0] > 0, partial[:, k - 1] / sv[:, 0], inf)
+    sine = torch.zeros_like(backward)
     for j in boundaries:
-        gap = sv[j - 1] - sv[j] - norms[j]
-        sine += sum(x * x for x in norms[:j]) ** 0.5 / gap if gap > 0 else float("inf")
+        gap = sv[:, j - 1] - sv[:, j] - norms[:, j]
+        sine = sine + torch.where(gap > 0, partial[:, j - 1] / gap, inf)
     return backward, sine
+
+
+def _check(space: _BlockKrylov, last: int, k: int, boundaries):
+    u, s, vh, short = space.triplets(last)
+    backward, sine = _accuracy(space.a, u, s, vh, k, boundaries)
+    return u, s, vh, backward.masked_fill(short, float("inf")), sine.masked_fill(short, float("inf"))
 
 
 def top_singular_triplets(a: torch.Tensor, k: int, *, boundaries=None, mode: str = "auto",
@@ -170,37 +269,103 @@ def top_singular_triplets(a: torch.Tensor, k: int, *, boundaries=None, mode: str
     estimate.  ``block``: columns per Krylov block (default ``BLOCK_FACTOR·k``).  ``dtype``: that
     of the exact SVD and of the returned triplets (default ``a.dtype``), so that an fp32 gradient
     need not be copied to float64 for the randomized path, which runs in float32 anyway.
+
+    A stack of one for :func:`top_singular_triplets_batched`: a matrix gets the same triplets
+    alone as within a stack (up to the rounding of batched products).
     """
+    return top_singular_triplets_batched(a[None], k, boundaries=boundaries, mode=mode, tol=tol, block=block,
+                                         depth=depth, max_depth=max_depth, seed=seed, dtype=dtype).layer(0)
+
+
+def top_singular_triplets_batched(a: torch.Tensor, k: int, *, boundaries=None, mode: str = "auto",
+                                  tol: float = BACKWARD_TOL, block: int | None = None, depth: int = DEPTH,
+                                  max_depth: int = MAX_DEPTH, seed: int = 0,
+                                  dtype: torch.dtype | None = None) -> TopSingularStack:
+    """:func:`top_singular_triplets` of every matrix of a stack ``a`` ``[B, m, n]`` at once.
+
+    The products, the Rayleigh–Ritz step and the check run on the whole stack; the matrices whose
+    check fails grow their spaces together (a sub-stack: the others cost no more products), and
+    those that still fail at ``max_depth`` take one batched exact SVD.  Each matrix meets the check
+    on its own, exactly as alone.  The host synchronisations per call do not depend on B: a few
+    per check (the batched ``eigh``, which matrices grow), so at most about four per depth.
+
+    Memory: beside the Krylov bases (``(block·(max_depth + 1))·(m + n)`` per matrix), a float32
+    copy of ``a`` where ``a`` is not float32 or a matrix needs rescaling, a copy of the matrices
+    that grow past ``depth`` (where not all of them grow), and the exact SVD of those that fail.
+    """
+    if a.dim() != 3:
+        raise ValueError(f"top_singular_triplets_batched takes a stack [B, m, n], got shape {tuple(a.shape)}")
     dtype = a.dtype if dtype is None else dtype
     boundaries = tuple(boundaries or (k,))
     last = max(k, *boundaries) + 1  # the check needs one triplet beyond the kept ones
     block = max(1, block or BLOCK_FACTOR * k)
     q = block * (depth + 1)
-    too_small = min(q, min(a.shape)) < last
-    if mode == "exact" or too_small or (mode == "auto" and min(a.shape) < max(MIN_SIZE, MIN_SIZE_RATIO * q)):
-        return _exact(a.to(dtype), k, "exact")
-    # The Krylov blocks carry σ₁², whose squares (in the norms) leave float32's range for σ₁ beyond
-    # ~4e10 or below ~4e-13, where every check failed.  max |aᵢⱼ| ≤ σ₁ ≤ √(mn)·max |aᵢⱼ|: a gradient
-    # whose largest entry lies outside [1e-6, 1e6] is scaled to 1 (a copy, saved for the others).
-    # (The max, not the Frobenius norm: a float64 norm of every gradient cost 6× as much.)
-    scale = float(torch.stack(torch.aminmax(a)).abs().amax())
-    scale = scale if 0.0 < scale < float("inf") and not 1e-6 <= scale <= 1e6 else 1.0
-    work = (a / scale).to(torch.float32) if scale != 1.0 else a.to(torch.float32)
+    batch, m, n = a.shape
+    too_small = min(q, m, n) < last
+    if batch == 0 or mode == "exact" or too_small or (mode == "auto" and min(m, n) < max(MIN_SIZE, MIN_SIZE_RATIO * q)):
+        return _exact(a.to(dtype), k, ["exact"] * batch)
+    scale, work = _scaled(a)
     space = _BlockKrylov(work, block, seed)
-    while space.depth < depth and space.extend():
-        pass
-    while True:
-        u, s, vh = space.triplets(last)
-        backward, sine = _accuracy(work, u, s, vh, k, boundaries) if s.shape[0] >= last else (float("inf"),) * 2
-        if mode != "auto" or backward <= tol or space.depth >= max_depth or not space.extend():
+    for _ in range(depth):
+        space.extend()
+    u, s, vh, backward, sine = _check(space, last, k, boundaries)
+    count, depths = space.count, space.depth
+    positions = None  # where the matrices of `space` sit in the stack (None: all of them, in order)
+    while mode == "auto":
+        grow = (~(backward <= tol) if positions is None else ~(backward.index_select(0, positions) <= tol))
+        grow = (grow & (space.depth < max_depth) & space.alive).nonzero().squeeze(1)
+        if not grow.numel():
             break
-    check = (backward, sine, space.rows.shape[0], space.depth)
-    # A gradient of lower rank than k + 1 (few tokens) ends the space early: the exact SVD then, in any mode.
-    if (mode == "auto" and not backward <= tol) or s.shape[0] < last:
-        return _exact(a.to(dtype), k, "exact-fallback", *check)
-    return TopSingular(u[:, :k].to(dtype), (s[:k].double() * scale).to(dtype), vh[:k].to(dtype), "randomized", *check)
+        if grow.numel() < len(space):
+            space = space.select(grow)
+            positions = grow if positions is None else positions.index_select(0, grow)
+        space.extend()
+        checked = _check(space, last, k, boundaries)
+        if positions is None:
+            u, s, vh, backward, sine = checked
+            count, depths = space.count, space.depth
+        else:
+            for whole, part in zip((u, s, vh, backward, sine, count, depths), (*checked, space.count, space.depth)):
+                whole.index_copy_(0, positions, part)
+    # A matrix of lower rank than k + 1 (a gradient of few tokens) ends its space early: the exact
+    # SVD then, in any mode.
+    failed = count < last
+    if mode == "auto":
+        failed = failed | ~(backward <= tol)
+    flags, backward, sine, count, depths = torch.stack(
+        [failed.double(), backward, sine, count.double(), depths.double()]).cpu().tolist()
+    u = u[..., :k].to(dtype)
+    s = (s[:, :k].double() * scale[:, None]).to(dtype)
+    vh = vh[:, :k].to(dtype)
+    fallback = [i for i, f in enumerate(flags) if f]
+    if fallback:
+        index = torch.tensor(fallback, device=a.device)
+        exact = _exact(a.index_select(0, index).to(dtype), k, [])
+        u, s, vh = u.contiguous(), s.contiguous(), vh.contiguous()  # (views of the wider Ritz triplets)
+        for whole, part in zip((u, s, vh), (exact.u, exact.s, exact.vh)):
+            whole.index_copy_(0, index, part)
+    return TopSingularStack(u, s, vh, ["exact-fallback" if f else "randomized" for f in flags], backward, sine,
+                            [int(c) for c in count], [int(d) for d in depths])
 
 
-def _exact(a: torch.Tensor, k: int, path: str, *check) -> TopSingular:
+def _scaled(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-matrix scale, float32 ``a / scale``).  The Krylov blocks carry σ₁², whose squares (in
+    the norms) leave float32's range for σ₁ beyond ~4e10 or below ~4e-13, where every check
+    failed.  max |aᵢⱼ| ≤ σ₁ ≤ √(mn)·max |aᵢⱼ|: a matrix whose largest entry lies outside
+    [1e-6, 1e6] is divided by the power of two at or below that entry (exact: the triplets and
+    the singular values scaled back lose nothing), the others by 1.  (The max, not the
+    Frobenius norm: a float64 norm of every gradient cost 6× as much.)"""
+    dims = (1, 2)  # (aminmax along a dim reads several times slower than amax and amin)
+    largest = torch.maximum(a.amax(dim=dims).abs(), a.amin(dim=dims).abs()).double()
+    rescale = torch.isfinite(largest) & (largest > 0) & ((largest < 1e-6) | (largest > 1e6))
+    power = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 1)
+    scale = torch.where(rescale, power, torch.ones_like(largest))
+    if bool(rescale.any()):  # else no copy of a float32 stack
+        return scale, (a / scale.to(a.dtype)[:, None, None]).to(torch.float32)
+    return scale, a.to(torch.float32)
+
+
+def _exact(a: torch.Tensor, k: int, paths: list[str]) -> TopSingularStack:
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return TopSingular(u[:, :k], s[:k], vh[:k], path, *check)
+    none = [None] * len(paths)
+    return TopSingularStack(u[..., :k], s[..., :k], vh[..., :k, :], paths, none, none, none, none)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layer_init import LayerInit, LoraDADiagnostics
 from ..linalg.dense import finite_flags
-from ..result import LayerInit, LoraDADiagnostics
 from ..statistics.store import Statistics
 
 

@@ -1,11 +1,15 @@
-"""LoRA-DA for many layers at once: one factorisation per shared input, then one batched
-eigensolve per input group and rank (docs/design.md §4, §6).
+"""LoRA-DA for every layer at once: the input groups of the same shape, across all blocks of
+the model, as one batch (docs/design.md §4, §6).
 
-The layers that read the same input (q, k, v; gate, up) share ``Zλ``.  Each such group is solved
-on its own, from its statistics, and freed before the next, so the working memory is that of one
-group.  The LOBPCG path applies Ω implicitly (:mod:`.lora_da_operator`): ``O((n² + n·out)·k)`` per
-product and no per-layer ``O(n³)`` work.  The dense path materialises Ω per layer (``O(n³)``),
-which on CPU is still the faster choice for small widths.
+The layers that read the same input (q, k, v; gate, up) share ``Zλ``: an input group.  Groups of
+the same shape (width, output widths, ranks) are stacked, so a model of any depth is solved as a
+few batches (q/k/v, o, gate/up, down for a Llama block): one batched factorisation per batch, one
+batched eigensolve per rank, σ, the preconditioner and ``lora_B`` batched the same way, and the
+diagnostics read to the host once per batch.  Where a batch's workspace would not fit in
+:data:`STACK_MEMORY_FRACTION` of the free memory, it is solved in chunks of groups.  The
+iterative path applies Ω implicitly (:mod:`.lora_da_operator`): ``O((n² + n·out)·k)`` per product
+and no per-layer ``O(n³)`` work.  The dense path materialises Ω per layer (``O(n³)``), which on
+CPU is still the faster choice for small widths.
 """
 from __future__ import annotations
 
@@ -15,76 +19,70 @@ from contextlib import contextmanager
 
 import torch
 
+from ..device_memory import free_memory
 from ..linalg import eigen
+from ..linalg.dense import damped_cholesky_stack, damping_for_each
 from ..options import LoraDAConfig
 from ..progress import track
-from ..result import LoraDADiagnostics
+from ..layer_init import LoraDADiagnostics
 from ..statistics.store import Statistics
-from . import lora_da
 from .baselines import Factors
-from .lora_da_operator import GroupOmega
+from .lora_da_operator import GroupOmega, StackFactors
 
 # eigensolver="auto" on CPU: dense eigh of the materialised Ω (O(n³) per layer) up to width
 # CPU_DENSE_MAX_N, except for ranks up to CPU_ITERATIVE_MAX_RANK from width CPU_ITERATIVE_MIN_N
-# on; the iterative path (block Lanczos / LOBPCG, O(n²) per product) above.  On CUDA "auto" is
-# always iterative (not yet measured there).  Measured with the start block and the sine test
-# (below): SmolLM2-135M's real statistics (210 layers, widths 576 and 1536, 2 threads,
-# solve_cpu.json), iterative over dense 0.42 (r = 8), 0.51 (16), 0.70 (32), 1.34 (64); one
-# synthetic q/k/v group (bench_scale.py "tokens", 1 thread) 0.52-0.85 at width 576 and 0.27-0.47
-# at 2048 for r = 8-64, ties (milliseconds) below 512.  Before those two changes dense won
-# at these widths, hence the rank limit where only synthetic statistics favour iterative.
+# on; the iterative path (block Lanczos / LOBPCG, O(n²) per product) above, where it measured
+# faster (benchmarks/README.md, "Solver constants").  On CUDA "auto" is always iterative.
 CPU_DENSE_MAX_N = 2048
 CPU_ITERATIVE_MAX_RANK = 32
 CPU_ITERATIVE_MIN_N = 512
 # Mixed precision of the float64 solve: the products with G (an fp32 sum) and the preconditioner
-# (an approximation anyway) in this dtype, the solves with Zλ, whose conditioning needs float64,
-# in float64.  None: everything in the working dtype.  Measured (bench_scale --dtypes
-# float64,mixed,float32, 7B block ×1/4, "tokens" spectrum, CPU): subspace sin θ against dense
-# float64 5.7e-9 (float64), 5.2e-4 (mixed: misses the 1e-4 goal, and σ's LOBPCG stalls on the
-# noise), 3.5e-1 (float32); so the default stays float64 throughout.
+# in this dtype, the solves with Zλ, whose conditioning needs float64, in float64.  None (the
+# default): everything in the working dtype, since the mixed solve missed the 1e-4 subspace goal.
 MIXED_DTYPE: torch.dtype | None = None
 # How far above the measured rounding of the implicit Ω products LOBPCG's default tolerance sits.
 FLOOR_MARGIN = 30.0
-# LOBPCG block beyond r.  A product with G reads all of G whatever the number of columns, and up
-# to ~32 columns it costs about the same time (CPU, measured; on a GPU it is bandwidth-bound up
-# to ~100 columns in float64), while each extra column speeds convergence: iterations for the
-# q/k/v group at 7B widths, r = 8, "decay" / "tokens" spectra: 17 / 39 (8+16), 14 / 33 (8+24),
-# 11 / 27 (8+40) (benchmarks/bench_scale.py statistics).
+# LOBPCG block beyond r: a product with G reads all of G whatever the number of columns, so extra
+# columns cost little while each speeds convergence.
 OVERSAMPLE = 24
-# Where every layer's preconditioner is the identity (the variance term is negligible: the
-# shortcut of lora_da_operator.GroupOmega.preconditioner), block Lanczos runs before LOBPCG
-# (linalg/eigen.py), in blocks of r + KRYLOV_OVERSAMPLE columns with a basis of up to
-# KRYLOV_COLUMNS.  Measured on the bench_scale.py statistics at 7B widths, "tokens", 1 thread,
-# to a residual of 1e-10: q/k/v group, LOBPCG (8 + 24 columns) 33 iterations = 1,152
-# column-products; block Lanczos, blocks of 16: 496; blocks of 32: 672.  In time (one run, same
-# machine): eigen stage 32.7 s (LOBPCG), 24.7 s (blocks of 32, capped at 640 columns, then 3
-# LOBPCG iterations), 21.5 s (blocks of 16): the products are bound by reading G, whatever
-# their width up to ~32 columns, so fewer, narrower products win.  The basis of 768 columns costs
-# 2·768·n per layer (≈ 135 MB at n = 11008 in float64), beside the n² of the factor.
+# Where every layer's preconditioner is the identity (the variance term is negligible), block
+# Lanczos runs before LOBPCG (linalg/eigen.py), in blocks of r + KRYLOV_OVERSAMPLE columns with a
+# basis of up to KRYLOV_COLUMNS (2·768·n numbers per layer beside the n² of the factor): fewer,
+# narrower products than LOBPCG for the same residual.
 KRYLOV_OVERSAMPLE = 8
 KRYLOV_COLUMNS = 768
 # A layer is converged where its residual meets the tolerance (default: 1e-10 in float64, or
-# 30× the rounding floor), or where Davis–Kahan bounds its subspace's sine to the exact one by
-# SUBSPACE_SINE (residual·‖Ω‖₂/gap, the gap θ_{r+1} − θ_r from the Ritz values).  The default
-# tolerance was chosen for that sine where ‖Ω‖₂ ~ c/λ dwarfs the gaps; where the variance term is
-# small ‖Ω‖₂/gap is ~500 (the q/k/v group above) and the sine test stops 4 blocks earlier (28 of
-# 32), the subspace then 1.5e-8 from the one at 1e-10 (the bound is pessimistic).
-SUBSPACE_SINE = 1e-6
+# 30× the rounding floor), or where Davis–Kahan bounds its subspace's sine to the exact one by the
+# option ``subspace_sine`` (residual·‖Ω‖₂/gap, the gap θ_{r+1} − θ_r from the Ritz values).
+# A batch's workspace may take this fraction of the device's free memory; beyond it the batch is
+# solved in chunks of input groups (the statistics it reads are already resident).
+STACK_MEMORY_FRACTION = 0.5
+# On CUDA, Zλ⁻¹ is formed once per group and applied by GEMM: two triangular solves with a few
+# dozen right-hand sides run far below the GPU's GEMM rate.  On CPU the triangular solves win
+# (and keep the products' rounding at eps·cond(Zλ) without an explicit inverse).
+EXPLICIT_INVERSE_DEVICES = ("cuda",)
+# At most this many input groups per batch, by device type (absent: no limit).  A batch iterates
+# until its slowest layer converges, and one layer that needs a preconditioner takes the whole
+# batch off block Lanczos; on a CPU, where a launch costs nothing, that made SmolLM2's solve
+# slower than one group at a time (benchmarks/README.md, "Batched solve"), so the CPU keeps
+# solving group by group until the batch can shed its converged layers.
+MAX_STACK_GROUPS = {"cpu": 1}
 # The eigensolve starts from the block σ's power steps end with (GroupOmega.estimate_sigma),
-# r + KRYLOV_OVERSAMPLE columns wide, instead of a random one: on the q/k/v group above, with the
-# sine test, 24 blocks instead of 28 (eigen stage 8.4 s against 10.9 s; the power steps at 16
-# columns instead of 8 cost 0.15-0.35 s more; one run each).
+# r + KRYLOV_OVERSAMPLE columns wide, instead of a random one: fewer iterations where the
+# variance term is small.
 
 
 def solve_lora_da(stats: Statistics, ranks: dict[str, int], config: LoraDAConfig, *,
-                  device=None) -> dict[str, Factors]:
+                  device=None, workspace_budget: int | None = None) -> dict[str, Factors]:
     """The LoRA-DA factors (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``, diagnostics) of the
-    layers in ``ranks``, one input group after the other."""
+    layers in ``ranks``: the input groups of one shape solved as one batch (module docstring).
+    ``workspace_budget``: bytes a batch's workspace may take (None: a share of the free memory)."""
     out: dict[str, Factors] = {}
-    groups = _input_groups(stats, ranks)
-    for key, names in track(groups.items(), total=len(groups), desc="loradafast: LoRA-DA solve", unit="group"):
-        dev = torch.device(device) if device is not None else stats.layers[names[0]].g_sum.device
-        out.update(_solve_input_group(stats, names, ranks, config, dev, key))
+    batches = [(chunk, dev) for shape, groups, dev in _stacks(stats, ranks, device)
+               for chunk in _chunks(shape, groups, config, dev, stats.y_factor, workspace_budget)]
+    for groups, dev in track(batches, total=sum(len(groups) for groups, _ in batches), unit="group",
+                             desc="loradafast: LoRA-DA solve", weight=lambda batch: len(batch[0])):
+        out.update(_solve_stack(stats, groups, ranks, config, dev))
     return {name: out[name] for name in ranks}
 
 
@@ -103,29 +101,95 @@ def _input_groups(stats: Statistics, ranks: dict[str, int]) -> dict[str, list[st
     return {key: by_input[key] for key in sorted(by_input)}
 
 
-def _solve_input_group(stats, names, ranks, config: LoraDAConfig, dev, key) -> dict[str, Factors]:
-    """Factor the group's Zλ once, eigensolve per rank, make σ exact, then form every lora_B."""
+def _stacks(stats: Statistics, ranks: dict[str, int], device) -> list[tuple[tuple, list, torch.device]]:
+    """The input groups by shape (width; each position's output width and rank) and device: each
+    entry one batch of groups whose layers line up position by position."""
+    stacks: dict[tuple, list[tuple[str, list[str]]]] = defaultdict(list)
+    for key, names in _input_groups(stats, ranks).items():
+        dev = torch.device(device) if device is not None else stats.layers[names[0]].g_sum.device
+        shape = (stats.layers[names[0]].in_features,
+                 tuple((stats.layers[k].out_features, ranks[k]) for k in names), str(dev))
+        stacks[shape].append((key, names))
+    return [(shape, groups, torch.device(shape[-1])) for shape, groups in stacks.items()]
+
+
+def workspace_bytes(n: int, outs: list[int], rank: int, *, itemsize: int, full_y: bool, dense: bool) -> int:
+    """One input group's solve: the float64 Z, its damped copies and Cholesky factor, every layer's
+    G and Y factor, then either the dense Ω of every layer and their ``eigh``, or one
+    preconditioner factor per layer (the worst case of the clustering, three more ``n × n`` while
+    one is built) and the LOBPCG blocks or block Lanczos's basis, whichever is larger.  LOBPCG's
+    dense fallback for a layer that misses its tolerance (about ``6 n²`` more) is not reserved: it
+    is the exception, and at the widths where memory is short it would be far too slow anyway.
+    The planner reserves it per pass; the solve sizes its batches by it."""
+    d, b = itemsize, len(outs)
+    n2 = d * n * n
+    grads = d * n * sum(outs)
+    y_factors = d * (sum(o * o for o in outs) if full_y else sum(outs))
+    factor = max(5 * n2, 3 * n2 + grads + d * n * max(outs)) + y_factors + (4 * d * max(outs) ** 2 if full_y else 0)
+    steady = 2 * n2 + grads + y_factors
+    if dense:
+        return max(factor, steady + (2 * b + 4) * n2 + 3 * d * n * max(outs))
+    block = 3 * (rank + oversample(n, rank))  # LOBPCG's [X, W, P]
+    krylov = min(KRYLOV_COLUMNS, n // 2)  # block Lanczos's basis and image, freed before LOBPCG starts
+    return max(factor, steady + (b + 3) * n2 + max(12 * b * n * block, 2 * b * n * krylov + b * krylov * krylov) * d)
+
+
+def _chunks(shape: tuple, groups: list[tuple[str, list[str]]], config: LoraDAConfig, dev: torch.device,
+            y_factor: str | None, workspace_budget: int | None = None) -> list[list[tuple[str, list[str]]]]:
+    """``groups`` in chunks of at most :data:`MAX_STACK_GROUPS` groups whose stacked workspace fits
+    :data:`STACK_MEMORY_FRACTION` of the free memory and the ``workspace_budget`` (at least one
+    group per chunk: a group that does not fit is the planner's to refuse)."""
+    free, _ = free_memory(dev)
+    limits = [int(STACK_MEMORY_FRACTION * free)] if free is not None else []
+    limits += [workspace_budget] if workspace_budget is not None else []
+    size = len(groups)
+    if limits:
+        n, positions = shape[0], shape[1]
+        rank = max(r for _, r in positions)
+        solver = config.eigensolver
+        dense = solver == "dense" or (solver == "auto" and auto_is_dense(dev.type, n, rank))
+        per_group = workspace_bytes(n, [out for out, _ in positions], rank, itemsize=8,
+                                    full_y=y_factor == "full", dense=dense)
+        size = min(limits) // max(per_group, 1)
+    size = max(1, min(size, MAX_STACK_GROUPS.get(dev.type, size)))
+    return [groups[i:i + size] for i in range(0, len(groups), size)]
+
+
+def _solve_stack(stats, groups: list[tuple[str, list[str]]], ranks, config: LoraDAConfig, dev) -> dict[str, Factors]:
+    """Factor every group's Zλ at once, eigensolve per rank, make σ exact, then form every lora_B."""
     times: dict[str, float] = {}
-    start_columns = max(ranks[k] for k in names) + KRYLOV_OVERSAMPLE
-    group, factors = _group_operator(stats, names, config, dev, times, start_columns)
-    solved = {}
-    for r in sorted({ranks[k] for k in names}):
-        idx = [i for i, k in enumerate(names) if ranks[k] == r]
+    first = groups[0][1]
+    p = len(first)
+    names = [k for _, members in groups for k in members]  # layer b·p + j: position j of group b
+    start_columns = max(ranks[k] for k in first) + KRYLOV_OVERSAMPLE
+    group = _stack_operator(stats, groups, config, dev, times, start_columns)
+    solved, precond = [], None  # solved: (layers, EigenResult, rounding floor, factorisations)
+    for r in sorted({ranks[k] for k in first}):
+        idx = [b * p + j for b in range(len(groups)) for j, k in enumerate(first) if ranks[k] == r]
         solver = config.eigensolver
         if solver == "auto":
             solver = "dense" if auto_is_dense(dev.type, group.n, r) else "lobpcg"
         with _timed(times, "eigen_s", dev):
-            solved[r] = (idx, *_eigensolve(group, _Subset(group, idx), r, solver, config.residual_tol))
+            if solver == "dense":
+                solved.append((idx, *_eigensolve(group, _Subset(group, idx), r, solver, config, None)))
+                continue
+            # Built once for every rank and part: the preconditioner and the products' rounding floor.
+            precond = precond or (*group.preconditioner(MIXED_DTYPE if group.dtype == torch.float64 else None),
+                                  group.rounding_floor())
+            # One batch for the whole stack: a part of it would still cost products for every layer.
+            solved.append((idx, *_eigensolve(group, _Subset(group, idx), r, solver, config, precond)))
     _refine_sigma(group, solved, times, dev)
+    diagnostics = _stack_diagnostics(group)
     out = {}
-    for idx, result, floor, precond_count in solved.values():
+    for idx, result, floor, precond_count in solved:
         with _timed(times, "lora_b_s", dev):
             b_all = group.lora_b(_Subset(group, idx)._embed(result.eigenvectors.to(group.dtype)))
-        out.update(_layer_results(group, idx, [names[i] for i in idx], result, floor, precond_count, b_all,
-                                  config.gamma, factors))
-    for name in names:  # stage times of the whole input group, shared by its layers
-        out[name].diagnostics.input_group = key
-        out[name].diagnostics.group_times_s = dict(times)
+        out.update(_layer_results(group, idx, names, result, floor, precond_count, b_all, config, diagnostics))
+    for key, members in groups:  # stage times of the whole batch, shared by its layers
+        for name in members:
+            out[name].diagnostics.input_group = key
+            out[name].diagnostics.group_times_s = dict(times)
+            out[name].diagnostics.batch_groups = len(groups)
     return out
 
 
@@ -135,7 +199,7 @@ def _refine_sigma(group: GroupOmega, solved: dict, times: dict, dev) -> None:
     with _timed(times, "sigma_s", dev):
         group.refine_sigma(_start_block(group, solved), tol=_sigma_tol(group.dtype), check_every=_check_every(dev))
     rescale = (rough / group.sigma) ** 2  # the eigensolve saw Ω with the rough σ
-    for idx, result, _, _ in solved.values():
+    for idx, result, _, _ in solved:
         result.eigenvalues = result.eigenvalues * rescale[idx, None].to(result.eigenvalues.dtype)
         result.op_norm = result.op_norm * rescale[idx].to(result.op_norm.dtype)
 
@@ -152,36 +216,65 @@ def _timed(times: dict, stage: str, device: torch.device):
     times[stage] = times.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _group_operator(stats, names, config: LoraDAConfig, dev, times, start_columns: int = 8):
+def _stack_operator(stats, groups, config: LoraDAConfig, dev, times, start_columns: int = 8) -> GroupOmega:
     with _timed(times, "factor_s", dev):
-        group, factors = _factor_group(stats, names, config, dev)
+        group = GroupOmega(_stack_factors(stats, groups, config, dev), _stacked_gradients(stats, groups, config, dev),
+                           beta=config.beta, num_train_samples=config.num_train_samples, alpha_b=config.alpha_b,
+                           gradient=config.gradient, explicit_inverse=dev.type in EXPLICIT_INVERSE_DEVICES)
+        if group.dtype == torch.float64 and MIXED_DTYPE is not None:
+            group.gradient_dtype = MIXED_DTYPE
+            group.g = [g.to(MIXED_DTYPE) for g in group.g]
     with _timed(times, "sigma_s", dev):
         group.estimate_sigma(k=min(group.n, start_columns))
+    names = [k for _, members in groups for k in members]
     bad = [k for k, s in zip(names, group.sigma.tolist()) if not (s > 0 and s < float("inf"))]
     if bad:
         raise FloatingPointError(
             f"the gradient estimate of {bad} is zero or not finite, so it defines no direction; the layer "
             "does not influence the loss on these samples (exclude it, or use more samples)"
         )
-    return group, factors
+    return group
 
 
-def _factor_group(stats, names, config: LoraDAConfig, dev):
-    dtype = config.dtype
-    z_mat = stats.Z(names[0], dtype).to(dev)
-    z = lora_da.damped_z(z_mat, config.damping, config.damping_mode)
-    work = z.dtype
-    factors = [lora_da.damped_factors(z, stats.Y(k, dtype).to(dev), config.damping, config.damping_mode)
-               for k in names]
-    if any(f.cholesky_dtype == torch.float64 for f in factors):
-        work = torch.float64  # one working precision for the group: the highest any factor needed
+def _stacked(stats, factor: str, groups, j: int | None, dtype, dev) -> torch.Tensor:
+    """``factor`` of position ``j`` (None: the group's first layer, for Z) of every group, stacked."""
+    return stats.stack(factor, [members[0 if j is None else j] for _, members in groups], dtype, dev)
+
+
+def _stacked_gradients(stats, groups, config: LoraDAConfig, dev) -> list[torch.Tensor]:
+    return [_stacked(stats, "G", groups, j, config.dtype, dev) for j in range(len(groups[0][1]))]
+
+
+def _stack_factors(stats, groups, config: LoraDAConfig, dev) -> StackFactors:
+    """Every group's damped ``Zλ`` and every layer's damped ``Yλ``, factorised in batches
+    (:func:`..linalg.dense.damped_cholesky_stack`: raised damping only where a factor needs it)."""
+    dtype, damping, mode = config.dtype, config.damping, config.damping_mode
+    z = _stacked(stats, "Z", groups, None, dtype, dev)
+    z_lam = damping_for_each(z, damping, mode)
+    z_chol, work, z_used = damped_cholesky_stack(z, z_lam)
+    positions = range(len(groups[0][1]))
+    ys = [_stacked(stats, "Y", groups, j, dtype, dev) for j in positions]
+    y_lam = [damping_for_each(y, damping, mode) for y in ys]
+    y_inverse_diag = y_chol = None
+    if ys[0].dim() == 2:  # diagonal Y
+        damped = [y + lam.to(y.dtype).unsqueeze(-1) for y, lam in zip(ys, y_lam)]
+        if not bool(torch.stack([(d > 0).all() for d in damped]).all()):
+            raise torch.linalg.LinAlgError("the damped output factor Y has non-positive entries; increase damping")
+        y_used = y_lam
+    else:
+        factored = [damped_cholesky_stack(y, lam) for y, lam in zip(ys, y_lam)]
+        if any(used == torch.float64 for _, used, _ in factored):
+            work = torch.float64  # one working precision for the batch: the highest any factor needed
+        y_chol = [chol.to(work) for chol, _, _ in factored]
+        y_used = [lam for _, _, lam in factored]
+    if ys[0].dim() == 2:
+        y_inverse_diag = [(1.0 / d).to(work) for d in damped]
     # Zλ for the preconditioner, made in place from Z, which is not needed any more.
-    z_lambda = z_mat.to(work)
-    z_lambda.diagonal().add_(z.damping)
-    grads = [stats.G(k, dtype).to(dev) for k in names]
-    return GroupOmega(z, z_lambda, grads, factors, beta=config.beta, num_train_samples=config.num_train_samples,
-                      alpha_b=config.alpha_b, gradient=config.gradient, dtype=work,
-                      gradient_dtype=MIXED_DTYPE if work == torch.float64 else None), factors
+    z_lambda = z.to(work)
+    z_lambda.diagonal(dim1=-2, dim2=-1).add_(z_used.to(work).unsqueeze(-1))
+    y_used = torch.stack(y_used, 1)
+    return StackFactors(z_chol.to(work), z_lambda, z_used, z_used != z_lam, y_inverse_diag, y_chol, y_used,
+                        y_used != torch.stack(y_lam, 1), work)
 
 
 def _sigma_tol(dtype: torch.dtype) -> float:
@@ -214,24 +307,24 @@ class _Subset:
         return self.group.dense(torch.tensor([self.idx[int(i)] for i in layers]))
 
 
-def _start_block(group: GroupOmega, solved: dict) -> torch.Tensor:
+def _start_block(group: GroupOmega, solved: list) -> torch.Tensor:
     """Each layer's leading eigenvectors, ``[b, n, r_min]``, to start the refinement of σ from."""
-    r0 = min(solved)
+    r0 = min(result.eigenvectors.shape[-1] for _, result, _, _ in solved)
     x0 = torch.empty(group.batch, group.n, r0, dtype=group.dtype, device=group.chol.device)
-    for idx, result, _, _ in solved.values():
+    for idx, result, _, _ in solved:
         x0[idx] = result.eigenvectors[..., :r0].to(x0.dtype)
     return x0
 
 
-def _eigensolve(group: GroupOmega, sub: _Subset, r: int, solver: str, residual_tol):
-    n, dev, b = group.n, group.chol.device, len(sub.idx)
+def _eigensolve(group: GroupOmega, sub: _Subset, r: int, solver: str, config: LoraDAConfig, preconditioner):
+    n, dev, b, residual_tol = group.n, group.chol.device, len(sub.idx), config.residual_tol
     if solver == "dense":
         result = eigen.smallest_eigenpairs(sub.dense(torch.arange(b)), n, r, b, dtype=group.dtype, device=dev,
                                            tol=residual_tol, dense_below=n)
         return result, torch.zeros(b), 0
-    precond, precond_count = group.preconditioner(MIXED_DTYPE if group.dtype == torch.float64 else None)
-    floor = group.rounding_floor()[sub.idx]
-    tol = eigen._default_tol(group.dtype) if residual_tol is None else residual_tol
+    precond, precond_count, floor = preconditioner
+    floor = floor[sub.idx]
+    tol = eigen.default_tol(group.dtype) if residual_tol is None else residual_tol
     # The implicit products carry rounding of about eps·cond(Zλ) (the dense Ω carries the same
     # when it is formed); asking LOBPCG for less would only send converged layers to the dense
     # fallback.  An explicit residual_tol is taken as given.
@@ -240,15 +333,15 @@ def _eigensolve(group: GroupOmega, sub: _Subset, r: int, solver: str, residual_t
     krylov = all(group.layer_preconditioner[i] == "identity" for i in sub.idx)
     result = eigen.smallest_eigenpairs(sub.omega, n, r, b, dtype=group.dtype, device=dev, tol=tol,
                                        precond=None if krylov else lambda x: sub._pick(precond(sub._embed(x))),
-                                       dense=sub.dense, oversample=_oversample(n, r), check_every=_check_every(dev),
+                                       dense=sub.dense, oversample=oversample(n, r), check_every=_check_every(dev),
                                        norm_iters=1, krylov_columns=KRYLOV_COLUMNS if krylov else 0,
                                        krylov_block=r + KRYLOV_OVERSAMPLE,
                                        x0=sub._pick(group.power_block),
-                                       subspace_sine=SUBSPACE_SINE if residual_tol is None else None)
-    return result, floor.cpu(), precond_count
+                                       subspace_sine=config.subspace_sine if residual_tol is None else None)
+    return result, floor, precond_count
 
 
-def _oversample(n: int, r: int) -> int:
+def oversample(n: int, r: int) -> int:
     # Never so wide that the block would pass the solver's dense threshold (n ≤ 4m) where the
     # default block did not: small layers keep their LOBPCG when it is asked for.
     return max(r, min(OVERSAMPLE, (n - 1) // 4 - r))
@@ -260,32 +353,48 @@ def _check_every(dev: torch.device) -> int:
     return 1 if dev.type == "cpu" else 2
 
 
-def _layer_results(group, idx, names, result, floor, precond_count, b_all, gamma, factors) -> dict[str, Factors]:
-    scale = gamma ** -0.5
+def _stack_diagnostics(group: GroupOmega) -> dict[str, list]:
+    """Every layer's scalar diagnostics of the batch, read to the host in one go, by layer."""
+    f = group.factors
+    p = group.positions
+    z_cond, y_cond = f.condition_estimates()
+    values = {
+        "sigma": group.sigma, "variance_coef": group.variance_coef,
+        "damping_z": f.z_damping.repeat_interleave(p), "damping_y": f.y_damping.reshape(-1),
+        "damping_raised": f.z_raised.repeat_interleave(p) | f.y_raised.reshape(-1),
+        "z_condition_estimate": z_cond, "y_condition_estimate": y_cond,
+    }
+    flat = torch.cat([v.to(torch.float64).reshape(-1) for v in values.values()]).tolist()
+    out, at = {}, 0
+    for key in values:
+        out[key] = flat[at:at + group.batch]
+        at += group.batch
+    out["damping_raised"] = [bool(v) for v in out["damping_raised"]]
+    return out
+
+
+def _layer_results(group: GroupOmega, idx, names, result, floor, precond_count, b_all, config: LoraDAConfig,
+                   diagnostics: dict[str, list]) -> dict[str, Factors]:
+    scale = config.gamma ** -0.5
+    p = group.positions
+    lora_a = (result.eigenvectors.mT.to(group.dtype) * scale).unbind(0)
+    lora_b = [(b * scale).unbind(0) for b in b_all]
+    eigenvalues = result.eigenvalues.cpu().unbind(0)
+    per_solve = torch.stack([result.residuals.to(torch.float64), floor.to(result.residuals.device, torch.float64),
+                             result.tol.to(result.residuals.device, torch.float64), result.op_norm.to(torch.float64),
+                             result.converged.to(torch.float64), result.fallback.to(torch.float64)]).tolist()
+    dtype = str(group.dtype).replace("torch.", "")
     out = {}
-    for j, (i, name) in enumerate(zip(idx, names)):
-        f = factors[i]
-        z_cond, y_cond = lora_da.condition_estimate(f)
-        out[name] = Factors(result.eigenvectors[j].T.to(group.dtype) * scale, b_all[i] * scale, moves_base=False,
-                            diagnostics=LoraDADiagnostics(
-            eigenvalues=result.eigenvalues[j].cpu(),
-            residual=float(result.residuals[j]),
-            residual_floor=float(floor[j]),
-            residual_tol=float(result.tol[j]),
-            omega_norm=float(result.op_norm[j]),
-            eigensolver=result.method,
-            eigensolver_iterations=result.iterations,
-            eigensolver_converged=bool(result.converged[j]),
-            eigensolver_fallback=bool(result.fallback[j]),
-            sigma_iterations=group.sigma_iterations,
-            preconditioner_factorisations=precond_count,
-            damping_z=f.damping_z,
-            damping_y=f.damping_y,
-            damping_raised=f.damping_raised,
-            z_condition_estimate=z_cond,
-            y_condition_estimate=y_cond,
-            cholesky_dtype=str(group.dtype).replace("torch.", ""),
-            sigma=float(group.sigma[i]),
-            variance_coef=float(group.variance_coef[i]),
-        ))
+    for j, i in enumerate(idx):
+        residual, layer_floor, tol, op_norm, converged, fallback = (row[j] for row in per_solve)
+        d = {key: values[i] for key, values in diagnostics.items()}
+        block, position = divmod(i, p)
+        out[names[i]] = Factors(lora_a[j], lora_b[position][block], moves_base=False, diagnostics=LoraDADiagnostics(
+            eigenvalues=eigenvalues[j], residual=residual, residual_floor=layer_floor, residual_tol=tol,
+            omega_norm=op_norm, eigensolver=result.method, eigensolver_iterations=result.iterations,
+            eigensolver_converged=bool(converged), eigensolver_fallback=bool(fallback),
+            subspace_sine_target=config.subspace_sine if config.residual_tol is None and result.method != "dense"
+            else None,
+            sigma_iterations=group.sigma_iterations, preconditioner_factorisations=precond_count,
+            cholesky_dtype=dtype, **d))
     return out

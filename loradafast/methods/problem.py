@@ -24,6 +24,9 @@ class Problem:
     scalings: dict[str, float]
     device: torch.device | str | None = None
     generator: torch.Generator | None = None
+    # Bytes the solve's workspace may take at once (the memory plan's budget less the statistics it
+    # solves); None: what the device has free.  LoRA-DA sizes its batches of input groups by it.
+    workspace_budget: int | None = None
 
     def device_of(self, name: str):
         if self.device is not None:

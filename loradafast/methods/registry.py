@@ -7,6 +7,7 @@ base weight moves, the defaults) reads these records.
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,11 +46,86 @@ class Method:
         return fields.get("gamma")
 
 
+# Where the layers of one shape and rank are solved as stacks (per_shape): on a GPU, a loop over
+# layers is bound by its launches and host synchronisations, which grow with the model's depth.  On
+# a CPU launches cost little and a stack streams all its matrices through each product where a
+# layer at a time keeps its matrix in cache; stacks were not shown to be faster there
+# (benchmarks/README.md), so the CPU solves a layer at a time.
+BATCHED_DEVICES = ("cuda",)
+# A stack copies its layers' matrices: at most this many bytes of them per stack (counted as
+# float64, with the K-FAC factors a method stacks beside them), so a shape of many large layers is
+# solved in several stacks.  The SVDs' workspaces (the exact SVD's factors, or the Krylov bases)
+# take up to about twice as much again.
+STACK_BYTES = 1 << 30
+
+
 def per_layer(formula: Callable[[Problem, str, MethodConfig], Factors]):
     """A method solved layer by layer with ``formula(problem, name, config)``."""
     def solve(problem: Problem, config: MethodConfig) -> dict[str, Factors]:
         return {name: formula(problem, name, config) for name in track(problem.shapes, desc="loradafast: solve")}
     return solve
+
+
+def per_shape(stacked: Callable[[Problem, list[str], MethodConfig], list[Factors]],
+              formula: Callable[[Problem, str, MethodConfig], Factors], *, factors: bool = False,
+              stackable: Callable[[MethodConfig], bool] = lambda config: True):
+    """A method solved in stacks of same-shaped layers: ``stacked(problem, names, config)`` returns
+    the factors of the layers ``names``, which share their device, shape ``[out, in]`` and rank,
+    in that order.  Where the device is not in :data:`BATCHED_DEVICES`, or ``stackable(config)``
+    is False, ``formula`` layer by layer in the problem's order (:func:`per_layer`); both give
+    the same factors up to rounding.  ``factors``: the method also stacks Y and Z, counted in the
+    stack's bytes (:data:`STACK_BYTES`)."""
+    def solve(problem: Problem, config: MethodConfig) -> dict[str, Factors]:
+        batches = _shape_batches(problem, factors) if stackable(config) else []
+        if not any(batched for batched, _ in batches):
+            return per_layer(formula)(problem, config)
+        solved = {}
+        for batched, names in track(batches, total=len(problem.shapes), desc="loradafast: solve",
+                                    weight=lambda batch: len(batch[1])):
+            if batched:
+                solved.update(zip(names, stacked(problem, names, config)))
+            else:
+                solved[names[0]] = formula(problem, names[0], config)
+        return {name: solved[name] for name in problem.shapes}
+    return solve
+
+
+def _shape_batches(problem: Problem, factors: bool) -> list[tuple[bool, list[str]]]:
+    """(stacked?, layer names): the layers grouped by device, shape and rank, in stacks of at most
+    :data:`STACK_BYTES`; one layer per entry where the device is not in :data:`BATCHED_DEVICES`."""
+    groups = defaultdict(list)
+    for name, (fin, fout, _) in problem.shapes.items():
+        groups[(torch.device(problem.device_of(name)), fout, fin, problem.ranks[name])].append(name)
+    batches = []
+    for (device, fout, fin, _), names in groups.items():
+        if device.type not in BATCHED_DEVICES:
+            batches.extend((False, [name]) for name in names)
+            continue
+        nbytes = 8 * (fout * fin + (fin * fin + fout * fout if factors else 0))
+        size = max(1, STACK_BYTES // nbytes)
+        batches.extend((True, names[i:i + size]) for i in range(0, len(names), size))
+    return batches
+
+
+def _weights(p: Problem, names: list[str], dtype: torch.dtype) -> torch.Tensor:
+    """The base weights of ``names`` stacked ``[B, out, in]``, the values of ``Problem.weight``."""
+    tensors = [p.weights[name] for name in names]
+    device = torch.device(p.device_of(names[0]))
+    if all(t.dtype == dtype and t.device == device for t in tensors):
+        return torch.stack(tensors)
+    out = torch.empty(len(tensors), *tensors[0].shape, dtype=dtype, device=device)
+    for row, t in zip(out, tensors):
+        row.copy_(t)
+    return out
+
+
+def _stats(p: Problem, factor: str, names: list[str], dtype: torch.dtype) -> torch.Tensor:
+    """``G``, ``Y`` or ``Z`` of ``names`` stacked, the values of ``Problem.G`` (``.Y``, ``.Z``)."""
+    return p.stats.stack(factor, names, dtype, device=p.device_of(names[0]))
+
+
+def _scalings(p: Problem, names: list[str]) -> list[float]:
+    return [p.scalings[name] for name in names]
 
 
 def _lora(p: Problem, name: str, c: RandomLoraConfig) -> Factors:
@@ -61,8 +137,16 @@ def _pissa(p: Problem, name: str, c: PissaConfig) -> Factors:
     return baselines.pissa(p.weight(name, c.dtype), p.ranks[name], p.scalings[name], niter=c.niter)
 
 
+def _pissa_stack(p: Problem, names: list[str], c: PissaConfig) -> list[Factors]:
+    return baselines.pissa_stack(_weights(p, names, c.dtype), p.ranks[names[0]], _scalings(p, names))
+
+
 def _milora(p: Problem, name: str, c: MiloraConfig) -> Factors:
     return baselines.milora(p.weight(name, c.dtype), p.ranks[name], p.scalings[name])
+
+
+def _milora_stack(p: Problem, names: list[str], c: MiloraConfig) -> list[Factors]:
+    return baselines.milora_stack(_weights(p, names, c.dtype), p.ranks[names[0]], _scalings(p, names))
 
 
 # G is an fp32 sum: it is read in float32, and only the exact SVD works in c.dtype (the
@@ -72,8 +156,18 @@ def _lora_ga(p: Problem, name: str, c: LoraGAConfig) -> Factors:
                              svd=c.svd, dtype=c.dtype)
 
 
+def _lora_ga_stack(p: Problem, names: list[str], c: LoraGAConfig) -> list[Factors]:
+    return baselines.lora_ga_stack(_stats(p, "G", names, _gradient_dtype(c)), p.ranks[names[0]], gamma=c.gamma,
+                                   variant=c.variant, svd=c.svd, dtype=c.dtype)
+
+
 def _lora_one(p: Problem, name: str, c: LoraOneConfig) -> Factors:
     return baselines.lora_one(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, svd=c.svd, dtype=c.dtype)
+
+
+def _lora_one_stack(p: Problem, names: list[str], c: LoraOneConfig) -> list[Factors]:
+    return baselines.lora_one_stack(_stats(p, "G", names, _gradient_dtype(c)), p.ranks[names[0]], gamma=c.gamma,
+                                    svd=c.svd, dtype=c.dtype)
 
 
 def _gradient_dtype(c) -> torch.dtype:
@@ -85,6 +179,11 @@ def _fisher_subspace(p: Problem, name: str, c: FisherSubspaceConfig) -> Factors:
                                      p.ranks[name], p.scalings[name])
 
 
+def _fisher_subspace_stack(p: Problem, names: list[str], c: FisherSubspaceConfig) -> list[Factors]:
+    return baselines.fisher_subspace_stack(_weights(p, names, c.dtype), _stats(p, "Y", names, c.dtype),
+                                           _stats(p, "Z", names, c.dtype), p.ranks[names[0]], _scalings(p, names))
+
+
 def _lora_da(p: Problem, c: LoraDAConfig) -> dict[str, Factors]:
     from .lora_da_solve import solve_lora_da  # all layers together: one factorisation per input
 
@@ -94,13 +193,17 @@ def _lora_da(p: Problem, c: LoraDAConfig) -> dict[str, Factors]:
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("lora-da", "LoRA-DA", LoraDAConfig, _lora_da, statistics=frozenset("GYZ")),
     Method("lora", "LoRA", RandomLoraConfig, per_layer(_lora)),
-    Method("pissa", "PiSSA", PissaConfig, per_layer(_pissa), needs_weights=True, moves_base=True),
-    Method("milora", "MiLoRA", MiloraConfig, per_layer(_milora), needs_weights=True, moves_base=True),
-    Method("lora-ga", "LoRA-GA", LoraGAConfig, per_layer(_lora_ga), statistics=frozenset("G"), moves_base=True,
-           rank_factor=2),
-    Method("lora-one", "LoRA-One", LoraOneConfig, per_layer(_lora_one), statistics=frozenset("G")),
-    Method("fisher-subspace", "Fisher subspace", FisherSubspaceConfig, per_layer(_fisher_subspace),
-           statistics=frozenset("YZ"), needs_weights=True, moves_base=True),
+    # PiSSA's niter: svd_lowrank draws from the global RNG, layer by layer as PEFT does.
+    Method("pissa", "PiSSA", PissaConfig, per_shape(_pissa_stack, _pissa, stackable=lambda c: c.niter is None),
+           needs_weights=True, moves_base=True),
+    Method("milora", "MiLoRA", MiloraConfig, per_shape(_milora_stack, _milora), needs_weights=True,
+           moves_base=True),
+    Method("lora-ga", "LoRA-GA", LoraGAConfig, per_shape(_lora_ga_stack, _lora_ga), statistics=frozenset("G"),
+           moves_base=True, rank_factor=2),
+    Method("lora-one", "LoRA-One", LoraOneConfig, per_shape(_lora_one_stack, _lora_one), statistics=frozenset("G")),
+    Method("fisher-subspace", "Fisher subspace", FisherSubspaceConfig,
+           per_shape(_fisher_subspace_stack, _fisher_subspace, factors=True), statistics=frozenset("YZ"),
+           needs_weights=True, moves_base=True),
 )}
 METHODS = tuple(REGISTRY)
 WEIGHT_ONLY_METHODS = tuple(name for name, m in REGISTRY.items() if not m.data_aware)

@@ -85,9 +85,10 @@ def solve(
 
 def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, rank: int | None, *,
                weights=None, kinds=None, ranks=None, lora_alpha=None, use_rslora=False, alphas=None,
-               freeze_a=False, device=None, progress: bool = False) -> InitResult:
+               freeze_a=False, device=None, progress: bool = False, workspace_budget: int | None = None) -> InitResult:
     """:func:`solve` with the method's record and validated options already in hand (what
-    :func:`loradafast.initialize` calls: the options are checked once, where they are built)."""
+    :func:`loradafast.initialize` calls: the options are checked once, where they are built).
+    ``workspace_budget``: the bytes the memory plan leaves the solve's workspace (None: free memory)."""
     _check_inputs(record, config, stats, weights)
     shapes = _layer_shapes(stats, weights, kinds)
     rank = 8 if rank is None else rank
@@ -101,7 +102,7 @@ def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, r
     lora_alpha = PEFT_DEFAULT_ALPHA if lora_alpha is None else lora_alpha
     full_ranks = {name: ranks.get(name, rank) for name in shapes}
     scalings = {name: lora_scaling(alphas.get(name, lora_alpha), r, use_rslora) for name, r in full_ranks.items()}
-    problem = Problem(stats, weights, shapes, full_ranks, scalings, device, generator_for(config))
+    problem = Problem(stats, weights, shapes, full_ranks, scalings, device, generator_for(config), workspace_budget)
 
     started = time.perf_counter()
     with solve_progress(progress):

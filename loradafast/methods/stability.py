@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from ..result import LayerInit
+from ..layer_init import LayerInit
 
 # LoRA-DA's residual tolerance for the halves (‖ΩX − XΛ‖/‖Ω‖): Davis–Kahan then bounds each half's
 # subspace error by about 1e-6·‖Ω‖/gap, far below the split-half sines measured (1e-2 and up).

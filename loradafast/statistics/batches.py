@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+# What ``next(batches, END)`` returns once a loader is exhausted: one marker for the pass and the
+# probe, since a loader may yield None (or anything else) as a batch.
+END = object()
 
 
 @dataclass

@@ -29,15 +29,15 @@ import torch
 from torch import nn
 
 from .. import distributed, kernels, planner, progress as _progress
+from .._version import __version__
 from ..linalg.dense import finite_flags
 from ..options import Y_FACTORS, check_choice, check_pass_options
-from .batches import IGNORE_INDEX, Batch, normalize_batch
+from .batches import END, IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
 from .hooks import Accumulator, agree_on_layers, all_reduce, reduce_to_owners
 from . import provenance
 from .store import LayerStats, Statistics, check_factors
-from ..integrations.peft import base_model_only
-from ..targets import Target, base_model_of, find_targets, model_meta
+from ..targets import Target, base_model_of, base_model_only, find_targets, model_meta
 
 logger = logging.getLogger(__name__)
 logger.addFilter(distributed.MAIN_RANK_ONLY)
@@ -67,7 +67,7 @@ def _check_autograd_available(model: nn.Module) -> None:
         )
 
 
-def _uses_activation_checkpointing(model: nn.Module) -> bool:
+def uses_activation_checkpointing(model: nn.Module) -> bool:
     base = base_model_of(model)
     for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer name first
         if isinstance(getattr(type(base), attr, None), property):
@@ -87,9 +87,6 @@ def preserved_model_state(model: nn.Module):
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
-
-
-_END = object()
 
 
 def collect(
@@ -147,8 +144,8 @@ def collect(
     num_sequences = num_tokens = 0
     error = None
     try:
-        num_sequences, num_tokens, checksum = _stream(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples,
-                                                      progress=progress and distributed.is_main(), global_cap=True)
+        num_sequences, num_tokens, checksum = stream(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples,
+                                                     progress=progress and distributed.is_main(), global_cap=True)
     except Exception as e:  # noqa: BLE001 - every rank learns of it below, then it is raised
         error = e
     distributed.agree_on_failure(error, "the statistics pass")
@@ -172,8 +169,8 @@ def _prepared(model, targets, *, target_modules, adapter_name, loss_fn, y_factor
     own model or mode): every rank learns of it before any other collective."""
     error = None
     try:
-        targets = _checked_targets(model, targets, target_modules=target_modules, adapter_name=adapter_name,
-                                   loss_fn=loss_fn)
+        targets = checked_targets(model, targets, target_modules=target_modules, adapter_name=adapter_name,
+                                  loss_fn=loss_fn)
     except Exception as e:  # noqa: BLE001 - raised below, on every rank
         error = e
     distributed.agree_on_failure(error, "the checks before the statistics pass")
@@ -192,7 +189,7 @@ def _meta(model, targets, acc: Accumulator, owners, *, loss_fn, adapter_name, ch
     """The model, the pass and the provenance (:mod:`.provenance`) the statistics record."""
     meta = {
         "model_class": type(base_model_of(model)).__name__,
-        "loradafast_version": _version(),
+        "loradafast_version": __version__,
         "pass_seconds": seconds,
         **model_meta(model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name),
         "weight_samples": provenance.weight_samples(targets),
@@ -231,13 +228,7 @@ def _half(odd: tuple[dict, dict, dict], stats: Statistics, counts: list[int]) ->
     return Statistics(layers, z_sums, counts[1], counts[0], stats.y_factor)
 
 
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def _checked_targets(model: nn.Module, targets, *, target_modules, adapter_name, loss_fn) -> list[Target]:
+def checked_targets(model: nn.Module, targets, *, target_modules, adapter_name, loss_fn) -> list[Target]:
     """The layers to hook, after every check that can fail before the pass."""
     if targets is None:
         targets = find_targets(model, target_modules, adapter_name=adapter_name, allow_quantized=True)
@@ -247,7 +238,7 @@ def _checked_targets(model: nn.Module, targets, *, target_modules, adapter_name,
             f"{type(model).__name__}; check the module names with model.named_modules()"
         )
     _check_autograd_available(model)
-    if _uses_activation_checkpointing(model):
+    if uses_activation_checkpointing(model):
         raise ValueError(
             "the model recomputes activations during backward (gradient checkpointing), which would run the "
             "statistics hooks twice per batch; call model.gradient_checkpointing_disable() for the "
@@ -261,8 +252,8 @@ def _checked_targets(model: nn.Module, targets, *, target_modules, adapter_name,
     return targets
 
 
-def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, max_samples,
-            progress: bool, global_cap: bool = False) -> tuple[int, int, str]:
+def stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, max_samples,
+           progress: bool, global_cap: bool = False) -> tuple[int, int, str]:
     """Every batch through the hooked model (its state restored afterwards, adapters off);
     returns (sequences, tokens) used and the data's fingerprint (:mod:`.provenance`).
     ``global_cap``: ``max_samples`` over every rank (:class:`_Turns`)."""
@@ -286,7 +277,7 @@ def _stream(model: nn.Module, loader: Iterable, acc: Accumulator, *, loss_fn, ma
                     batch = turns.next_batch(batches, index, num_sequences, loss_fn)
                 else:
                     batch = _next_batch(batches, index, num_sequences, max_samples, loss_fn)
-                if batch is _END or (batch is None and turns is None):
+                if batch is END or (batch is None and turns is None):
                     break
                 if batch is not None and batch.size:
                     sums = _checksum(batch).to(acc.device)
@@ -312,8 +303,8 @@ def _next_batch(batches, index: int, used: int, max_samples: int | None, loss_fn
     wanted; None at the end, or once the cap is reached (before the loader is asked for more)."""
     if max_samples is not None and used >= max_samples:
         return None
-    raw = next(batches, _END)
-    if raw is _END:
+    raw = next(batches, END)
+    if raw is END:
         return None
     batch = normalize_batch(raw, index=index, token_labels=loss_fn is None)
     return batch if max_samples is None else batch.take(max_samples - used)
@@ -364,20 +355,20 @@ class _Turns:
         return [tuple(row) for row in t.tolist()]
 
     def next_batch(self, batches, index: int, used: int, loss_fn):
-        """This rank's share of turn ``index``: a batch (maybe of size 0), or ``_END`` for every rank."""
+        """This rank's share of turn ``index``: a batch (maybe of size 0), or ``END`` for every rank."""
         before = self._gather(used)
         if any(failed for _, failed in before) or sum(u for u, _ in before) >= self.max_samples:
-            return _END
+            return END
         batch = None
         if self.error is None:
             try:
-                raw = next(batches, _END)
-                batch = None if raw is _END else normalize_batch(raw, index=index, token_labels=loss_fn is None)
+                raw = next(batches, END)
+                batch = None if raw is END else normalize_batch(raw, index=index, token_labels=loss_fn is None)
             except Exception as e:  # noqa: BLE001 - raised after every rank left the loop
                 self.error = e
         sizes = self._gather(-1 if batch is None else batch.size)
         if any(failed for _, failed in sizes) or all(size < 0 for size, _ in sizes):
-            return _END
+            return END
         remaining = self.max_samples - sum(u for u, _ in before)
         takes = []
         for size, _ in sizes:
@@ -391,7 +382,7 @@ class _Turns:
                 f"{sum(t > 0 for t in takes)} of {len(takes)} forwards in this turn (uneven shards, or max_samples "
                 "ending mid-turn); give every rank the same number of batches, and a max_samples that is a multiple "
                 "of the world size times the batch size (or None)")
-            return _END
+            return END
         return None if batch is None else batch.take(takes[distributed.rank()])
 
     def run(self, fn, *args):

@@ -78,7 +78,8 @@ class Accumulator:
             self.g_sum, self.y_sum, self.z_sum = self.halves[self.parity]
         self.mask = mask.reshape(-1)
         # Without padding the kernels need no mask: on CPU masking copies both operands of every
-        # product (0.9 of 41.5 s of a SmolLM2 pass, measured); one test per batch.
+        # product, which one test per batch saves (measured: benchmarks/README.md, "Where the
+        # statistics pass spent its time").
         self.kernel_mask = None if bool(self.mask.all()) else self.mask
         self.inputs.clear()
         self.seen.clear()

@@ -43,9 +43,9 @@ def causal_lm_sequence_losses(outputs, batch: Batch) -> tuple[torch.Tensor, torc
     labels = next_token_labels(batch)
     # The labels are shifted, not the logits: with an ignored label at the last position the logits
     # are read as one contiguous [B·S, V] block.  The logits cut to [:, :-1] and transposed to
-    # [B, V, S] made a strided log-softmax that took 4.5 of 41.5 s of a SmolLM2 pass on CPU
-    # (measured; 0.9 s this way).  fp32 log-softmax: bf16 cross-entropy over a large vocabulary
-    # loses the gradient's small entries.
+    # [B, V, S] made a strided log-softmax, several times slower on CPU (measured:
+    # benchmarks/README.md, "Where the statistics pass spent its time").  fp32 log-softmax: bf16
+    # cross-entropy over a large vocabulary loses the gradient's small entries.
     padded = F.pad(labels, (0, 1), value=IGNORE_INDEX)
     token_loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), padded.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from ..targets import Target
-from .collector import _checked_targets, _stream
+from .batches import END
+from .collector import checked_targets, stream
 from .hooks import Accumulator
-
-_END = object()
 
 
 class _GroupProbe(Accumulator):
@@ -35,23 +34,23 @@ class _GroupProbe(Accumulator):
 
 
 def first_batch(loader: Iterable) -> tuple[object, Iterable]:
-    """The loader's first batch (``_END`` if it has none) and the loader to use afterwards: the
+    """The loader's first batch (``END`` if it has none) and the loader to use afterwards: the
     same object when it can be iterated again, else the first batch chained back in front."""
     if isinstance(loader, Iterator):
-        first = next(loader, _END)
-        return first, loader if first is _END else itertools.chain([first], loader)
-    return next(iter(loader), _END), loader
+        first = next(loader, END)
+        return first, loader if first is END else itertools.chain([first], loader)
+    return next(iter(loader), END), loader
 
 
 def input_groups(model: nn.Module, batch, targets: list[Target], *, loss_fn: Callable | None) -> dict[str, str]:
     """Layer → the first layer (in call order) that read the same input tensor, from one forward
     of the first sequence of ``batch``; a layer the forward did not reach maps to itself.  The
     pass's own checks come first, so that a model the pass would refuse fails as it would."""
-    targets = _checked_targets(model, targets, target_modules=None, adapter_name=None, loss_fn=loss_fn)
+    targets = checked_targets(model, targets, target_modules=None, adapter_name=None, loss_fn=loss_fn)
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
     probe = _GroupProbe(targets, "diag", device)
-    _stream(model, [batch], probe, loss_fn=loss_fn, max_samples=1, progress=False)
+    stream(model, [batch], probe, loss_fn=loss_fn, max_samples=1, progress=False)
     return {t.name: probe.input_group.get(t.name, t.name) for t in targets}

@@ -113,6 +113,22 @@ class Statistics:
         self.require("Y", "Statistics.Y()")
         return self.layers[name].y_sum.to(dtype) / self.num_tokens
 
+    def stack(self, factor: str, names: list[str], dtype=torch.float64, device=None) -> torch.Tensor:
+        """``G``, ``Y`` or ``Z`` (``factor``) of the layers ``names``, stacked ``[len(names), ...]``
+        in ``dtype``, the same values as the per-layer accessors: one copy into a preallocated
+        tensor and one division for the stack, not a conversion per layer."""
+        self.require(factor, f"Statistics.stack({factor!r})")
+        layers = [self.layers[n] for n in names]
+        sums = [s.g_sum if factor == "G" else s.y_sum if factor == "Y" else self.z_sums[s.input_group] for s in layers]
+        device = sums[0].device if device is None else torch.device(device)
+        out = torch.empty(len(sums), *sums[0].shape, dtype=dtype, device=device)
+        if all(t.device == device for t in sums):
+            torch.stack(sums, out=out)
+        else:
+            for row, t in zip(out, sums):
+                row.copy_(t)
+        return out.div_(self.num_sequences if factor == "G" else self.num_tokens)
+
     def device_of(self, name: str) -> torch.device:
         """Where layer ``name``'s statistics live."""
         s = self.layers[name]

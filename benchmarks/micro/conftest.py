@@ -1,13 +1,14 @@
 """The micro-benchmark suite (pytest-benchmark): kernels, eigensolver, solve stages.
 
-Not part of ``make test``: the files are named ``bench_*.py``, which pytest collects only when
-asked to (``make bench`` passes ``-o python_files=bench_*.py``).  Run it with::
+Not part of ``make test``: that collects ``tests/`` only (``testpaths`` in pyproject.toml), and
+these files are named ``bench_*.py``, which pytest collects only when asked to (``make bench``
+passes ``-o python_files=bench_*.py``).  Run it with::
 
     make bench                                  # writes benchmarks/results/micro_<device>.json
     make bench BENCH_ARGS="-k kfac"             # a subset
 
-Sizes are small on CPU (a few minutes in all) and model-sized on CUDA.  This conftest must not
-import pytest-benchmark: pytest loads it during the normal suite too.
+Sizes are small on CPU (a few minutes in all) and model-sized on CUDA.  This conftest does not
+import pytest-benchmark (its hook below is optional), so it loads without the plugin.
 """
 from __future__ import annotations
 

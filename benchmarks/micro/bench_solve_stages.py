@@ -1,8 +1,10 @@
 """The LoRA-DA solve, stage by stage, on one Llama-block-shaped set of synthetic statistics
 (``benchmarks/bench_scale.py``'s ``tokens`` spectrum: q, k, v, o, gate, up, down at width × scale):
 
-* ``factor``: the damped factors of one input group (one Cholesky of Zλ, the Y factors);
-* ``sigma_estimate``: the rough σ = ‖Δ‖₂ from a few block power steps;
+* ``factor``: the damped factors of one input group (one Cholesky of Zλ, the Y factors;
+  ``_stack_factors``);
+* ``sigma_estimate``: the rough σ = ‖Δ‖₂ from a few block power steps, on the group's operator
+  (``_stack_operator``, which builds it from the factors and G);
 * ``preconditioner``: building ``Zλ(sZλ + cI)⁻¹`` for the group's clusters of c;
 * ``omega_product``: one implicit Ω product with a block of r + 8 columns;
 * ``solve``: the whole ``loradafast.solve`` of the block, with each eigensolver.
@@ -16,7 +18,7 @@ from _micro import ON_CUDA
 from bench_scale import synthetic_stats
 
 import loradafast
-from loradafast.methods.lora_da_solve import _factor_group
+from loradafast.methods.lora_da_solve import _stack_factors, _stack_operator
 from loradafast.options import LoraDAConfig
 
 SCALE = 1.0 if ON_CUDA else 1 / 32
@@ -33,33 +35,36 @@ def stats():
     return synthetic_stats(HIDDEN, INTER, "tokens", device)
 
 
+def _device(stats, key):
+    return stats.layers[GROUPS[key][0]].g_sum.device
+
+
 def _group(stats, key):
-    dev = stats.layers[GROUPS[key][0]].g_sum.device
-    return _factor_group(stats, GROUPS[key], CONFIG, dev)
+    """The input group's operator (a stack of one group), σ estimated as the solve leaves it."""
+    return _stack_operator(stats, [(key, GROUPS[key])], CONFIG, _device(stats, key), times={})
 
 
 @pytest.mark.parametrize("key", list(GROUPS))
 def test_factor(run, stats, key):
-    run(lambda: _group(stats, key), group=f"solve stages {key}", stage="factor", hidden=HIDDEN, intermediate=INTER)
+    run(lambda: _stack_factors(stats, [(key, GROUPS[key])], CONFIG, _device(stats, key)),
+        group=f"solve stages {key}", stage="factor", hidden=HIDDEN, intermediate=INTER)
 
 
 @pytest.mark.parametrize("key", list(GROUPS))
 def test_sigma_estimate(run, stats, key):
-    group, _ = _group(stats, key)
+    group = _group(stats, key)
     run(group.estimate_sigma, group=f"solve stages {key}", stage="sigma_estimate")
 
 
 @pytest.mark.parametrize("key", list(GROUPS))
 def test_preconditioner(run, stats, key):
-    group, _ = _group(stats, key)
-    group.estimate_sigma()
+    group = _group(stats, key)
     run(group.preconditioner, group=f"solve stages {key}", stage="preconditioner")
 
 
 @pytest.mark.parametrize("key", list(GROUPS))
 def test_omega_product(run, stats, key):
-    group, _ = _group(stats, key)
-    group.estimate_sigma()
+    group = _group(stats, key)
     x = torch.randn(group.batch, group.n, RANK + 8, dtype=group.dtype, device=group.chol.device)
     run(lambda: group.omega(x), group=f"solve stages {key}", stage="omega_product", k=RANK + 8)
 
