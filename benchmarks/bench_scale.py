@@ -174,21 +174,14 @@ def _solve_once(stats, device, dtype, eigensolver):
 def counted_solve(stats, device, dtype, eigensolver="auto", mixed=None) -> dict:
     """Aten ops and host synchronisations of one more (untimed) solve."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from syncs import SyncCounter
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from syncs import OpCounter, SyncCounter
 
-    class Ops(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Ops.total += 1
-            return func(*args, **(kwargs or {}))
-
+    ops = OpCounter()
     syncs = SyncCounter()
-    with warnings.catch_warnings(), Ops(), syncs:
+    with warnings.catch_warnings(), ops, syncs:
         warnings.simplefilter("ignore")
         solve_once(stats, device, dtype, eigensolver, mixed)
-    return {"aten_ops": Ops.total, "host_syncs": syncs.total}
+    return {"aten_ops": ops.total, "host_syncs": syncs.total}
 
 
 def fp32_effect(hidden: int, inter: int, spectrum: str, device, scale: float) -> dict:

@@ -79,3 +79,16 @@ class SyncCounter(TorchDispatchMode):
             if dst_type == "cpu" and src.device.type != "cpu":
                 self.by_op["device_to_host"] += 1
         return func(*args, **kwargs)
+
+
+class OpCounter(TorchDispatchMode):
+    """``with OpCounter() as ops: ...`` then ``ops.total``: every aten op dispatched (on a GPU, about
+    one kernel launch each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        return func(*args, **(kwargs or {}))

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import loradafast
 from loradafast import methods
@@ -18,7 +17,7 @@ from loradafast.linalg.lowrank import BACKWARD_TOL, DEPTH, top_singular_triplets
 from loradafast.methods import baselines, registry
 from loradafast.methods.problem import Problem
 from loradafast.statistics import LayerStats, Statistics
-from syncs import SyncCounter
+from syncs import OpCounter, SyncCounter
 
 FP32 = 1e-5  # the randomized path's working precision (float32), as in test_lowrank.py
 STACKED = ("cuda", "cpu")  # registry.BATCHED_DEVICES that stacks on this CPU too
@@ -60,18 +59,8 @@ def _mixed(out=300, inp=200):
     ]).float()
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _counted(fn) -> tuple[int, int]:
-    ops, syncs = _Ops(), SyncCounter()
+    ops, syncs = OpCounter(), SyncCounter()
     with ops, syncs:
         fn()
     return ops.total, syncs.total

@@ -5,13 +5,12 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import loradafast
 from loradafast.linalg.eigen import span_sine
 from loradafast.methods import lora_da_solve
 from loradafast.statistics.store import LayerStats, Statistics
-from syncs import SyncCounter
+from syncs import OpCounter, SyncCounter
 
 HIDDEN, KV, FFN, TOKENS = 64, 16, 112, 150  # a Llama block at small width: GQA, an MLP wider than the input
 MODULES = {"self_attn.q_proj": (HIDDEN, HIDDEN, "attn"), "self_attn.k_proj": (HIDDEN, KV, "attn"),
@@ -46,22 +45,12 @@ def _stacked_on_cpu(monkeypatch):
     monkeypatch.setattr(lora_da_solve, "MAX_STACK_GROUPS", {})
 
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _counted(stats: Statistics) -> tuple[int, int, int]:
     """(aten ops of the LoRA-DA solve, its host synchronisations, those of the whole ``solve()``).
     The whole solve's ops also include the per-tensor finite checks of its inputs and outputs,
     which on a CPU are one ``aminmax`` per tensor by choice (one multi-tensor kernel on CUDA)."""
     config = loradafast.LoraDAConfig(eigensolver="lobpcg", num_train_samples=1000)
-    ops, syncs = _OpCounter(), SyncCounter()
+    ops, syncs = OpCounter(), SyncCounter()
     with ops, syncs:
         lora_da_solve.solve_lora_da(stats, dict.fromkeys(stats.layers, 4), config)
     whole = SyncCounter()
