@@ -73,10 +73,6 @@ class StackFactors:
     dtype: torch.dtype  # the working precision of the stack: the highest any factor needed
 
     @property
-    def blocks(self) -> int:
-        return self.z_chol.shape[0]
-
-    @property
     def positions(self) -> int:
         return self.y_damping.shape[1]
 
