@@ -25,7 +25,7 @@ from torch import nn
 from . import api, distributed
 from .integrations import peft as peft_integration
 from .integrations.peft import AdapterLayout
-from .methods.registry import build_config, get_method, method_keywords
+from .methods.registry import DEFAULT_METHOD, build_config, get_method, method_keywords
 from .options import MethodConfig, check_pass_options, check_rank
 from .result import InitResult
 from .statistics import provenance
@@ -36,7 +36,7 @@ from .targets import Target, base_model_of, find_targets, is_peft_model, layer_k
 logger = logging.getLogger("loradafast")
 
 
-def preprocess_lora_da(model: nn.Module, lora_config, loader: Iterable | None = None, *, method: str = "lora-da",
+def preprocess_lora_da(model: nn.Module, lora_config, loader: Iterable | None = None, *, method: str = DEFAULT_METHOD,
                        stats=None, cache_file: str | os.PathLike | None = None, config: MethodConfig | None = None,
                        max_samples: int | None = 256, loss_fn: Callable | None = None, freeze_a: bool = False,
                        progress: bool = True, memory_budget=None, **options) -> InitResult:
@@ -65,7 +65,7 @@ def preprocess_lora_da(model: nn.Module, lora_config, loader: Iterable | None = 
 
 
 def get_lora_da_state_dict(model: nn.Module, loader: Iterable | None = None, peft_config=None, *,
-                           method: str = "lora-da", stats=None, adapter_name: str = "default",
+                           method: str = DEFAULT_METHOD, stats=None, adapter_name: str = "default",
                            convert_to_lora: bool | None = None, **options) -> dict[str, torch.Tensor]:
     """The initialised adapter as a state dict, the model unchanged (PEFT's ``get_eva_state_dict`` shape).
 

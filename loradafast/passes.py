@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from . import distributed, planner
+from .methods.registry import memory_model
 from .methods.solver import solve_with
 from .result import InitResult
 from .statistics.collector import collect
 from .statistics.batches import END
-from .statistics.probe import first_batch, input_groups
+from .statistics.probe import first_batch, probe
 from .targets import Target
 
 logger = logging.getLogger("loradafast")
@@ -41,12 +42,14 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
     y_factor = getattr(config, "y_factor", None) or "diag"
     device = _device(model)
     budget, source = _budget(memory_budget, targets, device)
-    memory = planner.MemoryModel(record.name, _collected(record), y_factor, config.dtype,
-                                 getattr(config, "eigensolver", "lobpcg"), device.type, distributed.world_size())
+    memory = memory_model(record, y_factor=y_factor, solve_dtype=config.dtype,
+                          eigensolver=getattr(config, "eigensolver", "lobpcg"), device_type=device.type,
+                          world_size=distributed.world_size())
     groups, notes = {t.name: t.name for t in targets}, []
-    if budget is not None:  # only a limit needs the groups before the pass
-        found, loader, error = _probe(model, loader, targets, loss_fn)
-        groups = _agreed_groups(found, error, groups)
+    if budget is not None:  # only a limit needs the groups and the activations before the pass
+        found, loader, error = _probe(model, loader, targets, loss_fn, memory)
+        groups, memory, note = _agreed_probe(found, error, groups, memory)
+        notes += [note] if note else []
     else:
         notes.append("no limit: one pass; input groups as the pass found them")
     shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, groups[t.name],
@@ -106,22 +109,34 @@ def _plan_with_halves(shapes, memory, budget, source, notes, split_halves):
     return planner.plan_passes(shapes, memory, budget, source, notes), memory, False
 
 
-def _probe(model, loader, targets, loss_fn) -> tuple[dict | None, Iterable, BaseException | None]:
-    """The input groups from one sequence of this rank's first batch (None for an empty shard),
-    the loader to use afterwards, and the error instead of raising it: the loader, the pass's
-    checks or the forward may fail on this rank alone, and the others wait in the gather."""
+def _probe(model, loader, targets, loss_fn, memory: planner.MemoryModel):
+    """The :class:`~.statistics.probe.Probe` of one sequence of this rank's first batch (None for
+    an empty shard), the loader to use afterwards, and the error instead of raising it: the loader,
+    the pass's checks or the forward may fail on this rank alone, and the others wait in the gather."""
     try:
         batch, loader = first_batch(loader)
-        return (None if batch is END else input_groups(model, batch, targets, loss_fn=loss_fn)), loader, None
-    except Exception as e:  # noqa: BLE001 - every rank learns of it in _agreed_groups, then it is raised
+        if batch is END:
+            return None, loader, None
+        return probe(model, batch, targets, loss_fn=loss_fn, factors=memory.statistics,
+                     y_factor=memory.y_factor), loader, None
+    except Exception as e:  # noqa: BLE001 - every rank learns of it in _agreed_probe, then it is raised
         return None, loader, e
 
 
-def _agreed_groups(found: dict | None, error: BaseException | None, fallback: dict) -> dict:
-    """The input groups of the first rank that had a batch to probe, on every rank, so that all
-    make the same plan (a rank with an empty shard probes nothing); every rank raises if a probe failed."""
-    everyone = distributed.agree_on_failure(error, "the probe of the first batch", share=found)
-    return next((g for g in everyone if g is not None), fallback)
+def _agreed_probe(found, error, fallback: dict, memory: planner.MemoryModel):
+    """The same input groups and activations on every rank, so that all make the same plan: the
+    groups of the first rank that had a batch to probe (a rank with an empty shard probes
+    nothing), the largest activations; every rank raises if a probe failed.  Returns (groups,
+    memory model with the activations, a note for the plan)."""
+    everyone = [p for p in distributed.agree_on_failure(error, "the probe of the first batch", share=found) if p]
+    if not everyone:
+        return fallback, memory, None
+    largest = max(everyone, key=lambda p: p.activation_bytes)
+    sequences, length = largest.batch_shape
+    note = (f"a batch in flight: {planner.format_bytes(largest.activation_bytes)} of activations, as measured on "
+            f"the first batch ({sequences} × {length} tokens); longer batches hold more")
+    memory = dataclasses.replace(memory, activation_bytes=largest.activation_bytes)
+    return everyone[0].input_groups, memory, note
 
 
 def _solve(record, config, stats, rank, weights, solve_kw, targets) -> InitResult:
@@ -153,11 +168,6 @@ def _shared(result: InitResult, targets: list[Target], layout) -> None:
     layers = distributed.broadcast_layers(result.layers, names, result.owners)
     result.layers = {n: layers[n] for n in names}
     result.alphas = {n: a for n, a in (layout.alphas or {}).items() if a != result.lora_alpha}
-
-
-def _collected(record) -> frozenset:
-    """What :func:`collect` gathers for ``record``: what the method reads (LoRA-GA: G alone)."""
-    return frozenset(record.statistics)
 
 
 def _budget(memory_budget, targets: list[Target], device: torch.device) -> tuple[int | None, str]:
@@ -206,9 +216,11 @@ def _replanned(plan, shapes, stats, memory) -> planner.MemoryPlan:
 
 
 def _announce(plan: planner.MemoryPlan, progress: bool) -> None:
-    logger.info("%s", plan)
+    """The plan, once: printed beside the progress bars, else logged (INFO)."""
     if progress and distributed.is_main():
         print(plan, file=sys.stderr)
+    else:
+        logger.info("%s", plan)
 
 
 def _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, weights):
@@ -313,7 +325,7 @@ def solve_weights(record, config, targets: list[Target], layout, *, freeze_a: bo
                           freeze_a=freeze_a, progress=progress, **kw)
     shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, t.name, layout.ranks.get(t.name, layout.rank))
               for t in targets]
-    owners = planner.assign_owners(shapes, distributed.world_size(), "svd")
+    owners = planner.assign_owners(shapes, distributed.world_size(), record.solve_cost)
     weights = distributed.weights_to_owners(targets, owners)
     names = set(weights)
     result, error = None, None

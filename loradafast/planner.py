@@ -2,27 +2,29 @@
 
 The statistics of every target layer (fp32 ``G`` per layer, ``Z`` per input group, ``Y`` per
 layer) may not fit the device beside the model: Llama-2-13B's take ≈ 95 GB.  The planner estimates,
-from the layer shapes alone, what one pass over a set of input groups holds at its peak:
+from the layer shapes and one batch's activations, what one pass over a set of input groups holds
+at its peak:
 
 * the statistics of those groups (what the method's pass collects);
-* plus the larger of the end of the pass (the accumulators' transients: the per-batch products of
-  the reference kernels, and the symmetric copies ``collect`` makes of ``Z`` and full ``Y``) and
-  the solve (the workspace of the largest input group: its float64 copies, Cholesky factors,
-  preconditioner factors, LOBPCG blocks and one dense fallback, or a per-layer SVD);
+* plus the larger of two moments that never coexist: a batch in flight (the activations autograd
+  saves and the input rows the hooks keep, learnt from one sequence of the first batch by
+  :mod:`.statistics.probe`, plus the accumulators' per-batch products) and the solve (the
+  workspace of the largest input group: its float64 copies, Cholesky factors, preconditioner
+  factors, LOBPCG blocks and one dense fallback, or a per-layer SVD), whichever the method says;
 * plus the factors of every layer, which are kept until the adapter is applied.
 
 Input groups are packed greedily in model order: a group joins the current pass if the pass's
 estimate stays within the budget, and starts the next pass otherwise.  An input group is never
 split (its layers share one ``Z`` and one factorisation).  A group that does not fit alone is an
 error naming it.  The estimates are a model of the code (counted from the tensors each stage
-allocates), not a measurement; the budget excludes the model itself and the activations of the
-pass, which is what the default budget's margin is for.
+allocates), not a measurement; the budget excludes the model itself, and the default budget's
+margin is for the allocator's fragmentation and whatever else runs.
 """
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,8 +32,8 @@ import torch
 from .device_memory import free_memory
 from .device_memory import host_memory as _host_memory  # a module global: tests stub it
 
-# The default budget keeps this fraction of the device's total memory free: activations of the
-# pass's batches, the allocator's fragmentation and whatever else runs.
+# The default budget keeps this fraction of the free memory free: the allocator's fragmentation,
+# batches longer than the first, and whatever else runs.
 DEFAULT_MARGIN = 0.10
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -75,7 +77,7 @@ class MemoryPlan:
     budget_bytes: int | None  # None: no limit
     budget_source: str  # where the budget came from
     statistics_bytes: int  # all layers' statistics, as one pass would hold them
-    method: str = "lora-da"
+    method: str = ""
     notes: list[str] = field(default_factory=list)
     smallest_budget_bytes: int = 0  # the largest input group alone: no plan exists below it
 
@@ -180,32 +182,30 @@ def resolve_budget(memory_budget, device) -> tuple[int | None, str]:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """What a pass collects and how a method solves, as far as memory goes."""
+    """What a pass collects and how a method solves, as far as memory goes.  The method supplies
+    its solve's workspace and cost (``methods.registry.memory_model`` fills them from its record);
+    without them, one exact SVD per layer."""
 
-    method: str = "lora-da"
+    method: str = ""  # for messages
     statistics: frozenset = frozenset("GYZ")  # what the pass collects (of "G", "Y", "Z")
     y_factor: str = "diag"
     solve_dtype: torch.dtype = torch.float64
-    eigensolver: str = "lobpcg"  # LoRA-DA: "lobpcg", "dense", or "auto" (resolved per width below)
+    eigensolver: str = "lobpcg"  # a method's solver choice its workspace may depend on ("auto": per width)
     device_type: str = "cuda"
     world_size: int = 1  # ranks of a distributed run: each solves, and keeps the statistics of, its share
     # Split halves (collect(split_halves=True)): the odd batches' sums beside the totals, and the even
     # half the solve derives from them while it solves the halves: three times the statistics.
     halves: bool = False
+    # One batch in flight: what autograd saves and the hooks keep (statistics.probe); 0: unknown.
+    activation_bytes: int = 0
+    # (model, one input group's layers) → bytes of the method's solve of that group.
+    workspace: Callable[[MemoryModel, list[LayerShape]], int] | None = field(default=None, compare=False)
+    # (one input group's layers) → estimated FLOPs of solving it: who solves what, in a distributed run.
+    cost: Callable[[list[LayerShape]], float] | None = field(default=None, compare=False)
 
     @property
     def d(self) -> int:
         return torch.finfo(self.solve_dtype).bits // 8
-
-    def lora_da_dense(self, n: int, rank: int) -> bool:
-        """Whether LoRA-DA solves a group of width ``n`` densely (as lora_da_solve and eigen decide)."""
-        from .methods.lora_da_solve import auto_is_dense
-
-        if n <= 4 * (rank + max(rank, 8)):  # eigen.smallest_eigenpairs: the basis would be most of the space
-            return True
-        if self.eigensolver == "auto":
-            return auto_is_dense(self.device_type, n, rank)
-        return self.eigensolver == "dense"
 
 
 def _group_statistics(m: MemoryModel, layers: list[LayerShape]) -> int:
@@ -236,32 +236,24 @@ def _pass_transient(m: MemoryModel, groups: list[list[LayerShape]]) -> int:
     return 4 * max(per_batch, end)
 
 
-def _lora_da_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
-    """One input group's LoRA-DA solve, as the solve itself sizes it."""
-    from .methods.lora_da_solve import workspace_bytes
-
-    n, rank = layers[0].in_features, max(s.rank for s in layers)
-    return workspace_bytes(n, [s.out_features for s in layers], rank, itemsize=m.d, full_y=m.y_factor == "full",
-                           dense=m.lora_da_dense(n, rank))
+def svd_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
+    """The largest per-layer exact SVD of an ``[out, in]`` matrix in the solve dtype (LoRA-GA,
+    LoRA-One, the Fisher subspace): the matrix, LAPACK's copy and workspace, U and Vᵀ."""
+    return max(_svd_bytes(m.d, s.out_features, s.in_features) for s in layers)
 
 
-def _svd_workspace(m: MemoryModel, s: LayerShape) -> int:
-    """A per-layer exact SVD of an ``[out, in]`` matrix in the solve dtype (LoRA-GA, LoRA-One, the
-    Fisher subspace): the matrix, LAPACK's copy and workspace, U and Vᵀ."""
-    out, n = s.out_features, s.in_features
+def _svd_bytes(d: int, out: int, n: int) -> int:
     k = min(out, n)
-    return m.d * (3 * out * n + out * k + k * n + 4 * k * k)
+    return d * (3 * out * n + out * k + k * n + 4 * k * k)
+
+
+def svd_cost(layers: list[LayerShape]) -> float:
+    """Estimated FLOPs of one exact SVD per layer: ``4·out·in·min(out, in)``."""
+    return float(sum(4 * s.out_features * s.in_features * min(s.out_features, s.in_features) for s in layers))
 
 
 def _group_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
-    if m.method == "lora-da":
-        return _lora_da_workspace(m, layers)
-    work = max(_svd_workspace(m, s) for s in layers)
-    if m.method == "fisher-subspace":  # its Z and Y in the solve dtype, and the energies' products
-        n, out = layers[0].in_features, max(s.out_features for s in layers)
-        y = out * out if m.y_factor == "full" else out
-        work += m.d * (2 * n * n + 2 * y + 2 * min(n, out) * (n + out))
-    return work
+    return (m.workspace or svd_workspace)(m, layers)
 
 
 def _pass_peak(m: MemoryModel, groups: list[list[LayerShape]], kept: int) -> tuple[int, int]:
@@ -270,7 +262,8 @@ def _pass_peak(m: MemoryModel, groups: list[list[LayerShape]], kept: int) -> tup
     if m.world_size > 1:
         return stats, kept + _rank_peak(m, groups, stats)
     work = max(_group_workspace(m, g) for g in groups)
-    return stats, kept + stats * (3 if m.halves else 1) + max(_pass_transient(m, groups), work)
+    in_flight = m.activation_bytes + _pass_transient(m, groups)  # a batch; the solve comes after the last
+    return stats, kept + stats * (3 if m.halves else 1) + max(in_flight, work)
 
 
 def _rank_peak(m: MemoryModel, groups: list[list[LayerShape]], stats: int) -> int:
@@ -280,14 +273,15 @@ def _rank_peak(m: MemoryModel, groups: list[list[LayerShape]], stats: int) -> in
     from .statistics.hooks import BUCKET_BYTES
 
     layers = [s for g in groups for s in g]
-    owners = assign_owners(layers, m.world_size, m.method if m.method == "lora-da" else "svd")
+    owners = assign_owners(layers, m.world_size, m.cost)
     solve = 0
     for r in range(m.world_size):
         mine = [g for g in groups if owners[g[0].input_group] == r]
         if mine:
             owned = sum(_group_statistics(m, g) for g in mine)
             solve = max(solve, owned + max(_group_workspace(m, g) for g in mine))
-    return max(stats + max(_pass_transient(m, groups), min(BUCKET_BYTES, stats)), solve)
+    in_flight = m.activation_bytes + _pass_transient(m, groups)
+    return max(stats + max(in_flight, min(BUCKET_BYTES, stats)), solve)
 
 
 def _input_groups(shapes: Iterable[LayerShape]) -> dict[str, list[LayerShape]]:
@@ -316,10 +310,11 @@ def plan_passes(shapes: list[LayerShape], model: MemoryModel, budget: int | None
         raise MemoryBudgetError(
             f"input group {key!r} ({len(layers)} layer(s): {', '.join(s.name for s in layers)}; in="
             f"{layers[0].in_features}) needs an estimated {format_bytes(peak)} in a pass of its own (statistics "
-            f"{format_bytes(stats)}, the rest the solve's workspace, the pass's transients and the factors kept for "
-            f"all {len(shapes)} layers), but the memory budget is {format_bytes(budget)} ({budget_source}); no plan "
-            f"fits below {format_bytes(peak)}: raise memory_budget, free device memory, or exclude these layers with "
-            "target_modules"
+            f"{format_bytes(stats)}, the rest the larger of the solve's workspace and a batch in flight (activations "
+            f"{format_bytes(model.activation_bytes)}), and the factors kept for all {len(shapes)} layers), but the "
+            f"memory budget is {format_bytes(budget)} ({budget_source}); no plan "
+            f"fits below {format_bytes(peak)}: raise memory_budget, free device memory, use smaller batches (fewer "
+            "activations), or exclude these layers with target_modules"
         )
     passes, current = [], []
     for layers in groups.values():
@@ -338,23 +333,7 @@ def _pass_plan(m: MemoryModel, groups: list[list[LayerShape]], kept: int) -> Pas
     return PassPlan(tuple(s.name for g in groups for s in g), tuple(g[0].input_group for g in groups), stats, peak)
 
 
-# ---- plans from shapes alone (docs, what-if) -------------------------------------------------------
-
-def plan_for_shapes(shapes: Iterable, *, memory_budget, method: str = "lora-da", y_factor: str = "diag",
-                    solve_dtype: torch.dtype = torch.float64, eigensolver: str = "lobpcg",
-                    device_type: str = "cuda", statistics: Iterable[str] | None = None,
-                    world_size: int = 1) -> MemoryPlan:
-    """The plan :func:`loradafast.initialize` would make for these layers, without a model.
-
-    ``shapes``: :class:`LayerShape` or ``(name, in, out, input_group[, rank])`` tuples, in model
-    order.  ``statistics`` defaults to what the pass collects for every data-aware method today
-    (G, Y and Z).  ``memory_budget`` as in ``initialize`` (bytes or e.g. ``"80GB"``), per rank;
-    ``world_size``: the ranks of a distributed run, each solving its share of the input groups."""
-    layers = [s if isinstance(s, LayerShape) else LayerShape(*s) for s in shapes]
-    model = MemoryModel(method, frozenset(statistics or "GYZ"), y_factor, solve_dtype, eigensolver, device_type,
-                        world_size)
-    return plan_passes(layers, model, parse_bytes(memory_budget), "memory_budget")
-
+# ---- shapes for plans without a model (docs, what-if: methods.registry.plan_for_shapes) ----------------
 
 def llama_shapes(hidden: int, intermediate: int, num_layers: int, *, kv_dim: int | None = None,
                  rank: int = 8) -> list[LayerShape]:
@@ -375,34 +354,32 @@ def llama_shapes(hidden: int, intermediate: int, num_layers: int, *, kv_dim: int
     return out
 
 
+def llama_activation_bytes(hidden: int, intermediate: int, num_layers: int, *, heads: int, kv_dim: int,
+                           vocab: int, tokens: int, itemsize: int = 2) -> int:
+    """What one batch of ``tokens`` tokens holds for its backward in the statistics pass of a Llama
+    decoder in half precision (``itemsize`` 2) with SDPA attention, every linear layer a target, as
+    :mod:`.statistics.probe` measures it (tests/test_planner.py checks the two agree).  Per token and
+    block: the four ``hidden``-wide half-precision tensors (the two normed inputs the hooks keep,
+    the query after RoPE, the attention output), the key and value (``kv_dim`` each), the
+    normalisations' float32 inputs and inverse RMS, the attention's log-sum-exp per head, and
+    four ``intermediate``-wide tensors (gate, up, their activation and product); per token, the
+    float32 log-probabilities over the vocabulary."""
+    per_block = (4 * itemsize * hidden + 2 * itemsize * kv_dim + 2 * 4 * hidden + 2 * 4 + 4 * heads
+                 + 4 * itemsize * intermediate)
+    return tokens * (num_layers * per_block + 4 * vocab)
+
+
 # ---- the cost model: which rank solves which input group (docs/design.md §6.5) ---------------------
 
-# LOBPCG iterations assumed by the cost model (docs/design.md §4.7 measures 10-40 at 7B widths).
-COST_ITERATIONS = 30
-
-
-def group_solve_cost(layers: list[LayerShape], method: str = "lora-da") -> float:
-    """Estimated FLOPs of solving one input group, from the shapes alone: LoRA-DA's one Cholesky of
-    Zλ (``n³/3``) plus, per layer and LOBPCG iteration, a few products with Zλ⁻¹ and G on a block of
-    ``3m`` columns (``m = r + max(r, 24)``); the SVD methods one ``out·in·min(out, in)`` SVD per
-    layer.  Only the ratios between groups matter: it decides who solves what, not how long."""
-    n = layers[0].in_features
-    if method != "lora-da":
-        return float(sum(4 * s.out_features * n * min(s.out_features, n) for s in layers))
-    cost = n ** 3 / 3
-    for s in layers:
-        block = 3 * (s.rank + max(s.rank, 24))
-        cost += COST_ITERATIONS * 4 * (n * n + n * s.out_features) * block
-    return float(cost)
-
-
-def assign_owners(shapes: Iterable, world_size: int, method: str = "lora-da") -> dict[str, int]:
-    """Input group → the rank that solves it: longest estimated cost first, each to the rank with
-    the least estimated work so far (ties to the lowest rank; groups of equal cost in name order).
-    Deterministic, so every rank computes the same assignment.  After the last group, the
-    estimated work of any two ranks differs by at most the cost of one input group."""
+def assign_owners(shapes: Iterable, world_size: int, cost: Callable[[list[LayerShape]], float] | None = None
+                  ) -> dict[str, int]:
+    """Input group → the rank that solves it: longest estimated ``cost`` (the method's; default
+    :func:`svd_cost`) first, each to the rank with the least estimated work so far (ties to the
+    lowest rank; groups of equal cost in name order).  Deterministic, so every rank computes the
+    same assignment.  After the last group, the estimated work of any two ranks differs by at most
+    the cost of one input group.  Only the ratios between groups matter."""
     groups = _input_groups(s if isinstance(s, LayerShape) else LayerShape(*s) for s in shapes)
-    costs = {key: group_solve_cost(layers, method) for key, layers in groups.items()}
+    costs = {key: (cost or svd_cost)(layers) for key, layers in groups.items()}
     load = [0.0] * world_size
     owners = {}
     for key in sorted(costs, key=lambda k: (-costs[k], k)):

@@ -202,7 +202,7 @@ def _assert_balanced(got: dict, world: int) -> None:
     for key, layers in groups.items():
         assert len({by for *_, by in layers}) == 1, f"input group {key} split over ranks"
         shapes = [planner.LayerShape(n, i, o, key, 2) for n, i, o, _ in layers]
-        cost = planner.group_solve_cost(shapes)
+        cost = _lora_da_cost(shapes)
         load[layers[0][3]] += cost
         largest = max(largest, cost)
     assert max(load) - min(load) <= largest, (load, largest)
@@ -250,17 +250,20 @@ def test_three_ranks(tmp_path):
     _assert_same_adapter(pissa, _reference(None, "pissa"))
 
 
+_lora_da_cost = loradafast.REGISTRY["lora-da"].solve_cost
+
+
 def test_owner_assignment_is_balanced():
     shapes = planner.llama_shapes(4096, 11008, 32)
     costs = {}
     for s in shapes:
         costs.setdefault(s.input_group, []).append(s)
     for world in (2, 3, 8):
-        owners = planner.assign_owners(shapes, world)
+        owners = planner.assign_owners(shapes, world, _lora_da_cost)
         load = [0.0] * world
         for key, layers in costs.items():
-            load[owners[key]] += planner.group_solve_cost(layers)
-        assert max(load) - min(load) <= max(planner.group_solve_cost(g) for g in costs.values())
+            load[owners[key]] += _lora_da_cost(layers)
+        assert max(load) - min(load) <= max(_lora_da_cost(g) for g in costs.values())
 
 
 @pytest.mark.skipif(not hasattr(torch.distributed, "fsdp"), reason="no torch.distributed.fsdp")

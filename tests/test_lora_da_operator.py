@@ -162,6 +162,6 @@ def test_auto_eigensolver_on_cpu_by_width_and_rank(r, dense):
     auto = loradafast.solve(stats, r, num_train_samples=1000).layers["l"]
     assert (auto.diagnostics["eigensolver"] == "dense") == dense, auto.diagnostics["eigensolver"]
     assert lora_da_solve.auto_is_dense("cpu", n, r) == dense and not lora_da_solve.auto_is_dense("cuda", n, r)
-    assert MemoryModel(eigensolver="auto", device_type="cpu").lora_da_dense(n, r) == dense
+    assert lora_da_solve.planned_dense(MemoryModel(eigensolver="auto", device_type="cpu"), n, r) == dense
     reference = loradafast.solve(stats, r, num_train_samples=1000, eigensolver="dense").layers["l"]
     assert span_sine(reference.lora_A.T, auto.lora_A.T) < 1e-6

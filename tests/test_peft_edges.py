@@ -333,6 +333,12 @@ def test_readme_python_blocks_run_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # Wide enough for the README's rank 16 on every layer.
     model = tiny_llama(hidden_size=64, intermediate_size=96, num_key_value_heads=4)
-    namespace = {"model": model, "loader": padded_batches(random_sequences(8), 4)}
+    loader = padded_batches(random_sequences(8), 4)
+    # The Trainer block's train set: the same samples, padded to one length, one dict each (the
+    # default collator stacks them).
+    whole = padded_batches(random_sequences(8), 8)[0]
+    dataset = [{"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+               for ids, mask in zip(whole["input_ids"], whole["attention_mask"])]
+    namespace = {"model": model, "loader": loader, "dataset": dataset}
     for i, block in enumerate(blocks):
         exec(compile(block, f"README.md python block {i}", "exec"), namespace)

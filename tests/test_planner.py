@@ -2,6 +2,7 @@
 statistics passes give the one-pass adapters; the statistics held stay within the plan; budgets
 too small and loaders that cannot be iterated again fail clearly, with the model untouched."""
 import dataclasses
+import functools
 import math
 import weakref
 
@@ -11,10 +12,12 @@ from peft import LoraConfig
 
 import loradafast
 from loradafast import passes, planner
-from loradafast.statistics.probe import input_groups
+from loradafast.methods import registry
+from loradafast.statistics import hooks
+from loradafast.statistics.probe import input_groups, probe
 from loradafast.targets import find_targets
 from test_robustness import ModelState
-from tiny import padded_batches, random_sequences, tiny_llama
+from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 RANK = 2
 
@@ -24,9 +27,16 @@ def _batches():
 
 
 def _memory(method: str) -> planner.MemoryModel:
-    # What the method's pass collects (LoRA-GA: G alone), as initialize plans it.
-    return planner.MemoryModel(method, frozenset(loradafast.REGISTRY[method].statistics), "diag", torch.float64,
-                               "auto", "cpu")
+    # What the method's pass collects (LoRA-GA: G alone) and one batch's activations, as initialize plans it.
+    return registry.memory_model(loradafast.REGISTRY[method], y_factor="diag", solve_dtype=torch.float64,
+                                 eigensolver="auto", device_type="cpu", activation_bytes=_activations(method))
+
+
+@functools.cache
+def _activations(method: str) -> int:
+    model = tiny_llama()
+    return probe(model, _batches()[0], find_targets(model), loss_fn=None,
+                 factors=frozenset(loradafast.REGISTRY[method].statistics)).activation_bytes
 
 
 def _shapes(model, batches) -> list[planner.LayerShape]:
@@ -212,13 +222,13 @@ def test_default_budget_never_refuses_a_small_job(monkeypatch):
 def test_plans_from_shapes():
     shapes = planner.llama_shapes(4096, 11008, 32)
     assert len(shapes) == 224
-    one = planner.plan_for_shapes(shapes, memory_budget="1TB")
+    one = registry.plan_for_shapes(shapes, memory_budget="1TB")
     assert one.num_passes == 1
     # fp32 statistics of Llama-2-7B: ≈ 26 GB of G + 22 GB of Z (issue 12), Y diagonal.
     assert 47e9 < one.statistics_bytes < 49e9
     previous = 1
     for budget in ("60GB", "40GB", "20GB"):
-        plan = planner.plan_for_shapes(shapes, memory_budget=budget)
+        plan = registry.plan_for_shapes(shapes, memory_budget=budget)
         assert plan.peak_bytes <= planner.parse_bytes(budget) and plan.num_passes >= previous
         previous = plan.num_passes
         assert sum(p.statistics_bytes for p in plan.passes) == one.statistics_bytes
@@ -227,7 +237,7 @@ def test_plans_from_shapes():
     d = plan.to_dict()
     assert d["num_passes"] == plan.num_passes and d["passes"][0]["layers"][0] == "model.layers.0.self_attn.q_proj"
     with pytest.raises(planner.MemoryBudgetError, match="mlp.down_proj"):
-        planner.plan_for_shapes(shapes, memory_budget="2GB")
+        registry.plan_for_shapes(shapes, memory_budget="2GB")
 
 
 def test_split_halves_kept_where_they_fit_one_pass(setup):
@@ -244,3 +254,101 @@ def test_split_halves_kept_where_they_fit_one_pass(setup):
     forced = loradafast.initialize(model, batches, RANK, memory_budget=budget, progress=False, split_halves=True)
     assert forced.plan.num_passes > 1
     assert all(layer.diagnostics.split_half_overlap is not None for layer in forced.layers.values())
+
+
+# ---- activations (issue 28) -------------------------------------------------------------------------
+
+def _held_for_backward(model, batch, factors) -> int:
+    """What a real pass over ``batch`` holds for its backward, counted here independently of the
+    probe: every storage autograd saves (parameters and buffers excluded) and the input rows the
+    hooks keep until the backward, each storage once."""
+    excluded = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
+    storages = {}
+
+    def count(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded:
+            storages[ptr] = t.untyped_storage().nbytes()
+
+    def pack(t):
+        count(t)
+        return t
+
+    real_flush = hooks.Accumulator.flush_pending
+
+    def flush(self):  # after the backward, before end_batch drops the kept inputs
+        for x in self.inputs.values():
+            count(x)
+        return real_flush(self)
+
+    hooks.Accumulator.flush_pending = flush
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loradafast.collect(model, [batch], factors=tuple(factors), progress=False)
+    finally:
+        hooks.Accumulator.flush_pending = real_flush
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("build, factors", [
+    (lambda: tiny_llama(), "GYZ"),
+    (lambda: tiny_llama(attn_implementation="sdpa", dtype=torch.bfloat16), "GYZ"),
+    (lambda: tiny_llama(), "YZ"),  # no G: the hooks keep no input
+    (lambda: tiny_gpt2(), "G"),
+])
+def test_probe_activations_are_what_a_pass_holds(build, factors):
+    model = build()
+    batch = padded_batches(random_sequences(6, lengths=(20, 40)), 6)[0]
+    found = probe(model, batch, find_targets(model), loss_fn=None, factors=frozenset(factors))
+    held = _held_for_backward(model, batch, factors)
+    assert found.batch_shape == tuple(batch["input_ids"].shape)
+    assert 0.75 * held <= found.activation_bytes <= 1.25 * held, (found.activation_bytes, held)
+
+
+def test_the_llama_activation_formula_is_the_probe_s():
+    model = tiny_llama(attn_implementation="sdpa", dtype=torch.bfloat16, hidden_size=64, intermediate_size=176,
+                       num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, vocab_size=300)
+    batch = padded_batches(random_sequences(3, lengths=(50, 50), vocab=300), 3)[0]
+    measured = probe(model, batch, find_targets(model), loss_fn=None).activation_bytes
+    formula = planner.llama_activation_bytes(64, 176, 3, heads=4, kv_dim=32, vocab=300, tokens=150)
+    assert 0.9 * measured <= formula <= 1.1 * measured, (formula, measured)
+
+
+def test_activations_share_the_peak_with_the_pass_not_the_solve():
+    shapes = planner.llama_shapes(512, 1376, 2)
+    plain = registry.plan_for_shapes(shapes, memory_budget=math.inf)
+    small = registry.plan_for_shapes(shapes, memory_budget=math.inf, activation_bytes=1000)
+    assert small.peak_bytes == plain.peak_bytes  # a batch in flight smaller than the solve's workspace
+    huge = 10**10
+    big = registry.plan_for_shapes(shapes, memory_budget=math.inf, activation_bytes=huge)
+    assert plain.peak_bytes < big.peak_bytes < plain.peak_bytes + huge
+    assert big.peak_bytes > huge + plain.statistics_bytes
+    with pytest.raises(planner.MemoryBudgetError, match=r"activations 10.00 GB.*smaller batches"):
+        registry.plan_for_shapes(shapes, memory_budget=huge, activation_bytes=huge)
+
+
+def test_initialize_plans_with_the_first_batch_s_activations(setup):
+    model, batches, _ = setup
+    result = loradafast.initialize(model, batches, RANK, memory_budget="1TB", progress=False, split_halves=False)
+    activations = _activations("lora-da")
+    note = next(n for n in result.plan.notes if n.startswith("a batch in flight"))
+    assert planner.format_bytes(activations) in note and f"{len(batches[0]['input_ids'])} ×" in note
+    without = planner.plan_passes([planner.LayerShape(s.name, s.in_features, s.out_features, s.input_group, s.rank)
+                                   for s in _shapes(model, batches)],
+                                  dataclasses.replace(_memory("lora-da"), activation_bytes=0, halves=False),
+                                  None, "test")
+    assert result.plan.peak_bytes >= without.peak_bytes
+    assert result.plan.peak_bytes >= activations + result.plan.statistics_bytes
+
+
+def test_the_plan_is_shown_once(setup, capsys, caplog):
+    model, batches, _ = setup
+    with caplog.at_level("INFO", logger="loradafast"):
+        loradafast.initialize(model, batches, RANK, memory_budget="1TB", progress=True, split_halves=False)
+    shown = capsys.readouterr().err.count("loradafast memory plan") + caplog.text.count("loradafast memory plan")
+    assert shown == 1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="loradafast"):
+        loradafast.initialize(model, batches, RANK, memory_budget="1TB", progress=False, split_halves=False)
+    assert capsys.readouterr().err.count("loradafast memory plan") == 0
+    assert caplog.text.count("loradafast memory plan") == 1

@@ -12,12 +12,14 @@ The functions here are the per-layer mathematics; :mod:`.solve` batches and orch
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from ..kernels.reference import omega_apply, omega_dense
 from ..linalg.dense import damped_cholesky, damping_for
+from ..options import LoraDAConfig
 
 
 @dataclass
@@ -198,3 +200,29 @@ def lora_da_factors(terms: OmegaTerms, eigenvectors: torch.Tensor, gamma: float)
     scale = gamma ** -0.5
     a0 = eigenvectors.to(terms.delta_hat.dtype)
     return a0.T * scale, (terms.delta_hat @ a0) * scale
+
+
+def omega_spectra(ranks: dict[str, int], config, stats, max_width: int) -> dict[str, list[float]]:
+    """Per layer of input width up to ``max_width``, the ``3r`` smallest eigenvalues of the dense
+    Ω (ascending; the first r are the kept ones) with ``config`` (a
+    :class:`~loradafast.LoraDAConfig`, or the options a result recorded): the report's spectra."""
+    config = config if isinstance(config, LoraDAConfig) else _recorded_config(config)
+    out = {}
+    for name, rank in ranks.items():
+        s = stats.layers.get(name)
+        if s is None or s.in_features > max_width:
+            continue
+        factors = damped_factors(stats.Z(name, config.dtype), stats.Y(name, config.dtype), config.damping,
+                                 config.damping_mode)
+        terms = omega_terms(stats.G(name, config.dtype), factors, beta=config.beta,
+                            num_train_samples=config.num_train_samples, alpha_b=config.alpha_b,
+                            gradient=config.gradient)
+        out[name] = [float(v) for v in torch.linalg.eigvalsh(terms.dense())[: 3 * rank].tolist()]
+    return out
+
+
+def _recorded_config(options: dict) -> LoraDAConfig:
+    """The :class:`~loradafast.LoraDAConfig` of recorded options (``InitResult.options``)."""
+    fields = {f.name for f in dataclasses.fields(LoraDAConfig)} - {"dtype"}
+    kept = {k: v for k, v in options.items() if k in fields}
+    return LoraDAConfig(**kept, dtype=getattr(torch, str(options.get("dtype", "float64")).replace("torch.", "")))

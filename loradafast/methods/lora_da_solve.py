@@ -23,6 +23,7 @@ from ..device_memory import free_memory
 from ..linalg import eigen
 from ..linalg.dense import damped_cholesky_stack, damping_for_each
 from ..options import LoraDAConfig
+from ..planner import LayerShape, MemoryModel
 from ..progress import track
 from ..layer_init import LoraDADiagnostics
 from ..statistics.store import Statistics
@@ -84,6 +85,39 @@ def solve_lora_da(stats: Statistics, ranks: dict[str, int], config: LoraDAConfig
                              desc="loradafast: LoRA-DA solve", weight=lambda batch: len(batch[0])):
         out.update(_solve_stack(stats, groups, ranks, config, dev))
     return {name: out[name] for name in ranks}
+
+
+# LOBPCG iterations assumed by the cost model (docs/design.md §4.7 measures 10-40 at 7B widths).
+COST_ITERATIONS = 30
+
+
+def planned_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
+    """One input group's solve as the memory planner counts it: :func:`workspace_bytes` in the
+    plan's solve dtype, dense where the solve would be."""
+    n, rank = layers[0].in_features, max(s.rank for s in layers)
+    return workspace_bytes(n, [s.out_features for s in layers], rank, itemsize=m.d, full_y=m.y_factor == "full",
+                           dense=planned_dense(m, n, rank))
+
+
+def planned_dense(m: MemoryModel, n: int, rank: int) -> bool:
+    """Whether the solve takes a group of width ``n`` densely (as it and eigen decide)."""
+    if n <= 4 * (rank + max(rank, 8)):  # eigen.smallest_eigenpairs: the basis would be most of the space
+        return True
+    if m.eigensolver == "auto":
+        return auto_is_dense(m.device_type, n, rank)
+    return m.eigensolver == "dense"
+
+
+def solve_cost(layers: list[LayerShape]) -> float:
+    """Estimated FLOPs of solving one input group, from the shapes alone: one Cholesky of Zλ
+    (``n³/3``) plus, per layer and LOBPCG iteration, a few products with Zλ⁻¹ and G on a block of
+    ``3m`` columns (``m = r + max(r, 24)``).  It decides who solves what, not how long."""
+    n = layers[0].in_features
+    cost = n ** 3 / 3
+    for s in layers:
+        block = 3 * (s.rank + max(s.rank, OVERSAMPLE))
+        cost += COST_ITERATIONS * 4 * (n * n + n * s.out_features) * block
+    return float(cost)
 
 
 def auto_is_dense(device_type: str, n: int, r: int) -> bool:

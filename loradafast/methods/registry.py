@@ -1,8 +1,10 @@
-"""One record per method: what it needs, what it does to the model, its options, its solve.
+"""One record per method: what it needs, what it does to the model, its options, its solve, its
+memory and cost for the planner, what the report draws.
 
 Adding a method is adding one :class:`Method` to :data:`REGISTRY` (and its formulas to a module
 of this package).  Everything else (the API's checks, whether a statistics pass runs, whether the
-base weight moves, the defaults) reads these records.
+base weight moves, the defaults, the memory plan, who solves what on many ranks, the report's
+spectra) reads these records: no other module names a method.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import torch
 
 from ..options import (KEYWORDS, FisherSubspaceConfig, LoraDAConfig, LoraGAConfig, LoraOneConfig, MethodConfig,
                        MiloraConfig, PissaConfig, RandomLoraConfig)
+from .. import planner
+from ..planner import LayerShape, MemoryModel
 from ..progress import track
-from . import baselines
+from . import baselines, lora_da, lora_da_solve
 from .baselines import Factors
 from .problem import Problem
 
@@ -34,6 +38,13 @@ class Method:
     needs_weights: bool = False  # reads the base weights
     moves_base: bool = False  # the base weight becomes W − s·B·A
     rank_factor: int = 1  # singular triplets taken per rank (LoRA-GA: 2r)
+    # The planner's view of its solve: (memory model, one input group's layers) → bytes, and
+    # (that group's layers) → estimated FLOPs; default one exact SVD per layer.
+    workspace: Callable[[MemoryModel, list[LayerShape]], int] = planner.svd_workspace
+    solve_cost: Callable[[list[LayerShape]], float] = planner.svd_cost
+    # For the report: (result ranks, options, statistics, max width) → per layer, the smallest
+    # eigenvalues of the matrix whose eigenvectors the method keeps; None: nothing to draw.
+    spectra: Callable | None = None
 
     @property
     def data_aware(self) -> bool:
@@ -184,14 +195,22 @@ def _fisher_subspace_stack(p: Problem, names: list[str], c: FisherSubspaceConfig
                                            _stats(p, "Z", names, c.dtype), p.ranks[names[0]], _scalings(p, names))
 
 
-def _lora_da(p: Problem, c: LoraDAConfig) -> dict[str, Factors]:
-    from .lora_da_solve import solve_lora_da  # all layers together: one factorisation per input
+def _fisher_subspace_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
+    """An exact SVD per layer, and the group's Z and Y in the solve dtype with the energies' products."""
+    n, out = layers[0].in_features, max(s.out_features for s in layers)
+    y = out * out if m.y_factor == "full" else out
+    return planner.svd_workspace(m, layers) + m.d * (2 * n * n + 2 * y + 2 * min(n, out) * (n + out))
 
-    return solve_lora_da(p.stats, p.ranks, c, device=p.device)
+
+def _lora_da(p: Problem, c: LoraDAConfig) -> dict[str, Factors]:
+    return lora_da_solve.solve_lora_da(p.stats, p.ranks, c, device=p.device)
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("lora-da", "LoRA-DA", LoraDAConfig, _lora_da, statistics=frozenset("GYZ")),
+    # All layers together: one factorisation per input group, its cost and workspace per group.
+    Method("lora-da", "LoRA-DA", LoraDAConfig, _lora_da, statistics=frozenset("GYZ"),
+           workspace=lora_da_solve.planned_workspace, solve_cost=lora_da_solve.solve_cost,
+           spectra=lora_da.omega_spectra),
     Method("lora", "LoRA", RandomLoraConfig, per_layer(_lora)),
     # PiSSA's niter: svd_lowrank draws from the global RNG, layer by layer as PEFT does.
     Method("pissa", "PiSSA", PissaConfig, per_shape(_pissa_stack, _pissa, stackable=lambda c: c.niter is None),
@@ -203,9 +222,10 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("lora-one", "LoRA-One", LoraOneConfig, per_shape(_lora_one_stack, _lora_one), statistics=frozenset("G")),
     Method("fisher-subspace", "Fisher subspace", FisherSubspaceConfig,
            per_shape(_fisher_subspace_stack, _fisher_subspace, factors=True), statistics=frozenset("YZ"),
-           needs_weights=True, moves_base=True),
+           needs_weights=True, moves_base=True, workspace=_fisher_subspace_workspace),
 )}
 METHODS = tuple(REGISTRY)
+DEFAULT_METHOD = METHODS[0]
 WEIGHT_ONLY_METHODS = tuple(name for name, m in REGISTRY.items() if not m.data_aware)
 
 
@@ -248,3 +268,27 @@ def build_config(method: Method, config: MethodConfig | None, keywords: dict) ->
 def generator_for(config: MethodConfig) -> torch.Generator | None:
     seed = getattr(config, "seed", None)
     return torch.Generator().manual_seed(seed) if seed is not None else None
+
+
+def memory_model(method: Method, **fields) -> MemoryModel:
+    """The planner's :class:`~loradafast.planner.MemoryModel` of ``method``: what its pass
+    collects, its workspace and its cost; ``fields`` as the model's (y_factor, solve_dtype, ...)."""
+    return MemoryModel(method.name, method.statistics, workspace=method.workspace, cost=method.solve_cost,
+                       **fields)
+
+
+def plan_for_shapes(shapes, *, memory_budget, method: str = DEFAULT_METHOD, statistics=None,
+                    **fields) -> planner.MemoryPlan:
+    """The plan :func:`loradafast.initialize` would make for these layers, without a model.
+
+    ``shapes``: :class:`~loradafast.planner.LayerShape` or ``(name, in, out, input_group[, rank])``
+    tuples, in model order.  ``memory_budget`` as in ``initialize`` (bytes or e.g. ``"80GB"``),
+    per rank.  ``statistics`` defaults to what ``method``'s pass collects.  ``fields``: the memory
+    model's (``y_factor``, ``solve_dtype``, ``eigensolver``, ``device_type``, ``world_size``: the
+    ranks of a distributed run, each solving its share; ``activation_bytes``: one batch's
+    activations, :func:`loradafast.planner.llama_activation_bytes` for a Llama)."""
+    layers = [s if isinstance(s, LayerShape) else LayerShape(*s) for s in shapes]
+    model = memory_model(get_method(method), **fields)
+    if statistics is not None:
+        model = dataclasses.replace(model, statistics=frozenset(statistics))
+    return planner.plan_passes(layers, model, planner.parse_bytes(memory_budget), "memory_budget")

@@ -25,7 +25,7 @@ from . import checks, stability
 from .baselines import lora_scaling
 from .problem import Problem
 from ..options import check_rank, check_ranks
-from .registry import REGISTRY, Method, build_config, generator_for, get_method, method_keywords
+from .registry import DEFAULT_METHOD, REGISTRY, Method, build_config, generator_for, get_method, method_keywords
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's own default
 
@@ -37,7 +37,7 @@ def solve(
     stats: Statistics | None,
     rank: int | None = None,
     *,
-    method: str = "lora-da",
+    method: str = DEFAULT_METHOD,
     config: MethodConfig | None = None,
     weights: dict[str, torch.Tensor] | None = None,
     kinds: dict[str, str] | None = None,
@@ -47,7 +47,7 @@ def solve(
     alphas: dict[str, float] | None = None,
     freeze_a: bool = False,
     device=None,
-    progress: bool = False,
+    progress: bool = True,
     **options,
 ) -> InitResult:
     """Factors for every layer, by ``method`` (docs/design.md §4-5; formulas in :mod:`.baselines`).
@@ -63,7 +63,8 @@ def solve(
       ``use_rslora`` give PEFT's scaling ``s`` used by the methods that move the base weight,
       ``alphas`` overrides ``lora_alpha`` per layer (PEFT's ``alpha_pattern``).
     * ``freeze_a``: LoRA-FA; recorded in the result, honoured by ``apply_to``.
-    * ``progress``: a progress bar over the layers (LoRA-DA: over the input groups).
+    * ``progress``: a progress bar over the layers (LoRA-DA: over the input groups), on by default
+      as in :func:`~loradafast.initialize` and :func:`~loradafast.collect`.
     * the method's options: ``config=`` (a :class:`~loradafast.options.LoraDAConfig`,
       :class:`~loradafast.options.LoraGAConfig`, ... as the method's registry record names), or
       the keywords that build it (``options``: ``beta``, ``gamma``, ``num_train_samples``,

@@ -2,7 +2,7 @@
 
 A forward hook on each target layer keeps its input rows and adds ``Σ x xᵀ`` once per distinct
 input tensor (Z, shared by the layers that read it); the output passes through
-:class:`_CaptureGrad`, whose backward hands the output gradient to the layer's gradient hook,
+:func:`capture_grad`, whose backward hands the output gradient to the layer's gradient hook,
 which adds ``Σ g xᵀ`` (G) and ``Σ g²`` or ``Σ g gᵀ`` (Y).  With the full Y, the Z of an input
 group is added in the backward of its first layer too, so that one launch adds Z and that
 layer's Y (:func:`loradafast.kernels.kfac_accumulate_pair`).
@@ -37,6 +37,11 @@ class _CaptureGrad(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.record(grad)
         return grad, None, None
+
+
+def capture_grad(output: torch.Tensor, anchor: torch.Tensor, record) -> torch.Tensor:
+    """``output`` (a copy) on the gradient path, ``record(∂loss/∂output)`` called in the backward."""
+    return _CaptureGrad.apply(output, anchor, record)
 
 
 class Accumulator:
@@ -146,13 +151,19 @@ class Accumulator:
                 raise RuntimeError(f"layer {name!r} was called without a tensor input")
             leader = self._group_leader(name, x)
             rows = self._rows(name, x.detach())
-            if "G" in self.factors or self._pairs_z_with_y:
+            if self.keeps_inputs:
                 self.inputs[name] = rows  # read in the backward; otherwise not kept alive
             if leader == name and "Z" in self.factors:
                 self._add_z(name, rows)
-            return _CaptureGrad.apply(output, self.anchor, self._grad_hook(target))
+            return capture_grad(output, self.anchor, self._grad_hook(target))
 
         return hook
+
+    @property
+    def keeps_inputs(self) -> bool:
+        """Whether the forward hooks keep each layer's input rows until its backward (held
+        beside the activations autograd saves: the memory planner counts them)."""
+        return "G" in self.factors or self._pairs_z_with_y
 
     @property
     def _pairs_z_with_y(self) -> bool:
