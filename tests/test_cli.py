@@ -132,7 +132,7 @@ def test_weight_only_method_needs_no_data(files, tmp_path):
     (["--text-field", "body"], "no field 'body'"),
     (["--prompt-field", "question"], "both --prompt-field and --answer-field"),
     (["--option", "beta"], "KEY=VALUE"),
-    (["--option", "pissa_niter=2"], "do(es) not apply"),
+    (["--option", "pissa_niter=2"], "is an option of pissa, not of method 'lora-da'"),
 ])
 def test_mistakes_end_with_a_message_not_a_traceback(files, tmp_path, capsys, argv, message):
     assert run("init", "--model", files["model"], "--data", files["jsonl"], "--out", tmp_path / "x", "-q",
