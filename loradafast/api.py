@@ -13,7 +13,8 @@ from torch import nn
 from . import distributed, passes
 from .integrations import peft as peft_integration
 from .integrations.peft import AdapterLayout
-from .methods.registry import REGISTRY, WEIGHT_ONLY_METHODS, build_config, get_method, method_keywords
+from .methods.registry import (DEFAULT_METHOD, REGISTRY, WEIGHT_ONLY_METHODS, Method, build_config, get_method,
+                               method_keywords)
 from .methods.solver import solve_with
 from .planner import parse_bytes
 from .options import MethodConfig, check_pass_options, check_rank, check_ranks
@@ -24,8 +25,9 @@ from .statistics.store import Statistics
 from .targets import base_model_of, find_targets, is_peft_model, model_meta
 
 
-def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | None = None, *, method: str = "lora-da",
-               config: MethodConfig | None = None, target_modules=None, lora_alpha: float | None = None,
+def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | None = None, *,
+               method: str = DEFAULT_METHOD, config: MethodConfig | None = None, target_modules=None,
+               lora_alpha: float | None = None,
                use_rslora: bool = False, ranks: dict[str, int] | None = None, freeze_a: bool = False,
                max_samples: int | None = 256, loss_fn: Callable | None = None, adapter_name: str | None = None,
                progress: bool = True, memory_budget: int | float | str | None = None, stats=None, apply: bool = True,
@@ -49,22 +51,11 @@ def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | Non
     ``loader`` must be re-iterable and yield the same batches each time.  The plan is printed
     (with ``progress``), logged, and kept as ``result.plan``.
 
-    ``method`` (docs/design.md §5; formulas and sources in :mod:`loradafast.methods`) takes its
-    options as one validated object, ``config=`` (:mod:`loradafast.options`), or as the keywords
-    that build it (``options``; None means the default, and a keyword that is not an option of
-    the method raises):
-
-    * ``"lora-da"`` (default, docs/design.md §4; :class:`~loradafast.LoraDAConfig`): ablations
-      ``beta=0`` (no variance term) and ``gradient="raw"`` (Δ = −G, no Fisher preconditioning);
-      ``y_factor`` "diag" or "full"; ``num_train_samples``, ``alpha_b``, ``damping``,
-      ``damping_mode``, ``gamma`` (1024); ``eigensolver`` ("auto": batched LOBPCG on CUDA, dense
-      ``eigh`` on CPU up to a measured width; "lobpcg"; "dense"), ``residual_tol``.
-    * ``"lora-ga"`` (``gamma`` 16, ``loraga_variant`` "paper" or "peft"), ``"lora-one"``
-      (``gamma`` 128), ``"fisher-subspace"`` (``y_factor``): data-aware, from the same pass.
-    * ``"lora"`` (PEFT's default; ``seed``), ``"pissa"`` (``pissa_niter``: None for the exact
-      SVD, n for ``svd_lowrank`` with n iterations), ``"milora"``: weight-only; no statistics
-      pass, ``loader`` may be None.
-    * every method: ``solve_dtype`` (float64), the precision of the dense solves.
+    ``method`` (docs/design.md §4-5; the README's methods table) takes its options as one
+    validated object, ``config=`` (its ``*Config`` class in :mod:`loradafast.options`, whose fields
+    are documented there: ``LoraDAConfig``, ``LoraGAConfig``, ...), or as the keywords that build it
+    (``options``; None means the default, and a keyword that is not an option of the method
+    raises).  Weight-only methods (``lora``, ``pissa``, ``milora``) run no pass: ``loader`` may be None.
 
     ``pissa``, ``milora``, ``lora-ga`` and ``fisher-subspace`` move the base weight to
     ``W − s·B·A`` so the output is unchanged at initialisation: see :meth:`InitResult.save` for the
@@ -85,24 +76,40 @@ def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | Non
     """
     started = time.perf_counter()
     model = distributed.unwrap(model)  # DistributedDataParallel: its module
-    record = get_method(method)
-    config = build_config(record, config, method_keywords("initialize", options, "solve_dtype"))
-    check_pass_options(max_samples)
-    if memory_budget is not None:
-        parse_bytes(memory_budget)  # a malformed budget fails here, also for methods without a pass
-    check_data_source(record, loader, stats)
+    record, config = _method_and_options(method, config, options, loader=loader, stats=stats,
+                                         max_samples=max_samples, memory_budget=memory_budget)
     targets, layout = _targets_and_layout(model, record, rank=rank, ranks=ranks, target_modules=target_modules,
                                           adapter_name=adapter_name, lora_alpha=lora_alpha, use_rslora=use_rslora)
     result, pass_s = solve_targets(model, loader, targets, record, config, layout, stats=stats,
                                    memory_budget=memory_budget, max_samples=max_samples, loss_fn=loss_fn,
                                    progress=progress, adapter_name=adapter_name, freeze_a=freeze_a, started=started,
                                    split_halves=split_halves)
+    _apply_and_time(result, model, targets, layout, adapter_name, apply=apply, pass_s=pass_s, started=started)
+    return result
+
+
+def _method_and_options(method: str, config: MethodConfig | None, options: dict, *, loader, stats, max_samples,
+                        memory_budget) -> tuple[Method, MethodConfig]:
+    """The method's registry record and its validated options, after every check that needs no
+    model: a wrong argument fails before any layer is looked at."""
+    record = get_method(method)
+    config = build_config(record, config, method_keywords("initialize", options, "solve_dtype"))
+    check_pass_options(max_samples)
+    if memory_budget is not None:
+        parse_bytes(memory_budget)  # a malformed budget fails here, also for methods without a pass
+    check_data_source(record, loader, stats)
+    return record, config
+
+
+def _apply_and_time(result: InitResult, model: nn.Module, targets, layout, adapter_name, *, apply: bool,
+                    pass_s: float, started: float) -> None:
+    """Fill a ``PeftModel``'s layers with ``result`` (unless ``apply=False``), then record in
+    ``result.timings`` the pass, the solve's own phases, the write into the model and the total."""
     apply_started = time.perf_counter()
     if is_peft_model(model) and apply:
         peft_integration.attach(result, model, targets, layout, adapter_name)
     result.timings = {"pass_s": pass_s, **result.timings, "apply_s": time.perf_counter() - apply_started,
                       "total_s": time.perf_counter() - started}
-    return result
 
 
 def check_data_source(record, loader, stats) -> None:

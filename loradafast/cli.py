@@ -57,26 +57,6 @@ logger = logging.getLogger("loradafast.cli")
 REPORT_DIR = "report"  # inside an adapter directory: describes that adapter only
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's own default lora_alpha
 
-# One line of help per method option (the keywords of loradafast.initialize; which method takes
-# which is in each method's options class).  Shown when --option names one the method lacks.
-OPTION_HELP = {
-    "num_train_samples": "N, the size of the fine-tuning set you will train on (weighs the variance term)",
-    "beta": "weight of the variance term (0: none)",
-    "gamma": "the scale denominator γ of the factors",
-    "y_factor": "the output-gradient factor Y: diag, or full (out×out per layer); none: diag",
-    "damping": "the damping λ added to the factors before they are inverted",
-    "damping_mode": "absolute (λ as given) or relative (λ times the mean of the diagonal)",
-    "alpha_b": "weight α_b of the gradient term in Ω",
-    "gradient": "fisher (natural gradient) or raw (Δ = −G, an ablation)",
-    "eigensolver": "auto, lobpcg or dense",
-    "residual_tol": "the eigensolver's stopping residual (none: from the measured rounding of Ω)",
-    "subspace_sine": "a layer also stops once its subspace is this close to the exact one (none: no such test)",
-    "loraga_variant": "paper (the authors' code) or peft (PEFT's LoRA-GA)",
-    "pissa_niter": "none: the exact SVD; n: torch.svd_lowrank with n iterations",
-    "svd": "auto, exact or randomized: how the gradient's top singular triplets are found",
-    "seed": "seed of the random lora_A (none: the global RNG, as PEFT)",
-    "dtype": "float64 or float32: the precision of the dense solves",
-}
 SOLVE_DTYPES = ("float64", "float32")
 
 
@@ -389,15 +369,16 @@ def parse_option(text: str):
 def option_names(record) -> dict:
     """The ``--option`` keys of a method (the keywords of ``initialize``, ``dtype`` for the solve
     precision) → their defaults."""
-    from .options import KEYWORDS
+    from .options import option_help
 
-    defaults = {f.name: f.default for f in dataclasses.fields(record.config)}
-    return {key: defaults[field] for key, field in KEYWORDS.items() if field in defaults and key != "solve_dtype"}
+    return {key: default for key, (default, _) in option_help(record.config).items()}
 
 
 def options_help(record) -> str:
-    """One line per option of ``record``'s method: ``KEY=DEFAULT  help``."""
-    rows = [(f"{key}={_shown(default)}", OPTION_HELP.get(key, "")) for key, default in option_names(record).items()]
+    """One line per option of ``record``'s method: ``KEY=DEFAULT  help`` (the help of its options class)."""
+    from .options import option_help
+
+    rows = [(f"{key}={_shown(default)}", text) for key, (default, text) in option_help(record.config).items()]
     width = max(len(left) for left, _ in rows)
     return "\n".join(f"  {left:<{width}}  {text}" for left, text in rows)
 

@@ -48,6 +48,19 @@ KEYWORDS = {
 }
 
 
+def option(default, help: str):
+    """A field of an options class with its one line of help (``option_help``; the CLI prints it)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def option_help(config: type) -> dict[str, tuple[object, str]]:
+    """The keyword arguments that set ``config``'s fields (the names of :data:`KEYWORDS`, ``dtype``
+    for the solve precision) → (default, help)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    return {key: (fields[name].default, fields[name].metadata.get("help", "")) for key, name in KEYWORDS.items()
+            if name in fields and key != "solve_dtype"}
+
+
 def check_choice(label: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{label} must be one of {allowed}, got {value!r}")
@@ -75,7 +88,7 @@ class MethodConfig:
     """Options every method takes.  ``dtype``: the working precision of the dense solves
     (float64 by default; the factors are returned in float32)."""
 
-    dtype: torch.dtype = torch.float64
+    dtype: torch.dtype = option(torch.float64, "float64 or float32: the precision of the dense solves")
 
     def __post_init__(self):
         if self.dtype not in SOLVE_DTYPES:
@@ -105,17 +118,20 @@ class LoraDAConfig(MethodConfig):
     and far below what separates two halves of a few hundred samples (docs/design.md §4.8).
     """
 
-    beta: float = 0.03
-    gamma: float = 1024.0
-    num_train_samples: int = 100_000
-    y_factor: str | None = None
-    damping: float = 1e-6
-    damping_mode: str = "absolute"
-    alpha_b: float = 1.0
-    gradient: str = "fisher"
-    eigensolver: str = "auto"
-    residual_tol: float | None = None
-    subspace_sine: float | None = 1e-4
+    beta: float = option(0.03, "weight of the variance term (0: none)")
+    gamma: float = option(1024.0, "the scale denominator γ of the factors")
+    num_train_samples: int = option(100_000,
+                                  "N, the size of the fine-tuning set you will train on (weighs the variance term)")
+    y_factor: str | None = option(None, "the output-gradient factor Y: diag, or full (out×out per layer); none: diag")
+    damping: float = option(1e-6, "the damping λ added to the factors before they are inverted")
+    damping_mode: str = option("absolute", "absolute (λ as given) or relative (λ times the mean of the diagonal)")
+    alpha_b: float = option(1.0, "weight α_b of the gradient term in Ω")
+    gradient: str = option("fisher", "fisher (natural gradient) or raw (Δ = −G, an ablation)")
+    eigensolver: str = option("auto", "auto, lobpcg or dense")
+    residual_tol: float | None = option(None,
+                                      "the eigensolver's stopping residual (none: from the measured rounding of Ω)")
+    subspace_sine: float | None = option(1e-4, "a layer also stops once its subspace is this close to the exact "
+                                               "one (none: no such test)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -145,9 +161,9 @@ class LoraGAConfig(MethodConfig):
     iteration, checked, the exact SVD where the check fails; :mod:`loradafast.linalg.lowrank`),
     "exact" (``torch.linalg.svd``) or "randomized" (never falls back)."""
 
-    gamma: float = 16.0
-    variant: str = "paper"
-    svd: str = "auto"
+    gamma: float = option(16.0, "the scale denominator γ of the factors")
+    variant: str = option("paper", "paper (the authors' code) or peft (PEFT's LoRA-GA)")
+    svd: str = option("auto", "auto, exact or randomized: how the gradient's top singular triplets are found")
 
     def __post_init__(self):
         super().__post_init__()
@@ -160,8 +176,8 @@ class LoraGAConfig(MethodConfig):
 class LoraOneConfig(MethodConfig):
     """LoRA-One: ``gamma`` (128) and ``svd`` as in :class:`LoraGAConfig` (top r triplets)."""
 
-    gamma: float = 128.0
-    svd: str = "auto"
+    gamma: float = option(128.0, "the scale denominator γ of the factors")
+    svd: str = option("auto", "auto, exact or randomized: how the gradient's top singular triplets are found")
 
     def __post_init__(self):
         super().__post_init__()
@@ -174,7 +190,7 @@ class PissaConfig(MethodConfig):
     """PiSSA: ``niter`` None for the exact SVD, n for ``torch.svd_lowrank`` with n iterations
     (PEFT's ``"pissa_niter_<n>"``)."""
 
-    niter: int | None = None
+    niter: int | None = option(None, "none: the exact SVD; n: torch.svd_lowrank with n iterations")
 
     def __post_init__(self):
         super().__post_init__()
@@ -192,7 +208,7 @@ class MiloraConfig(MethodConfig):
 class FisherSubspaceConfig(MethodConfig):
     """The Fisher subspace: ``y_factor`` as in :class:`LoraDAConfig`."""
 
-    y_factor: str | None = None
+    y_factor: str | None = option(None, "the output-gradient factor Y: diag, or full (out×out per layer); none: diag")
 
     def __post_init__(self):
         super().__post_init__()
@@ -205,7 +221,7 @@ class RandomLoraConfig(MethodConfig):
     """PEFT's default LoRA init: ``seed`` of the generator of the random ``lora_A`` (None: the
     global RNG, as PEFT)."""
 
-    seed: int | None = None
+    seed: int | None = option(None, "seed of the random lora_A (none: the global RNG, as PEFT)")
 
     def __post_init__(self):
         super().__post_init__()

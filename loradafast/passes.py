@@ -68,7 +68,8 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
     kw = dict(y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn, progress=progress,
               adapter_name=adapter_name, factors=record.statistics, split_halves=split_halves)
     if distributed.is_distributed():  # owner computes (docs/design.md §6.5)
-        kw.update(reduce="owner", ranks={t.name: layout.ranks.get(t.name, layout.rank) for t in targets})
+        kw.update(reduce="owner", ranks={t.name: layout.ranks.get(t.name, layout.rank) for t in targets},
+                  solve_cost=record.solve_cost)
     solve_kw = dict(ranks=layout.ranks, lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
                     alphas=layout.alphas, freeze_a=freeze_a, progress=progress and distributed.is_main())
     if plan.num_passes == 1:

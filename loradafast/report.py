@@ -8,12 +8,15 @@ directory:
 * ``layers.csv`` and ``report.md``: one row per layer (shapes, σ = ‖Δ‖₂, the kept eigenvalues of Ω,
   the eigen-residual and its rounding floor, the eigensolver and whether it fell back to dense
   ``eigh``, the damping used and whether it was raised, the condition estimates of Zλ and Yλ,
-  the norms of the factors); ``report.md`` adds a summary and the plots;
+  the norms of the factors); ``report.md`` adds a summary and the plots, and ``report.html`` is
+  the same page for a browser (one file, no script; the layers worth a look highlighted);
 * PNG plots when matplotlib is installed (``pip install 'loradafast[report]'``; without it the
-  tables are still written and the report says so): σ per layer, eigen-residuals against their
-  floor, condition estimates with the layers whose damping was raised marked, the kept part of
-  Ω's spectrum per layer, and, when the statistics are given, Ω's spectrum around the cut (the
-  eigenvalues on both sides of the r-th, showing the gap the initialisation relies on).
+  tables are still written and the report says so), the block on the x-axis and one line or panel
+  per module type, so that hundreds of layers stay legible (:mod:`loradafast.report_plots`): σ per
+  layer, eigen-residuals beside their acceptance tolerance and floor, condition estimates with the
+  layers whose damping was raised marked, the kept part of Ω's spectrum per layer, and, when the
+  statistics are given, Ω's spectrum around the cut (the eigenvalues on both sides of the r-th,
+  showing the gap the initialisation relies on).
 
 Non-LoRA-DA methods get the columns their diagnostics have (singular values for PiSSA/MiLoRA,
 the gradient's for LoRA-GA/LoRA-One).
@@ -36,6 +39,7 @@ logger.addFilter(distributed.MAIN_RANK_ONLY)
 DIAGNOSTICS_FILE = "loradafast_diagnostics.json"
 TABLE_FILE = "layers.csv"
 MARKDOWN_FILE = "report.md"
+HTML_FILE = "report.html"
 FORMAT_VERSION = 1
 # Ω is formed densely per layer for the spectrum around the cut: O(n³) each, so only up to this width.
 SPECTRUM_MAX_WIDTH = 2048
@@ -102,50 +106,32 @@ def _plain(value):
 
 
 def omega_spectra(result, stats, *, max_width: int = SPECTRUM_MAX_WIDTH) -> dict[str, list[float]]:
-    """For a LoRA-DA result and the statistics it was solved from: per layer of input width up to
-    ``max_width``, the ``3r`` smallest eigenvalues of the dense Ω (ascending; the first r are the
-    kept ones), recomputed with the result's options.  Empty for other methods."""
-    if result.method != "lora-da":
+    """For a result and the statistics it was solved from: per layer of input width up to
+    ``max_width``, the smallest eigenvalues of the matrix whose eigenvectors the method keeps
+    (LoRA-DA: the ``3r`` smallest of the dense Ω, the first r the kept ones), recomputed with the
+    result's options.  Empty for a method without one (its record's ``spectra``)."""
+    spectra = _spectra_of(result.method)
+    if spectra is None:
         return {}
-    config = result.config if result.config is not None else _lora_da_config(result.options)
-    return _spectra({name: layer.rank for name, layer in result.layers.items()}, config, stats, max_width)
+    options = result.config if result.config is not None else result.options
+    return spectra({name: layer.rank for name, layer in result.layers.items()}, options, stats, max_width)
 
 
 def add_spectra(data: dict, stats, *, max_width: int = SPECTRUM_MAX_WIDTH) -> dict:
     """:func:`omega_spectra` for diagnostics loaded with :func:`load_diagnostics`, added in place."""
-    if data["method"] == "lora-da":
+    spectra = _spectra_of(data["method"])
+    if spectra is not None:
         ranks = {name: entry["rank"] for name, entry in data["layers"].items()}
-        for name, values in _spectra(ranks, _lora_da_config(data["options"]), stats, max_width).items():
+        for name, values in spectra(ranks, data["options"], stats, max_width).items():
             data["layers"][name]["omega_spectrum"] = values
     return data
 
 
-def _spectra(ranks: dict[str, int], config, stats, max_width: int) -> dict[str, list[float]]:
-    from .methods import lora_da
+def _spectra_of(method: str):
+    from .methods.registry import REGISTRY
 
-    out = {}
-    for name, rank in ranks.items():
-        s = stats.layers.get(name)
-        if s is None or s.in_features > max_width:
-            continue
-        factors = lora_da.damped_factors(stats.Z(name, config.dtype), stats.Y(name, config.dtype), config.damping,
-                                         config.damping_mode)
-        terms = lora_da.omega_terms(stats.G(name, config.dtype), factors, beta=config.beta,
-                                    num_train_samples=config.num_train_samples, alpha_b=config.alpha_b,
-                                    gradient=config.gradient)
-        out[name] = [float(v) for v in torch.linalg.eigvalsh(terms.dense())[: 3 * rank].tolist()]
-    return out
-
-
-def _lora_da_config(options: dict):
-    """The :class:`~loradafast.LoraDAConfig` of recorded options (``InitResult.options``)."""
-    import dataclasses
-
-    from .options import LoraDAConfig
-
-    fields = {f.name for f in dataclasses.fields(LoraDAConfig)} - {"dtype"}
-    kept = {k: v for k, v in options.items() if k in fields}
-    return LoraDAConfig(**kept, dtype=getattr(torch, str(options.get("dtype", "float64")).replace("torch.", "")))
+    record = REGISTRY.get(method)
+    return None if record is None else record.spectra
 
 
 # ---- files ----------------------------------------------------------------------------------------
@@ -160,13 +146,15 @@ def save_diagnostics(result, directory, *, stats=None) -> Path:
 
 
 def load_diagnostics(directory) -> dict:
-    """The diagnostics saved in ``directory`` (an adapter directory written by the CLI, or a report)."""
+    """The diagnostics saved in ``directory`` (an adapter directory written by ``result.save`` or the
+    CLI, or a report)."""
     path = Path(directory)
     path = path if path.is_file() else path / DIAGNOSTICS_FILE
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} does not exist: `loradafast init` and `loradafast solve` write it beside the adapter, and "
-            "result.report(dir) writes it from Python"
+            f"{path} does not exist: result.save(dir), `loradafast init` and `loradafast solve` write it beside "
+            "the adapter, and result.report(dir) writes it with the report; a directory from "
+            "PeftModel.save_pretrained has none"
         )
     data = json.loads(path.read_text())
     if data.get("format") != "loradafast.diagnostics":
@@ -176,7 +164,7 @@ def load_diagnostics(directory) -> dict:
 
 def write_report(result_or_data, directory, *, stats=None, plots: bool = True) -> Path:
     """The report of an :class:`~loradafast.InitResult` (or of the data :func:`load_diagnostics`
-    returns) in ``directory``; returns the path of ``report.md``."""
+    returns) in ``directory``; returns the path of ``report.md`` (``report.html`` is beside it)."""
     data = result_or_data if isinstance(result_or_data, dict) else diagnostics(result_or_data, stats=stats)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -192,6 +180,7 @@ def write_report(result_or_data, directory, *, stats=None, plots: bool = True) -
         from . import report_plots
 
         images, note = report_plots.draw(data, rows, directory)
+    (directory / HTML_FILE).write_text(_html(data, rows, columns, images, note))
     path = directory / MARKDOWN_FILE
     path.write_text(_markdown(data, rows, columns, images, note))
     logger.info("report: %d layers, table %s%s", len(rows), directory / TABLE_FILE,
@@ -220,14 +209,21 @@ def table_rows(data: dict) -> list[dict]:
     return rows
 
 
+# What deserves a look, as (label, the table's column, the test of its value): the summary lists
+# the layers, the HTML page marks the cells.
+FLAGS = (
+    ("eigensolver fell back to dense eigh", "fallback", lambda v: v is True),
+    ("damping raised", "damping_raised", lambda v: v is True),
+    ("eigen-residual above tolerance", "converged", lambda v: v is False),
+    ("subspace not supported by the data (split-half overlap below 50 %)", "split_half_overlap",
+     lambda v: isinstance(v, float) and v < 0.5),
+)
+
+
 def flagged_layers(rows: list[dict]) -> dict[str, list[str]]:
     """What deserves a look: layers whose eigensolve fell back or missed its tolerance, whose
-    damping was raised."""
-    flags = {"eigensolver fell back to dense eigh": "fallback", "damping raised": "damping_raised"}
-    out = {label: [r["layer"] for r in rows if r.get(key) is True] for label, key in flags.items()}
-    out["eigen-residual above tolerance"] = [r["layer"] for r in rows if r.get("converged") is False]
-    out["subspace not supported by the data (split-half overlap below 50 %)"] = [
-        r["layer"] for r in rows if isinstance(r.get("split_half_overlap"), float) and r["split_half_overlap"] < 0.5]
+    damping was raised, whose subspace two halves of the data do not agree on."""
+    out = {label: [r["layer"] for r in rows if test(r.get(column))] for label, column, test in FLAGS}
     return {k: v for k, v in out.items() if v}
 
 
@@ -237,28 +233,65 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def _markdown(data: dict, rows: list[dict], columns: list[str], images: list[str], note: str | None) -> str:
+COLUMN_NOTES = (
+    "Columns: σ = ‖Δ‖₂; λ_1, λ_r: the smallest and the r-th eigenvalue of Ω (kept); λ_r+1: the first one not kept "
+    "(with the statistics); residual: ‖ΩX − XΛ‖_F / ‖Ω‖₂, residual_tol: the tolerance it was accepted against, "
+    "residual_floor: its rounding floor; z/y_condition: lower bounds on cond(Zλ), cond(Yλ); s_1, s_r: the largest "
+    "and the r-th kept singular value; split_half_overlap: the share of the span that the subspaces solved from the "
+    "even and from the odd batches have in common (1: the same; random_overlap = r/in: unrelated), split_half_sine: "
+    "the sine of their largest principal angle; norm_A, norm_B: Frobenius norms of the factors.")
+
+
+def _headline(data: dict, rows: list[dict]) -> tuple[str, list[str]]:
+    """The title, the summary lines and the flagged layers that both report pages open with."""
+    title = f"loradafast report: {data['method']}, rank {data['rank']}, {len(rows)} layers"
     timings = ", ".join(f"{k} {v:.2f}" for k, v in data.get("timings", {}).items() if isinstance(v, (int, float)))
-    lines = [f"# loradafast report: {data['method']}, rank {data['rank']}, {len(rows)} layers", ""]
-    if data.get("base_model_name_or_path"):
-        lines.append(f"Model: `{data['base_model_name_or_path']}`.  ")
+    lines = [f"Model: {data['base_model_name_or_path']}."] if data.get("base_model_name_or_path") else []
     if timings:
-        lines.append(f"Times (s): {timings}.  ")
+        lines.append(f"Times (s): {timings}.")
     flagged = flagged_layers(rows)
     lines.append("Flagged layers: " + ("none." if not flagged else "; ".join(
         f"{label}: {len(names)} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
         for label, names in flagged.items())))
-    lines.append("")
+    return title, lines
+
+
+def _markdown(data: dict, rows: list[dict], columns: list[str], images: list[str], note: str | None) -> str:
+    title, summary = _headline(data, rows)
+    lines = [f"# {title}", ""] + [line + "  " for line in summary] + [""]
     if note:
         lines += [f"_Plots: {note}._", ""]
     for image in images:
         lines += [f"![{Path(image).stem}]({image})", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
-    lines += ["", "Columns: σ = ‖Δ‖₂; λ_1, λ_r: the smallest and the r-th eigenvalue of Ω (kept); λ_r+1: the "
-              "first one not kept (with the statistics); residual: ‖ΩX − XΛ‖_F / ‖Ω‖₂ and its rounding floor; "
-              "z/y_condition: lower bounds on cond(Zλ), cond(Yλ); s_1, s_r: the largest and the r-th kept "
-              "singular value; split_half_overlap: the share of the span that the subspaces solved from the even and "
-              "from the odd batches have in common (1: the same; random_overlap = r/in: unrelated), split_half_sine: "
-              "the sine of their largest principal angle; norm_A, norm_B: Frobenius norms of the factors.", ""]
+    lines += ["", COLUMN_NOTES, ""]
     return "\n".join(lines)
+
+
+_STYLE = ("body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px}"
+          "table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ccc;padding:2px 6px;"
+          "text-align:right}th{position:sticky;top:0;background:#eee}td:first-child{text-align:left}"
+          "td.flag{background:#fcc;font-weight:bold}img{max-width:100%;display:block;margin:1em 0}")
+
+
+def _html(data: dict, rows: list[dict], columns: list[str], images: list[str], note: str | None) -> str:
+    """The same report as one HTML page (no script, no external resource): the plots beside it by
+    relative name, and the cells that flag a layer (:data:`FLAGS`) highlighted."""
+    from html import escape
+
+    title, summary = _headline(data, rows)
+    tests = {column: test for _, column, test in FLAGS}
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{escape(title)}</title>",
+             f"<style>{_STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>"]
+    parts += [f"<p>{escape(line)}</p>" for line in summary]
+    if note:
+        parts.append(f"<p><em>Plots: {escape(note)}.</em></p>")
+    parts += [f'<img src="{escape(image)}" alt="{escape(Path(image).stem)}">' for image in images]
+    parts.append("<table><thead><tr>" + "".join(f"<th>{escape(c)}</th>" for c in columns) + "</tr></thead><tbody>")
+    for row in rows:
+        flagged = {c for c in columns if c in tests and tests[c](row.get(c))}
+        parts.append("<tr>" + "".join(f"<td{' class=flag' if c in flagged else ''}>{escape(_fmt(row.get(c)))}</td>"
+                                      for c in columns) + "</tr>")
+    parts += ["</tbody></table>", f"<p>{escape(COLUMN_NOTES)}</p>", "</body></html>", ""]
+    return "\n".join(parts)

@@ -59,6 +59,9 @@ class InitResult:
     plan: object | None = None
     # A distributed run (docs/design.md §6.5): layer → the rank that solved it; None otherwise.
     owners: dict[str, int] | None = None
+    # PEFT's lora_dropout for the saved LoraConfig (training only; no initialisation uses it).  None:
+    # the PeftModel's own for a result of initialize(peft_model), else 0.0 (integrations.peft.lora_config).
+    lora_dropout: float | None = None
 
     @property
     def moves_base(self) -> bool:
@@ -80,8 +83,14 @@ class InitResult:
         return _peft().lora_config(self)
 
     def save(self, directory, *, convert_to_lora: bool | None = None) -> Path:
-        """A PEFT adapter directory: :func:`loradafast.integrations.peft.save`."""
-        return _peft().save(self, directory, convert_to_lora=convert_to_lora)
+        """A PEFT adapter directory (:func:`loradafast.integrations.peft.save`) with the per-layer
+        diagnostics beside it (:func:`loradafast.report.save_diagnostics`), so that
+        ``loradafast report DIR`` works on every adapter, saved from Python or by the CLI."""
+        from .report import save_diagnostics
+
+        directory = _peft().save(self, directory, convert_to_lora=convert_to_lora)
+        save_diagnostics(self, directory)
+        return directory
 
     def apply_to(self, peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         """Fill the LoRA layers of ``peft_model`` in place: :func:`loradafast.integrations.peft.apply_to`."""

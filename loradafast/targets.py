@@ -140,35 +140,49 @@ def find_targets(model: nn.Module, target_modules=None, *, adapter_name: str | N
                 "the model already carries PEFT LoRA layers, whose targets are fixed by its LoraConfig; "
                 "pass target_modules=None (or pass the unwrapped base model)"
             )
-        targets = []
-        for name, module in model.named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            adapter = adapter_name or active_adapter(module)
-            if adapter not in module.lora_A:
-                continue
-            base = module.get_base_layer()
-            kind = layer_kind(base)
-            if kind is None:
-                raise TypeError(
-                    f"LoRA layer {name!r} wraps a {type(base).__name__}; loradafast initialises LoRA on "
-                    "nn.Linear and transformers Conv1D layers only"
-                )
-            quantized = _check_real_weight(name, base, allow_quantized)
-            targets.append(Target(_relative_name(model, name), base, kind, lora_layer=module,
-                                  rank=module.r[adapter], alpha=module.lora_alpha[adapter],
-                                  use_rslora=bool(module.use_rslora.get(adapter, False)), quantized=quantized))
-        return targets
+        return _lora_layer_targets(model, adapter_name, allow_quantized)
+    return _matching_linear_targets(model, target_modules, allow_quantized)
 
-    base = base_model_of(model)
-    output_layer = None
-    get_out = getattr(base, "get_output_embeddings", None)
+
+def _lora_layer_targets(model: nn.Module, adapter_name: str | None, allow_quantized: bool) -> list[Target]:
+    """The PEFT LoRA layers of ``adapter_name`` (else each layer's active adapter), each with the
+    rank, alpha and rsLoRA flag its LoraConfig gave it."""
+    targets = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        adapter = adapter_name or active_adapter(module)
+        if adapter not in module.lora_A:
+            continue
+        base = module.get_base_layer()
+        kind = layer_kind(base)
+        if kind is None:
+            raise TypeError(
+                f"LoRA layer {name!r} wraps a {type(base).__name__}; loradafast initialises LoRA on "
+                "nn.Linear and transformers Conv1D layers only"
+            )
+        quantized = _check_real_weight(name, base, allow_quantized)
+        targets.append(Target(_relative_name(model, name), base, kind, lora_layer=module,
+                              rank=module.r[adapter], alpha=module.lora_alpha[adapter],
+                              use_rslora=bool(module.use_rslora.get(adapter, False)), quantized=quantized))
+    return targets
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    """The base model's output embedding, or None where it has none (or cannot say)."""
+    get_out = getattr(base_model_of(model), "get_output_embeddings", None)
     if callable(get_out):
         try:
-            output_layer = get_out()
+            return get_out()
         except (NotImplementedError, AttributeError):
-            output_layer = None
+            return None
+    return None
 
+
+def _matching_linear_targets(model: nn.Module, target_modules, allow_quantized: bool) -> list[Target]:
+    """The linear and Conv1D layers of a model without LoRA layers that ``target_modules`` names,
+    matched by PEFT's own rule; None (or "all-linear") means all but the output embedding."""
+    output_layer = _output_embedding(model)
     if isinstance(target_modules, str) and target_modules == "all-linear":
         target_modules = None
     config = None

@@ -66,8 +66,10 @@ def test_trainer_callback_initialises_before_the_first_step(tmp_path, method):
 
     # The same batches (all 8 sequences, in whatever order the sampler chose), initialised directly.
     direct = peft_get_peft_model(tiny_llama(), _config())
+    # LoRA-DA's N is the train dataset's length in the callback (8 here, not the default 100,000).
+    size = {"num_train_samples": len(SEQS)} if method == "lora-da" else {}
     loradafast.initialize(direct, [_collate([{"input_ids": s} for s in SEQS])], method=method, max_samples=None,
-                          progress=False)
+                          progress=False, **size)
     expected = _lora(direct)
     assert weights.keys() == expected.keys()
     for name in expected:
@@ -132,3 +134,50 @@ def test_sft_trainer_with_peft_config(tmp_path):
     assert torch.isfinite(torch.tensor(out.training_loss))
     assert set(callback.result.layers) == {n for n, _ in tiny_llama().named_modules()
                                            if n.endswith(("q_proj", "v_proj"))}
+
+
+# ---- num_train_samples from the train dataset ----------------------------------------------------------
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A dataset without a length, as a streamed one."""
+
+    def __iter__(self):
+        return iter([{"input_ids": s} for s in SEQS])
+
+
+def _begin(callback, dataset):
+    """The callback's on_train_begin as the Trainer calls it, with a plain DataLoader over ``dataset``."""
+    from transformers import TrainerControl, TrainerState
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=_collate)
+    model = peft_get_peft_model(tiny_llama(), _config())
+    callback.on_train_begin(None, TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
+    return callback.result
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({}, len(SEQS)),
+    ({"num_train_samples": 50}, 50),
+    ({"num_train_samples": 100_000}, 100_000),  # the default's value, but given: kept
+    ({"config": loradafast.LoraDAConfig(num_train_samples=70)}, 70),
+    ({"config": loradafast.LoraDAConfig(beta=0.05)}, len(SEQS)),
+])
+def test_callback_takes_num_train_samples_from_the_dataset_unless_given(kwargs, expected):
+    result = _begin(LoraDACallback(max_samples=None, progress=False, **kwargs), [{"input_ids": s} for s in SEQS])
+    assert result.config.num_train_samples == expected
+    assert result.options["num_train_samples"] == expected
+
+
+def test_callback_keeps_the_default_num_train_samples_without_a_dataset_length():
+    default = loradafast.LoraDAConfig().num_train_samples
+    assert _begin(LoraDACallback(max_samples=None, progress=False), _Stream()).config.num_train_samples == default
+
+
+def test_callback_in_a_trainer_sees_the_dataset_length(tmp_path):
+    """Through the Trainer's own (accelerate-prepared) dataloader, and for a method without the option."""
+    for method, expected in (("lora-da", len(SEQS)), ("lora-one", None)):
+        callback = LoraDACallback(method, max_samples=None, progress=False)
+        trainer = _trainer(tmp_path, peft_get_peft_model(tiny_llama(), _config()), [callback])
+        trainer.args.max_steps = 1
+        trainer.train()
+        assert getattr(callback.result.config, "num_train_samples", None) == expected

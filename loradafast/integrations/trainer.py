@@ -17,11 +17,12 @@ callback is built, since the checkpoints would not hold the moved base.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 from transformers import TrainerCallback
 
-from ..methods.registry import build_config, get_method, method_keywords
+from ..methods.registry import DEFAULT_METHOD, build_config, get_method, method_keywords
 from ..targets import base_model_of, is_peft_model
 
 logger = logging.getLogger("loradafast")
@@ -35,17 +36,25 @@ class LoraDACallback(TrainerCallback):
     256; None: one epoch),
     ``stats`` (saved statistics instead of a pass), ``loss_fn``, ``memory_budget``, ``freeze_a``,
     ``adapter_name``, ``config`` and the method's options (checked here, when the callback is built).
+    ``num_train_samples`` (LoRA-DA's N, the size of the fine-tuning set) is the train dataset's
+    length when it has one, unless given as a keyword or as a ``config`` whose value is not the
+    default (an iterable dataset has no length: the default stays).
     Progress is shown on the main process only.  After training starts, ``callback.result`` is the
     :class:`~loradafast.InitResult`.
     """
 
-    def __init__(self, method: str = "lora-da", *, max_samples: int | None = 256, stats=None, loss_fn=None,
+    def __init__(self, method: str = DEFAULT_METHOD, *, max_samples: int | None = 256, stats=None, loss_fn=None,
                  memory_budget=None, freeze_a: bool = False, adapter_name: str | None = None, config=None,
                  progress: bool = True, **options):
         record = get_method(method)
         if record.moves_base:
             raise ValueError(base_moving_refusal(record.name))
         self.config = build_config(record, config, method_keywords("LoraDACallback", options, "solve_dtype"))
+        # A config object cannot tell a value the user chose from the default it carries: only a value
+        # other than the default counts as chosen there.
+        default = _field_default(self.config, "num_train_samples")
+        self._size_given = options.get("num_train_samples") is not None or (
+            config is not None and getattr(config, "num_train_samples", default) != default)
         self.method = method
         self.kwargs = dict(max_samples=max_samples, stats=stats, loss_fn=loss_fn, memory_budget=memory_budget,
                            freeze_a=freeze_a, adapter_name=adapter_name)
@@ -65,12 +74,45 @@ class LoraDACallback(TrainerCallback):
                 "LoraDACallback initialises the LoRA adapters of a PEFT model: give the Trainer a PeftModel "
                 "(peft.get_peft_model(model, LoraConfig(...))), or SFTTrainer peft_config=LoraConfig(...)")
         data = None if self.kwargs["stats"] is not None else train_dataloader
+        config = self._sized_config(train_dataloader)
         with _without_activation_checkpointing(model, args):
-            self.result = initialize(model, data, method=self.method, config=self.config,
+            self.result = initialize(model, data, method=self.method, config=config,
                                      progress=self.progress and state.is_world_process_zero, **self.kwargs)
         dropped = reset_optimizer_state(optimizer, model)
         logger.info("LoraDACallback: %s initialised %d layers before step %d%s", self.method, len(self.result.layers),
                     state.global_step, f"; optimizer state of {dropped} parameter(s) dropped" if dropped else "")
+
+
+    def _sized_config(self, train_dataloader):
+        """The options, ``num_train_samples`` the train dataset's length where the user left it unset."""
+        if self._size_given or _field_default(self.config, "num_train_samples") is None:
+            return self.config
+        size = dataset_length(train_dataloader)
+        if size is None:
+            logger.info("LoraDACallback: the train dataset has no length; num_train_samples stays %d",
+                        self.config.num_train_samples)
+            return self.config
+        logger.info("LoraDACallback: num_train_samples = %d, the train dataset's length", size)
+        return dataclasses.replace(self.config, num_train_samples=size)
+
+
+def dataset_length(dataloader) -> int | None:
+    """The number of samples of the dataloader's dataset (the whole set, not one process's share:
+    every process's dataloader holds the same dataset and shards it by its sampler); None where the
+    dataset has no length (an iterable dataset) or is empty."""
+    try:
+        size = len(dataloader.dataset)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
+    return size if size > 0 else None
+
+
+def _field_default(config, name: str):
+    """The default of ``config``'s field ``name``; None where it has no such field."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            return f.default
+    return None
 
 
 def base_moving_refusal(method: str) -> str:

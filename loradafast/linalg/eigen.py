@@ -281,27 +281,13 @@ def default_tol(dtype: torch.dtype) -> float:
 
 
 def smallest_eigenpairs(
-    op: torch.Tensor | Operator,
-    n: int | None = None,
-    r: int = 8,
-    batch: int | None = None,
-    *,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-    max_iter: int = 300,
-    tol: float | torch.Tensor | None = None,
-    oversample: int | None = None,
-    seed: int = 0,
-    dense: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
-    precond: Operator | None = None,
-    x0: torch.Tensor | None = None,
-    check_every: int = 10,
-    op_norm: torch.Tensor | float | None = None,
-    norm_iters: int = 3,
-    fallback: bool = True,
-    dense_below: int | None = None,
-    krylov_columns: int = 0, krylov_block: int | None = None,
-    subspace_sine: float | None = None,
+    op: torch.Tensor | Operator, n: int | None = None, r: int = 8, batch: int | None = None, *,
+    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+    max_iter: int = 300, tol: float | torch.Tensor | None = None, oversample: int | None = None, seed: int = 0,
+    dense: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None, precond: Operator | None = None,
+    x0: torch.Tensor | None = None, check_every: int = 10, op_norm: torch.Tensor | float | None = None,
+    norm_iters: int = 3, fallback: bool = True, dense_below: int | None = None,
+    krylov_columns: int = 0, krylov_block: int | None = None, subspace_sine: float | None = None,
 ) -> EigenResult:
     """The ``r`` smallest eigenpairs of each of ``batch`` symmetric ``n × n`` operators.
 
@@ -328,11 +314,7 @@ def smallest_eigenpairs(
     (``residual·‖Ω‖₂/gap``, the gap ``θ_{r+1} − θ_r`` of the current Ritz values); the tolerance
     each layer was tested against is ``EigenResult.tol``.
     """
-    if isinstance(op, torch.Tensor):
-        batch = op.shape[0] if batch is None else batch
-        n = op.shape[-1] if n is None else n
-        device = op.device if device is None else device
-    device = torch.device("cpu") if device is None else torch.device(device)
+    batch, n, device = _operator_sizes(op, batch, n, device)
     apply, mat = _as_operator(op, batch, n, dtype, device)
     if not isinstance(r, int) or r < 1 or r > n:
         raise ValueError(f"need 1 ≤ r ≤ n, got r={r}, n={n}")
@@ -345,9 +327,7 @@ def smallest_eigenpairs(
     if n <= dense_below or batch == 0:
         full = op if mat is not None else _dense_matrices(dense, apply, batch, n, dtype, device,
                                                           torch.arange(batch, device=device))
-        values, vectors, resid, norm = _dense_solve(full, r)
-        return EigenResult(values.to(dtype), vectors.to(dtype), resid, norm, 0, resid <= tol,
-                           torch.zeros_like(resid, dtype=torch.bool), "dense", _per_layer(tol, batch, device))
+        return _dense_eigenpairs(full, r, dtype, tol, batch, device)
 
     run = _Lobpcg(apply, precond, n, r, m, batch, dtype, device, max_iter, tol, check_every, norm_iters, subspace_sine)
     method, (x, values, resid, norm, iters, conv, used_tol) = _iterate(run, x0, seed, op_norm, krylov_columns,
@@ -358,6 +338,24 @@ def smallest_eigenpairs(
         layers = (~conv).nonzero().flatten()
         _replace_by_dense(result, layers, _fallback_matrices(op, mat, dense, apply, batch, n, dtype, device, layers), r)
     return result
+
+
+def _operator_sizes(op, batch: int | None, n: int | None, device) -> tuple[int | None, int | None, torch.device]:
+    """``batch``, ``n`` and ``device``, each read from a tensor ``op`` where not given; the device
+    as a ``torch.device`` (the CPU by default)."""
+    if isinstance(op, torch.Tensor):
+        batch = op.shape[0] if batch is None else batch
+        n = op.shape[-1] if n is None else n
+        device = op.device if device is None else device
+    return batch, n, torch.device("cpu") if device is None else torch.device(device)
+
+
+def _dense_eigenpairs(full: torch.Tensor, r: int, dtype: torch.dtype, tol, batch: int, device) -> EigenResult:
+    """Every operator solved by dense ``eigh`` of ``full`` (small ``n``, or an empty batch); each
+    layer's ``converged`` says whether it met ``tol``, and none falls back."""
+    values, vectors, resid, norm = _dense_solve(full, r)
+    return EigenResult(values.to(dtype), vectors.to(dtype), resid, norm, 0, resid <= tol,
+                       torch.zeros_like(resid, dtype=torch.bool), "dense", _per_layer(tol, batch, device))
 
 
 def _fallback_matrices(op, mat, dense, apply, batch, n, dtype, device, layers):

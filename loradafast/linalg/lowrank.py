@@ -305,7 +305,29 @@ def top_singular_triplets_batched(a: torch.Tensor, k: int, *, boundaries=None, m
     if batch == 0 or mode == "exact" or too_small or (mode == "auto" and min(m, n) < max(MIN_SIZE, MIN_SIZE_RATIO * q)):
         return _exact(a.to(dtype), k, ["exact"] * batch)
     scale, work = _scaled(a)
-    space = _BlockKrylov(work, block, seed)
+    u, s, vh, backward, sine, count, depths = _grown_until_accepted(
+        _BlockKrylov(work, block, seed), k, last, boundaries, mode=mode, tol=tol, depth=depth, max_depth=max_depth)
+    # A matrix of lower rank than k + 1 (a gradient of few tokens) ends its space early: the exact
+    # SVD then, in any mode.
+    failed = count < last
+    if mode == "auto":
+        failed = failed | ~(backward <= tol)
+    flags, backward, sine, count, depths = torch.stack(
+        [failed.double(), backward, sine, count.double(), depths.double()]).cpu().tolist()
+    u = u[..., :k].to(dtype)
+    s = (s[:, :k].double() * scale[:, None]).to(dtype)
+    vh = vh[:, :k].to(dtype)
+    u, s, vh = _exact_where_failed(flags, a, k, dtype, u, s, vh)
+    return TopSingularStack(u, s, vh, ["exact-fallback" if f else "randomized" for f in flags], backward, sine,
+                            [int(c) for c in count], [int(d) for d in depths])
+
+
+def _grown_until_accepted(space: _BlockKrylov, k: int, last: int, boundaries, *, mode: str, tol: float, depth: int,
+                          max_depth: int) -> tuple[torch.Tensor, ...]:
+    """The Ritz triplets ``u, s, vh`` of every matrix's Krylov space after ``depth`` blocks, with
+    their backward errors and sine estimates, the directions and the depth of each space; in mode
+    "auto" the spaces whose check fails grow one block at a time, as a sub-stack, up to
+    ``max_depth`` (or until they stop growing).  All on the device, none read to the host."""
     for _ in range(depth):
         space.extend()
     u, s, vh, backward, sine = _check(space, last, k, boundaries)
@@ -327,16 +349,13 @@ def top_singular_triplets_batched(a: torch.Tensor, k: int, *, boundaries=None, m
         else:
             for whole, part in zip((u, s, vh, backward, sine, count, depths), (*checked, space.count, space.depth)):
                 whole.index_copy_(0, positions, part)
-    # A matrix of lower rank than k + 1 (a gradient of few tokens) ends its space early: the exact
-    # SVD then, in any mode.
-    failed = count < last
-    if mode == "auto":
-        failed = failed | ~(backward <= tol)
-    flags, backward, sine, count, depths = torch.stack(
-        [failed.double(), backward, sine, count.double(), depths.double()]).cpu().tolist()
-    u = u[..., :k].to(dtype)
-    s = (s[:, :k].double() * scale[:, None]).to(dtype)
-    vh = vh[:, :k].to(dtype)
+    return u, s, vh, backward, sine, count, depths
+
+
+def _exact_where_failed(flags: list[float], a: torch.Tensor, k: int, dtype: torch.dtype, u: torch.Tensor,
+                        s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``u, s, vh`` with the triplets of the matrices ``flags`` marks (those that failed) replaced by
+    the exact SVD's of ``a``, taken in one batch."""
     fallback = [i for i, f in enumerate(flags) if f]
     if fallback:
         index = torch.tensor(fallback, device=a.device)
@@ -344,8 +363,7 @@ def top_singular_triplets_batched(a: torch.Tensor, k: int, *, boundaries=None, m
         u, s, vh = u.contiguous(), s.contiguous(), vh.contiguous()  # (views of the wider Ritz triplets)
         for whole, part in zip((u, s, vh), (exact.u, exact.s, exact.vh)):
             whole.index_copy_(0, index, part)
-    return TopSingularStack(u, s, vh, ["exact-fallback" if f else "randomized" for f in flags], backward, sine,
-                            [int(c) for c in count], [int(d) for d in depths])
+    return u, s, vh
 
 
 def _scaled(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

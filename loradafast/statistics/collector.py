@@ -14,7 +14,7 @@ The pass leaves the model as it found it: parameters' ``requires_grad``, train/e
 hooks are restored even when it fails.  It never needs a parameter to require grad: every target
 output passes through an identity Function that also takes a leaf requiring grad (the anchor), so
 autograd reaches every target however frozen the model is, and the Function's backward records
-the output gradient (see ``_CaptureGrad`` for why that is a copy).
+the output gradient (see ``hooks.capture_grad`` for why that is a copy).
 """
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ def collect(
     factors=None,
     reduce: str = "all",
     ranks: Mapping[str, int] | int | None = None,
+    solve_cost: Callable | None = None,
     split_halves: bool | None = None,
 ) -> Statistics:
     """Run ``loader`` once through ``model`` and return the per-layer statistics (docs/design.md §3).
@@ -119,8 +120,9 @@ def collect(
     ``loader`` (its shard) and ``max_samples`` is global: the first ``max_samples`` sequences of
     the ranks' batches taken in turn (batch 0 of rank 0, of rank 1, ..., then batch 1 of each).
     ``reduce="all"`` (the default) sums every statistic onto every rank; ``reduce="owner"`` sums
-    each input group onto the one rank that will solve it (by estimated solve cost, with the LoRA
-    ``ranks``: a number or a per-layer mapping, 8 when not given), and each rank's statistics then
+    each input group onto the one rank that will solve it (by the method's ``solve_cost`` of an
+    input group's :class:`~loradafast.planner.LayerShape` list, default one SVD per layer, at the
+    LoRA ``ranks``: a number or a per-layer mapping, 8 when not given), and each rank's statistics then
     hold its own layers only (``stats.meta["owners"]`` maps every layer to its rank).  A rank that
     fails stops every rank with an error, not a hang.
 
@@ -131,16 +133,36 @@ def collect(
     free memory (the totals, the odd half, and the even half the solve derives), off in a
     distributed run (not supported there yet).
     """
+    factors = _checked_pass_arguments(reduce, factors, y_factor, max_samples)
+    model = distributed.unwrap(model)
+    targets, acc = _prepared(model, targets, target_modules=target_modules, adapter_name=adapter_name,
+                             loss_fn=loss_fn, y_factor=y_factor, factors=factors, split_halves=split_halves)
+    started = time.perf_counter()
+    counts, checksum = _run_pass(model, loader, acc, loss_fn=loss_fn, max_samples=max_samples, progress=progress)
+    stats = _reduced_statistics(model, acc, targets, counts, reduce=reduce, owners_by=(ranks, solve_cost),
+                                factors=factors, y_factor=y_factor, loss_fn=loss_fn, adapter_name=adapter_name,
+                                checksum=checksum, started=started)
+    logger.info("collect: %d tokens in %d sequences, %d layers (%d input groups), y_factor=%s, %.1f s",
+                stats.num_tokens, stats.num_sequences, len(stats.layers), len(stats.z_sums), y_factor,
+                stats.meta["pass_seconds"])
+    return stats
+
+
+def _checked_pass_arguments(reduce: str, factors, y_factor: str, max_samples) -> frozenset:
+    """``factors`` normalised, after the checks of the pass's own arguments: they fail before any
+    layer is looked at."""
     if reduce not in ("all", "owner"):
         raise ValueError(f"reduce must be 'all' or 'owner', got {reduce!r}")
-    model = distributed.unwrap(model)
     factors = check_factors(factors)
     check_choice("y_factor", y_factor, Y_FACTORS)
     check_pass_options(max_samples)
-    targets, acc = _prepared(model, targets, target_modules=target_modules, adapter_name=adapter_name,
-                             loss_fn=loss_fn, y_factor=y_factor, factors=factors, split_halves=split_halves)
-    device = acc.device
-    started = time.perf_counter()
+    return factors
+
+
+def _run_pass(model, loader, acc: Accumulator, *, loss_fn, max_samples, progress: bool) -> tuple[torch.Tensor, str]:
+    """:func:`stream` with ``max_samples`` over every rank; returns the (tokens, sequences) counted
+    as a float64 tensor on the statistics' device, and the data's fingerprint.  A rank that fails
+    stops every rank with an error, not a hang."""
     num_sequences = num_tokens = 0
     error = None
     try:
@@ -149,17 +171,21 @@ def collect(
     except Exception as e:  # noqa: BLE001 - every rank learns of it below, then it is raised
         error = e
     distributed.agree_on_failure(error, "the statistics pass")
+    return torch.tensor([num_tokens, num_sequences], dtype=torch.float64, device=acc.device), checksum
+
+
+def _reduced_statistics(model, acc: Accumulator, targets: list[Target], counts: torch.Tensor, *, reduce, owners_by,
+                        factors, y_factor, loss_fn, adapter_name, checksum, started: float) -> Statistics:
+    """The pass's sums, added up over the ranks (``reduce``) and checked, as :class:`Statistics` with
+    their meta (``pass_seconds`` counted from ``started``) and, where the halves were kept, the odd half.
+    ``owners_by``: the LoRA ranks and the solve cost that choose the owners with ``reduce="owner"``."""
     odd = acc.finish_halves()
-    counts = torch.tensor([num_tokens, num_sequences], dtype=torch.float64, device=device)
-    owners = _reduce_and_check(acc, targets, counts, reduce, ranks)
+    owners = _reduce_and_check(acc, targets, counts, reduce, *owners_by)
     meta = _meta(model, targets, acc, owners, loss_fn=loss_fn, adapter_name=adapter_name, checksum=checksum,
                  seconds=time.perf_counter() - started)
     stats = _statistics(acc, targets, counts, y_factor if "Y" in factors else None, meta, owners)
     if odd is not None:
         stats.half = _half(odd, stats, acc.half_counts[1])
-    logger.info("collect: %d tokens in %d sequences, %d layers (%d input groups), y_factor=%s, %.1f s",
-                stats.num_tokens, stats.num_sequences, len(stats.layers), len(stats.z_sums), y_factor,
-                meta["pass_seconds"])
     return stats
 
 
@@ -395,7 +421,7 @@ class _Turns:
 
 
 def _reduce_and_check(acc: Accumulator, targets: list[Target], counts: torch.Tensor, reduce: str,
-                      ranks) -> dict[str, int] | None:
+                      ranks, solve_cost) -> dict[str, int] | None:
     """Sum over the ranks of a distributed run (to every rank, or each layer to its owner), then
     refuse empty or non-finite statistics; returns the owners (layer → rank) with ``reduce="owner"``."""
     distributed_run = distributed.is_distributed()
@@ -403,7 +429,7 @@ def _reduce_and_check(acc: Accumulator, targets: list[Target], counts: torch.Ten
     if distributed_run and reduce == "owner":
         # Before any check that could raise on one rank only: every rank must join every collective.
         agree_on_layers(acc, targets, counts)
-        owners = _owners(acc, targets, ranks)
+        owners = _owners(acc, targets, ranks, solve_cost)
         reduce_to_owners(acc, targets, counts, owners)
     elif distributed_run:
         all_reduce(acc, targets, counts)
@@ -427,13 +453,12 @@ def _reduce_and_check(acc: Accumulator, targets: list[Target], counts: torch.Ten
     return owners
 
 
-def _owners(acc: Accumulator, targets: list[Target], ranks) -> dict[str, int]:
+def _owners(acc: Accumulator, targets: list[Target], ranks, solve_cost) -> dict[str, int]:
     """Layer → the rank that solves it: whole input groups, balanced by estimated solve cost."""
-    method = "lora-da" if "Z" in acc.factors else "svd"
     shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, acc.input_group.get(t.name, t.name),
                                  ranks if isinstance(ranks, int) else (ranks or {}).get(t.name, 8))
               for t in targets]
-    groups = planner.assign_owners(shapes, distributed.world_size(), method)
+    groups = planner.assign_owners(shapes, distributed.world_size(), solve_cost)
     return {s.name: groups[s.input_group] for s in shapes}
 
 
