@@ -27,11 +27,10 @@ from .targets import base_model_of, find_targets, is_peft_model, model_meta
 
 def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | None = None, *,
                method: str = DEFAULT_METHOD, config: MethodConfig | None = None, target_modules=None,
-               lora_alpha: float | None = None,
-               use_rslora: bool = False, ranks: dict[str, int] | None = None, freeze_a: bool = False,
-               max_samples: int | None = 256, loss_fn: Callable | None = None, adapter_name: str | None = None,
-               progress: bool = True, memory_budget: int | float | str | None = None, stats=None, apply: bool = True,
-               split_halves: bool | None = None, **options) -> InitResult:
+               lora_alpha: float | None = None, use_rslora: bool = False, ranks: dict[str, int] | None = None,
+               freeze_a: bool = False, max_samples: int | None = 256, loss_fn: Callable | None = None,
+               adapter_name: str | None = None, progress: bool = True, memory_budget: int | float | str | None = None,
+               stats=None, apply: bool = True, split_halves: bool | None = None, **options) -> InitResult:
     """LoRA initialisation by ``method``, data-aware ones in one streaming pass over ``loader``.
 
     A plain model is left unchanged and the result carries the adapter (``result.state_dict()``,

@@ -100,25 +100,6 @@ def test_recorded_options_name_the_keywords(stats):
 
 # ---- layout ----------------------------------------------------------------------------------------
 
-MAX_FUNCTION_LINES = 80
-
-
-def _long_functions(root, limit):
-    long = []
-    for path in sorted(Path(root).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                if length > limit:
-                    long.append(f"{path.relative_to(Path(root).parent)}:{node.lineno} {node.name} ({length} lines)")
-    return long
-
-
-def test_no_function_over_80_lines():
-    package = Path(loradafast.__file__).parent
-    assert _long_functions(package, MAX_FUNCTION_LINES) == []
-
-
 # The house rule: no function over 60 lines, from its ``def`` to its last line (decorators left out,
 # the docstring in; a nested function counted on its own).
 HOUSE_FUNCTION_LINES = 60
