@@ -99,11 +99,25 @@ def converted_state_dict(result) -> dict[str, torch.Tensor]:
     return out
 
 
-def lora_config(result, converted: bool = False):
+def lora_config(result, converted: bool = False, lora_dropout: float | None = None):
+    """The ``LoraConfig`` of ``result``'s adapter (of the rank-2r conversion with ``converted``).
+
+    ``lora_dropout`` is PEFT's, for the training that follows (no initialisation uses it); None
+    takes ``result.lora_dropout``, and where that is None too, the PeftModel's own for a result
+    of ``initialize(peft_model)`` and 0.0 otherwise.
+    """
     from peft import LoraConfig
 
+    if lora_dropout is None:
+        lora_dropout = getattr(result, "lora_dropout", None)
+    if lora_dropout is not None and (isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float))
+                                     or not 0 <= lora_dropout < 1):
+        raise ValueError(f"lora_dropout must be a number at least 0 and less than 1, got {lora_dropout!r}")
     if result.peft_config is not None:
-        return _kept_peft_config(result, converted)
+        config = _kept_peft_config(result, converted)
+        if lora_dropout is not None:
+            config.lora_dropout = float(lora_dropout)
+        return config
     factor = 2 if converted and result.moves_base else 1
     ranks = {name: layer.rank * factor for name, layer in result.layers.items()}
     rank = result.rank * factor
@@ -124,7 +138,7 @@ def lora_config(result, converted: bool = False):
         fan_in_fan_out=any(layer.kind == "conv1d" for layer in result.layers.values()),
         base_model_name_or_path=result.base_model_name_or_path,
         task_type=result.task_type,
-        lora_dropout=0.0,
+        lora_dropout=0.0 if lora_dropout is None else float(lora_dropout),
     )
 
 
