@@ -21,9 +21,10 @@ Layout, in the order the data flows (docs/design.md §1):
 * :mod:`.linalg`: dense helpers, the batched eigensolver, the native bindings of csrc/;
 * :mod:`.kernels`: the pass's and the solver's hot loops (Triton, with PyTorch references);
 * :mod:`.result` (and :mod:`.layer_init`, one layer's share): what a solve returns, as plain data;
-* :mod:`.integrations.peft`: adapter files, writing into a PeftModel, ``get_peft_model``'s wrapping;
+* :mod:`.integrations`: the PEFT adapter format (``peft_files``), writes into a PeftModel and
+  their guards (``peft_model``), the PEFT-shaped entry points (``peft_entry``), the Trainer callback;
 * :mod:`.planner` and :mod:`.passes`: the memory budget, and one statistics pass or several;
-* :mod:`.api`: ``initialize`` and ``get_peft_model``; :mod:`.backend`: PEFT-shaped entry points.
+* :mod:`.api`: ``initialize``.
 """
 from ._version import __version__
 
@@ -32,10 +33,10 @@ import logging as _logging
 # Library convention: log records go to the application's handlers; none of our own.
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
-from .api import get_peft_model, initialize  # noqa: E402
-from .backend import get_lora_da_state_dict, preprocess_lora_da  # noqa: E402
+from .api import initialize  # noqa: E402
+from .integrations.peft_entry import get_lora_da_state_dict, get_peft_model, preprocess_lora_da  # noqa: E402
 from .statistics import collect  # noqa: E402
-from .integrations.peft import apply_base_update, freeze_lora_a  # noqa: E402
+from .integrations.peft_model import apply_base_update, freeze_lora_a  # noqa: E402
 from .layer_init import LayerDiagnostics, LayerInit, LoraDADiagnostics  # noqa: E402
 from .result import InitResult  # noqa: E402
 from .methods.registry import METHODS, REGISTRY, WEIGHT_ONLY_METHODS  # noqa: E402

@@ -1,18 +1,19 @@
-"""The public entry points: ``initialize`` and ``get_peft_model``."""
+"""The public entry point ``initialize``, and the steps every entry point shares (the method's
+options, the targets and their layout, the solve of the targets).  The PEFT-shaped entry points
+are :mod:`loradafast.integrations.peft_entry`'s."""
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from . import distributed, passes
-from .integrations import peft as peft_integration
-from .integrations.peft import AdapterLayout
+from .integrations import peft_model as peft_writes
+from .integrations.peft_model import AdapterLayout
 from .methods.registry import (DEFAULT_METHOD, REGISTRY, WEIGHT_ONLY_METHODS, Method, build_config, get_method,
                                method_keywords)
 from .methods.solver import solve_with
@@ -106,7 +107,7 @@ def _apply_and_time(result: InitResult, model: nn.Module, targets, layout, adapt
     ``result.timings`` the pass, the solve's own phases, the write into the model and the total."""
     apply_started = time.perf_counter()
     if is_peft_model(model) and apply:
-        peft_integration.attach(result, model, targets, layout, adapter_name)
+        peft_writes.attach(result, model, targets, layout, adapter_name)
     result.timings = {"pass_s": pass_s, **result.timings, "apply_s": time.perf_counter() - apply_started,
                       "total_s": time.perf_counter() - started}
 
@@ -220,7 +221,7 @@ def _targets_and_layout(model, record, *, rank, ranks, target_modules, adapter_n
             f"{type(base_model_of(model)).__name__}; check the names with model.named_modules()"
         )
     if is_peft_model(model):
-        layout = peft_integration.peft_layout(model, targets, adapter_name=adapter_name, method=record, rank=rank,
+        layout = peft_writes.peft_layout(model, targets, adapter_name=adapter_name, method=record, rank=rank,
                                               ranks=ranks)
     else:
         ranks = dict(ranks or {})
@@ -233,84 +234,3 @@ def _targets_and_layout(model, record, *, rank, ranks, target_modules, adapter_n
 
 # PEFT's get_peft_model(model, peft_config, adapter_name, mixed, autocast_adapter_dtype, revision,
 # low_cpu_mem_usage): its arguments after peft_config, in its order, with its defaults.
-PEFT_ARGUMENTS = {"adapter_name": "default", "mixed": False, "autocast_adapter_dtype": True, "revision": None,
-                  "low_cpu_mem_usage": False}
-
-
-def get_peft_model(model: nn.Module, peft_config=None, *args, loader: Iterable | None = None, stats=None,
-                   **kwargs):
-    """``peft.get_peft_model(model, peft_config, ...)`` with the LoRA layers initialised by loradafast.
-
-    PEFT's own arguments (``adapter_name``, ``mixed``, ``autocast_adapter_dtype``, ``revision``,
-    ``low_cpu_mem_usage``), positional in PEFT's order or by keyword, go to PEFT; the data come as
-    ``loader=`` (a statistics pass) or ``stats=`` (a :class:`Statistics` or its path), or from a
-    :func:`~loradafast.preprocess_lora_da` run on ``model`` before (neither given); the other keywords
-    go to :func:`initialize` (``method=...``, the method's options, ``max_samples``, ...).  Weight-only
-    methods need no data.  ``get_peft_model(model, loader, lora_config, **options)``, the older
-    argument order, still works.
-
-    PEFT wraps ``model`` first, so the layers initialised are exactly those PEFT chooses from
-    ``peft_config`` (its per-architecture default targets, ``layers_to_transform``,
-    ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ...).  The PEFT model is then
-    filled as by ``initialize(peft_model, loader, **options)``, whose statistics pass sees the
-    base model only (and, for methods that move the base weight, its base weights are updated, as
-    PEFT's own PiSSA does).  On any failure the wrapping is undone: ``model`` is left exactly as
-    it was (modules, parameters, flags, modes, hooks, attributes).
-    The :class:`InitResult` is attached as ``peft_model.loradafast_result``.
-    """
-    peft_config, loader, peft_kwargs, options = _peft_model_arguments(peft_config, args, loader, kwargs)
-    adapter_name = peft_kwargs["adapter_name"]
-    preprocessed = getattr(model, peft_integration.PREPROCESSED, None)
-    if preprocessed is not None and loader is None and stats is None:
-        options.pop("progress", None)  # nothing left to show: the pass and the solve ran in preprocess
-        if options:
-            raise ValueError(f"{', '.join(options)}: the model was preprocessed (preprocess_lora_da), whose options "
-                             "hold; pass them to preprocess_lora_da")
-
-        def fill(peft_model):
-            return peft_integration.fill_preprocessed(peft_model, preprocessed, adapter_name)
-    else:
-        def fill(peft_model):
-            return initialize(peft_model, loader, adapter_name=adapter_name, stats=stats, **options)
-
-    return peft_integration.wrap(model, peft_config, peft_kwargs, options, fill)
-
-
-def _peft_model_arguments(peft_config, args: tuple, loader, kwargs: dict):
-    """(peft_config, loader, PEFT's keyword arguments, initialize's options) from either argument order."""
-    from peft import PeftConfig
-
-    kwargs = dict(kwargs)
-    if "lora_config" in kwargs:  # the older keyword name: get_peft_model(model, loader, lora_config=...)
-        if isinstance(peft_config, PeftConfig) or args:
-            raise TypeError("get_peft_model() got both peft_config and lora_config")
-        if peft_config is not None and loader is not None:
-            raise TypeError("get_peft_model() got the loader twice (positionally and as loader=)")
-        loader = loader if loader is not None else peft_config
-        peft_config = kwargs.pop("lora_config")
-    if not isinstance(peft_config, PeftConfig) and args and isinstance(args[0], PeftConfig):
-        # The older order, get_peft_model(model, loader, lora_config, **options).
-        if loader is not None:
-            raise TypeError("get_peft_model() got the loader twice (positionally and as loader=)")
-        warnings.warn("loradafast.get_peft_model(model, loader, lora_config) is the older argument order; use "
-                      "PEFT's: get_peft_model(model, lora_config, loader=loader)", DeprecationWarning, stacklevel=3)
-        peft_config, loader, args = args[0], peft_config, args[1:]
-    if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"get_peft_model(model, peft_config, ...) takes a peft.LoraConfig as its second argument "
-                        f"(PEFT's order), got {type(peft_config).__name__}; the data go as loader=... or stats=...")
-    if len(args) > len(PEFT_ARGUMENTS):
-        raise TypeError(f"get_peft_model() takes at most {2 + len(PEFT_ARGUMENTS)} positional arguments (PEFT's)")
-    peft_kwargs = dict(PEFT_ARGUMENTS)
-    for (name, _), value in zip(PEFT_ARGUMENTS.items(), args):
-        if name in kwargs:
-            raise TypeError(f"get_peft_model() got multiple values for argument {name!r}")
-        peft_kwargs[name] = value
-    for name in PEFT_ARGUMENTS:
-        if name in kwargs:
-            peft_kwargs[name] = kwargs.pop(name)
-    if not isinstance(peft_kwargs["adapter_name"], str):
-        raise TypeError(
-            f"the third positional argument of get_peft_model is adapter_name, as in PEFT, and got a "
-            f"{type(peft_kwargs['adapter_name']).__name__}; pass the data by keyword: "
-            "get_peft_model(model, lora_config, loader=loader) (or stats=...)")
-    return peft_config, loader, peft_kwargs, kwargs

@@ -2,7 +2,8 @@
 diagnostics (:mod:`loradafast.layer_init`, re-exported here), gathered in an :class:`InitResult`.
 
 Nothing here changes a model.  Writing a result out (``save``, ``state_dict``, ``lora_config``)
-or into a ``PeftModel`` (``apply_to``) is :mod:`loradafast.integrations.peft`'s work; the methods of
+or into a ``PeftModel`` (``apply_to``) is :mod:`loradafast.integrations.peft_files`' and
+:mod:`loradafast.integrations.peft_model`'s work; the methods of
 :class:`InitResult` of those names are shortcuts to it.
 """
 from __future__ import annotations
@@ -68,33 +69,33 @@ class InitResult:
         """True when the initialised model needs the residual base ``W − s·B₀A₀``."""
         return any(layer.subtract_scaling is not None for layer in self.layers.values())
 
-    # ---- shortcuts to loradafast.integrations.peft -------------------------------------------
+    # ---- shortcuts to loradafast.integrations.peft_files and .peft_model ----------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """PEFT-format keys, as ``PeftModel.save_pretrained`` writes them (no adapter name)."""
-        return _peft().adapter_state_dict(self)
+        return _peft_files().adapter_state_dict(self)
 
     def converted_state_dict(self) -> dict[str, torch.Tensor]:
         """The rank-2r adapter for the unmodified base (PEFT's ``subtract_mutated_init``)."""
-        return _peft().converted_state_dict(self)
+        return _peft_files().converted_state_dict(self)
 
     @property
     def lora_config(self):
         """The ``LoraConfig`` of :meth:`state_dict` (for the residual base if :attr:`moves_base`)."""
-        return _peft().lora_config(self)
+        return _peft_files().lora_config(self)
 
     def save(self, directory, *, convert_to_lora: bool | None = None) -> Path:
-        """A PEFT adapter directory (:func:`loradafast.integrations.peft.save`) with the per-layer
+        """A PEFT adapter directory (:func:`loradafast.integrations.peft_files.save`) with the per-layer
         diagnostics beside it (:func:`loradafast.report.save_diagnostics`), so that
         ``loradafast report DIR`` works on every adapter, saved from Python or by the CLI."""
         from .report import save_diagnostics
 
-        directory = _peft().save(self, directory, convert_to_lora=convert_to_lora)
+        directory = _peft_files().save(self, directory, convert_to_lora=convert_to_lora)
         save_diagnostics(self, directory)
         return directory
 
     def apply_to(self, peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         """Fill the LoRA layers of ``peft_model`` in place: :func:`loradafast.integrations.peft.apply_to`."""
-        return _peft().apply_to(self, peft_model, adapter_name)
+        return _peft_model().apply_to(self, peft_model, adapter_name)
 
     def report(self, directory, *, stats=None, plots: bool = True) -> Path:
         """A per-layer table (CSV and Markdown) and, with matplotlib, PNG plots in ``directory``:
@@ -128,7 +129,14 @@ class InitResult:
         return "\n".join(rows)
 
 
-def _peft():
-    from .integrations import peft  # imported on use, as peft itself
+# Imported on use, as peft itself.
+def _peft_files():
+    from .integrations import peft_files
 
-    return peft
+    return peft_files
+
+
+def _peft_model():
+    from .integrations import peft_model
+
+    return peft_model

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from peft import get_peft_model as peft_get_peft_model
 
 import loradafast
-from loradafast.integrations.peft import init_lora_layer
+from loradafast.integrations.peft_model import init_lora_layer
 from tiny import padded_batches, random_sequences, tiny_llama
 
 

@@ -420,7 +420,7 @@ def test_lora_dropout_from_python(files, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loradafast.integrations.peft import lora_config
+    from loradafast.integrations.peft_files import lora_config
 
     result = loradafast.solve(loradafast.Statistics.load(_save_stats(files, tmp_path / "s.safetensors")), 2,
                               method="lora-one", progress=False)

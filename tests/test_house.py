@@ -188,9 +188,10 @@ LAYERS = (
     # What runs a solve and hands it on: the result and what writes it (adapter files and model
     # writes, the report).  solver.py lives under methods/ but composes their factors into an InitResult.
     ("pipeline", ("loradafast.methods.solver", "loradafast.passes", "loradafast.result", "loradafast.report",
-                  "loradafast.report_plots", "loradafast.integrations.peft")),
-    ("entry points and integrations", ("loradafast.api", "loradafast.backend", "loradafast.integrations",
-                                       "loradafast.integrations.trainer")),
+                  "loradafast.report_plots", "loradafast.integrations.peft_files",
+                  "loradafast.integrations.peft_model")),
+    ("entry points and integrations", ("loradafast.api", "loradafast.integrations.peft_entry",
+                                       "loradafast.integrations", "loradafast.integrations.trainer")),
     ("package face", ("loradafast",)),
     ("command line", ("loradafast.cli", "loradafast.__main__", "loradafast.demo", "loradafast.data")),
 )
@@ -451,3 +452,29 @@ def test_no_method_name_outside_the_methods():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 found.append(f"{module}:{node.lineno} {node.value!r}")
     assert not found, f"method names outside loradafast/methods/: {found}"
+
+
+# The modules that import PEFT: its three layers under integrations/, and, each with why, the few others.
+PEFT_IMPORTERS = {"loradafast.integrations.peft_files", "loradafast.integrations.peft_model",
+                  "loradafast.integrations.peft_entry"}
+PEFT_IMPORT_ALLOWED = {
+    # Finds the LoRA layers of a PeftModel and matches target_modules with PEFT's own rule; the
+    # pass (a lower layer than integrations/) needs both.
+    "loradafast.targets": "a PeftModel's LoRA layers and PEFT's target matching, needed by the pass",
+    # Applications on top of the package, as a user's script would be: the CLI builds PEFT's
+    # LoraConfig from its flags, the demo reloads the adapter with PeftModel.from_pretrained.
+    "loradafast.cli": "builds the LoraConfig of its flags",
+    "loradafast.demo": "reloads the saved adapter as a user would",
+}
+
+
+def test_only_the_peft_layers_import_peft():
+    importers = set()
+    for module, path in _package_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if any(n == "peft" or n.startswith("peft.") for n in names):
+                importers.add(module)
+    assert importers - PEFT_IMPORTERS <= set(PEFT_IMPORT_ALLOWED), sorted(importers - PEFT_IMPORTERS)
+    assert set(PEFT_IMPORT_ALLOWED) <= importers, "PEFT_IMPORT_ALLOWED lists modules that no longer import peft"

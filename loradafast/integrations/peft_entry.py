@@ -1,9 +1,10 @@
-"""PEFT-shaped entry points, in the form of PEFT's own data-aware initialisations (docs/peft_backend.md).
+"""The PEFT-shaped entry points, in the form of PEFT's own data-aware initialisations (docs/peft_backend.md).
 
+* :func:`get_peft_model`: ``peft.get_peft_model`` with the LoRA layers initialised by loradafast;
 * :func:`preprocess_lora_da` (``peft.tuners.lora.loraga.preprocess_loraga``'s shape): the
   statistics pass and the solve on the plain model, for the layers that a ``LoraConfig`` will
   target; the factors are left on the model, and :func:`loradafast.get_peft_model` (or a PEFT
-  ``init_lora_weights="lora_da"`` calling :func:`loradafast.integrations.peft.init_lora_layer`)
+  ``init_lora_weights="lora_da"`` calling :func:`loradafast.integrations.peft_model.init_lora_layer`)
   writes them into the adapter.  ``cache_file=`` saves the statistics and loads them next time.
 * :func:`get_lora_da_state_dict` (``get_eva_state_dict``'s shape): the adapter's state dict, for
   ``peft.set_peft_model_state_dict``; the model is not changed.
@@ -17,21 +18,22 @@ import copy
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from . import api, distributed
-from .integrations import peft as peft_integration
-from .integrations.peft import AdapterLayout
-from .methods.registry import DEFAULT_METHOD, build_config, get_method, method_keywords
-from .options import MethodConfig, check_pass_options, check_rank
-from .result import InitResult
-from .statistics import provenance
-from .statistics.collector import collect, data_fingerprint
-from .statistics.store import Statistics
-from .targets import Target, base_model_of, find_targets, is_peft_model, layer_kind
+from .. import api, distributed
+from ..methods.registry import DEFAULT_METHOD, build_config, get_method, method_keywords
+from ..options import MethodConfig, check_pass_options, check_rank
+from ..result import InitResult
+from ..statistics import provenance
+from ..statistics.collector import collect, data_fingerprint
+from ..statistics.store import Statistics
+from ..targets import Target, base_model_of, find_targets, is_peft_model, layer_kind
+from . import peft_model as peft_writes
+from .peft_model import AdapterLayout
 
 logger = logging.getLogger("loradafast")
 
@@ -60,7 +62,7 @@ def preprocess_lora_da(model: nn.Module, lora_config, loader: Iterable | None = 
     result, targets = _solve_for_config(model, lora_config, loader, method=method, stats=stats, cache_file=cache_file,
                                         config=config, max_samples=max_samples, loss_fn=loss_fn, freeze_a=freeze_a,
                                         progress=progress, memory_budget=memory_budget, options=options)
-    peft_integration.mark_preprocessed(model, result, targets)
+    peft_writes.mark_preprocessed(model, result, targets)
     return result
 
 
@@ -86,16 +88,16 @@ def get_lora_da_state_dict(model: nn.Module, loader: Iterable | None = None, pef
             raise ValueError("the PeftModel's own LoraConfig holds; pass peft_config=None")
         result = api.initialize(model, loader, method=method, stats=stats, adapter_name=adapter_name, apply=False,
                                 **options)
-        result.extra_state = peft_integration.extra_state_for(result, model, adapter_name)
+        result.extra_state = peft_writes.extra_state_for(result, model, adapter_name)
     else:
         if peft_config is None:
             raise ValueError("peft_config (a LoraConfig) is required when model is not a PeftModel")
         if getattr(peft_config, "use_dora", False) and get_method(method).moves_base:  # before the pass
-            raise ValueError(peft_integration.dora_refusal(method))
+            raise ValueError(peft_writes.dora_refusal(method))
         lora_config = copy.deepcopy(peft_config)  # its target_modules None becomes PEFT's default here
         result, _ = _solve_for_config(model, lora_config, loader, method=method, stats=stats,
                                       cache_file=None, options=options, **_pop_pass_options(options))
-        result.extra_state = peft_integration.config_extra_state(result, model, lora_config, adapter_name)
+        result.extra_state = peft_writes.config_extra_state(result, model, lora_config, adapter_name)
     if result.moves_base and convert_to_lora is None:
         raise ValueError(f"method {result.method!r} moves the base weights; choose convert_to_lora=True (a rank-2r "
                          "adapter for the unmodified base) or convert_to_lora=False (rank r, for the residual base)")
@@ -230,3 +232,87 @@ def config_targets(model: nn.Module, lora_config, record=None) -> tuple[list[Tar
                            {n: a for n, a in alphas.items() if a != lora_config.lora_alpha})
     return targets, layout
 
+
+# ---- get_peft_model -------------------------------------------------------------------------------
+
+PEFT_ARGUMENTS = {"adapter_name": "default", "mixed": False, "autocast_adapter_dtype": True, "revision": None,
+                  "low_cpu_mem_usage": False}
+
+
+def get_peft_model(model: nn.Module, peft_config=None, *args, loader: Iterable | None = None, stats=None,
+                   **kwargs):
+    """``peft.get_peft_model(model, peft_config, ...)`` with the LoRA layers initialised by loradafast.
+
+    PEFT's own arguments (``adapter_name``, ``mixed``, ``autocast_adapter_dtype``, ``revision``,
+    ``low_cpu_mem_usage``), positional in PEFT's order or by keyword, go to PEFT; the data come as
+    ``loader=`` (a statistics pass) or ``stats=`` (a :class:`Statistics` or its path), or from a
+    :func:`~loradafast.preprocess_lora_da` run on ``model`` before (neither given); the other keywords
+    go to :func:`initialize` (``method=...``, the method's options, ``max_samples``, ...).  Weight-only
+    methods need no data.  ``get_peft_model(model, loader, lora_config, **options)``, the older
+    argument order, still works.
+
+    PEFT wraps ``model`` first, so the layers initialised are exactly those PEFT chooses from
+    ``peft_config`` (its per-architecture default targets, ``layers_to_transform``,
+    ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ...).  The PEFT model is then
+    filled as by ``initialize(peft_model, loader, **options)``, whose statistics pass sees the
+    base model only (and, for methods that move the base weight, its base weights are updated, as
+    PEFT's own PiSSA does).  On any failure the wrapping is undone: ``model`` is left exactly as
+    it was (modules, parameters, flags, modes, hooks, attributes).
+    The :class:`InitResult` is attached as ``peft_model.loradafast_result``.
+    """
+    peft_config, loader, peft_kwargs, options = _peft_model_arguments(peft_config, args, loader, kwargs)
+    adapter_name = peft_kwargs["adapter_name"]
+    preprocessed = getattr(model, peft_writes.PREPROCESSED, None)
+    if preprocessed is not None and loader is None and stats is None:
+        options.pop("progress", None)  # nothing left to show: the pass and the solve ran in preprocess
+        if options:
+            raise ValueError(f"{', '.join(options)}: the model was preprocessed (preprocess_lora_da), whose options "
+                             "hold; pass them to preprocess_lora_da")
+
+        def fill(peft_model):
+            return peft_writes.fill_preprocessed(peft_model, preprocessed, adapter_name)
+    else:
+        def fill(peft_model):
+            return api.initialize(peft_model, loader, adapter_name=adapter_name, stats=stats, **options)
+
+    return peft_writes.wrap(model, peft_config, peft_kwargs, options, fill)
+
+
+def _peft_model_arguments(peft_config, args: tuple, loader, kwargs: dict):
+    """(peft_config, loader, PEFT's keyword arguments, initialize's options) from either argument order."""
+    from peft import PeftConfig
+
+    kwargs = dict(kwargs)
+    if "lora_config" in kwargs:  # the older keyword name: get_peft_model(model, loader, lora_config=...)
+        if isinstance(peft_config, PeftConfig) or args:
+            raise TypeError("get_peft_model() got both peft_config and lora_config")
+        if peft_config is not None and loader is not None:
+            raise TypeError("get_peft_model() got the loader twice (positionally and as loader=)")
+        loader = loader if loader is not None else peft_config
+        peft_config = kwargs.pop("lora_config")
+    if not isinstance(peft_config, PeftConfig) and args and isinstance(args[0], PeftConfig):
+        # The older order, get_peft_model(model, loader, lora_config, **options).
+        if loader is not None:
+            raise TypeError("get_peft_model() got the loader twice (positionally and as loader=)")
+        warnings.warn("loradafast.get_peft_model(model, loader, lora_config) is the older argument order; use "
+                      "PEFT's: get_peft_model(model, lora_config, loader=loader)", DeprecationWarning, stacklevel=3)
+        peft_config, loader, args = args[0], peft_config, args[1:]
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"get_peft_model(model, peft_config, ...) takes a peft.LoraConfig as its second argument "
+                        f"(PEFT's order), got {type(peft_config).__name__}; the data go as loader=... or stats=...")
+    if len(args) > len(PEFT_ARGUMENTS):
+        raise TypeError(f"get_peft_model() takes at most {2 + len(PEFT_ARGUMENTS)} positional arguments (PEFT's)")
+    peft_kwargs = dict(PEFT_ARGUMENTS)
+    for (name, _), value in zip(PEFT_ARGUMENTS.items(), args):
+        if name in kwargs:
+            raise TypeError(f"get_peft_model() got multiple values for argument {name!r}")
+        peft_kwargs[name] = value
+    for name in PEFT_ARGUMENTS:
+        if name in kwargs:
+            peft_kwargs[name] = kwargs.pop(name)
+    if not isinstance(peft_kwargs["adapter_name"], str):
+        raise TypeError(
+            f"the third positional argument of get_peft_model is adapter_name, as in PEFT, and got a "
+            f"{type(peft_kwargs['adapter_name']).__name__}; pass the data by keyword: "
+            "get_peft_model(model, lora_config, loader=loader) (or stats=...)")
+    return peft_config, loader, peft_kwargs, kwargs
