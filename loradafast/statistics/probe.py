@@ -41,12 +41,18 @@ class SavedBytes:
     once however many tensors view it; the model's parameters and buffers are not counted."""
 
     def __init__(self, model: nn.Module):
-        self.excluded = {_storage_key(t) for t in itertools.chain(model.parameters(), model.buffers())}
+        keys = (_storage_key(t) for t in itertools.chain(model.parameters(), model.buffers()))
+        self.excluded = {key for key in keys if key is not None}
         self.storages: dict[tuple, int] = {}
 
     def add(self, t: torch.Tensor) -> None:
+        # A parameter saved for the backward is a weight, not an activation: FSDP2 saves the
+        # unsharded parameters it gathers for the forward, which model.parameters() (the shards)
+        # does not list.
+        if isinstance(t, nn.Parameter):
+            return
         key = _storage_key(t)
-        if key not in self.excluded:
+        if key is not None and key not in self.excluded:
             self.storages[key] = t.untyped_storage().nbytes()
 
     def saved_tensors(self):
@@ -62,8 +68,13 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
-    return t.device, t.untyped_storage().data_ptr()
+def _storage_key(t: torch.Tensor) -> tuple | None:
+    """(device, address) of ``t``'s storage; None where it has none to count (a DTensor's, or a
+    storage FSDP2 has freed until the next gather)."""
+    try:
+        return t.device, t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _ignore(grad) -> None:
