@@ -802,13 +802,12 @@ def initialised(peft_model, batches, args, plan: InitPlan):
 
 def _save(result, args, stats=None) -> Path:
     """The adapter directory, its diagnostics, and the report when asked for, written whole or not at all."""
-    from .report import save_diagnostics, write_report
+    from .report import write_report
 
     out = Path(args.out)
     convert = (not args.residual_base) if result.moves_base else None
     with replacing(out) as staging:
-        result.save(staging, convert_to_lora=convert)
-        save_diagnostics(result, staging)
+        result.save(staging, convert_to_lora=convert)  # the diagnostics too
         if args.report:
             write_report(result, staging / REPORT_DIR, stats=stats)
     logger.info("adapter written to %s (load it with peft.PeftModel.from_pretrained(model, %r, is_trainable=True))",

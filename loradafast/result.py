@@ -61,7 +61,7 @@ class InitResult:
     # A distributed run (docs/design.md §6.5): layer → the rank that solved it; None otherwise.
     owners: dict[str, int] | None = None
     # PEFT's lora_dropout for the saved LoraConfig (training only; no initialisation uses it).  None:
-    # the PeftModel's own for a result of initialize(peft_model), else 0.0 (integrations.peft.lora_config).
+    # the PeftModel's own for a result of initialize(peft_model), else 0.0 (integrations.peft_files.lora_config).
     lora_dropout: float | None = None
 
     @property
@@ -94,7 +94,7 @@ class InitResult:
         return directory
 
     def apply_to(self, peft_model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-        """Fill the LoRA layers of ``peft_model`` in place: :func:`loradafast.integrations.peft.apply_to`."""
+        """Fill the LoRA layers of ``peft_model`` in place: :func:`loradafast.integrations.peft_model.apply_to`."""
         return _peft_model().apply_to(self, peft_model, adapter_name)
 
     def report(self, directory, *, stats=None, plots: bool = True) -> Path:
