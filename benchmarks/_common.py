@@ -6,9 +6,14 @@
   :func:`median_time` (warm-up, then repeated calls; CUDA events on a GPU);
 * memory: :class:`PeakMemory` (CUDA allocator peak, or the sampled resident set size on CPU);
 * isolation: :func:`run_child` (one Python child process per measurement, JSON in and out);
-* output: :func:`results_path` and :func:`write_json` (``benchmarks/results/<name>_<device>.json``).
+* output: :func:`results_path` and :func:`write_json` (``benchmarks/results/<name>_<device>.json``),
+  :func:`write_entry`, :func:`read_entries`, :func:`figure_path` and :func:`config_key` for a
+  benchmark run in several configurations.
 
-Every script keeps its own CLI and JSON layout; the providers it compares are a dict
+``benchmarks/results/`` holds one file per benchmark and device.  Every script keeps its own CLI
+and JSON layout; a script run in several configurations writes each run's record as one entry of
+that file, ``{"benchmark", "device_slug", "configurations": {key: record}}``, under the key its
+``--config`` flag names (:func:`write_entry`).  The providers a script compares are a dict
 ``{name: callable}`` timed side by side with :func:`time_providers`.
 """
 from __future__ import annotations
@@ -241,8 +246,68 @@ def run_child(script: Path | str, spec: dict, workdir: Path, tag: str, *, timeou
 # -- output --------------------------------------------------------------------------------------
 
 def results_path(name: str, device: torch.device | str, out: str | Path | None = None) -> Path:
-    """``out`` if given, else ``benchmarks/results/<name>_<device-slug>.json``."""
-    return Path(out) if out else RESULTS / f"{name}_{device_slug(device)}.json"
+    """``out`` if given, else ``benchmarks/results/<name>_<device-slug>.json``.  ``out`` may not name
+    another file directly under ``benchmarks/results/``: it holds one file per benchmark and device,
+    and another configuration is another entry of that file (:func:`write_entry`)."""
+    path = RESULTS / f"{name}_{device_slug(device)}.json"
+    if not out:
+        return path
+    out = Path(out)
+    if out.resolve().parent == RESULTS.resolve() and out.name != path.name:
+        raise SystemExit(f"--out {out}: benchmarks/results/ holds one file per benchmark and device, here "
+                         f"{path.name}; name the configuration with --config KEY where the script has it")
+    return out
+
+
+ENTRIES = "configurations"  # the key of a results file's entries (write_entry)
+_KEY = re.compile(r"[a-z0-9][a-z0-9_]*")
+
+
+def config_key(text: str) -> str:
+    """The ``type`` of a script's ``--config`` flag: an entry's key, checked before the run."""
+    if not _KEY.fullmatch(text):
+        raise ValueError(f"configuration key {text!r}: lower-case letters, digits and '_' only")
+    return text
+
+
+def read_entries(path: Path | str) -> dict:
+    """``{key: record}`` of the results file ``path`` (:func:`write_entry`); ``{}`` where there is no
+    file, or where it is a single record of the former layout (which :func:`write_entry` replaces)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return data[ENTRIES] if isinstance(data, dict) and isinstance(data.get(ENTRIES), dict) else {}
+
+
+def write_entry(record: dict, path: Path | str, key: str = "default", *, benchmark: str,
+                device: torch.device | str, indent: int = 2, quiet: bool = False) -> Path:
+    """Write ``record`` as the entry ``key`` of the results file ``path`` of ``benchmark`` on
+    ``device``: the file is read, that entry replaced (or added after the others), the others kept
+    as they are, and the whole written aside and renamed (:func:`write_json`).  The file:
+    ``{"benchmark": name, "device_slug": slug, "configurations": {key: record, ...}}``; each record
+    keeps its own device, versions and date."""
+    path, slug_, key = Path(path), device_slug(device), config_key(key)
+    entries = {}
+    if path.exists():
+        data = json.loads(path.read_text())
+        if not (isinstance(data, dict) and isinstance(data.get(ENTRIES), dict)):
+            print(f"{path}: a single record of the former layout, replaced by a file of configurations")
+        elif (data.get("benchmark"), data.get("device_slug")) != (benchmark, slug_):
+            raise ValueError(f"{path} holds {data.get('benchmark')!r} on {data.get('device_slug')!r}, "
+                             f"not {benchmark!r} on {slug_!r}")
+        else:
+            entries = data[ENTRIES]
+    entries[key] = record
+    return write_json({"benchmark": benchmark, "device_slug": slug_, ENTRIES: entries}, path, indent=indent,
+                      quiet=quiet)
+
+
+def figure_path(path: Path | str, key: str = "default", suffix: str = ".png") -> Path:
+    """The figure of entry ``key`` of the results file ``path``: ``<stem>.png`` for ``default``,
+    ``<stem>_<key>.png`` for another (results/stability_cpu.png, stability_cpu_split_chunks.png)."""
+    path = Path(path)
+    return path.with_suffix(suffix) if key == "default" else path.with_name(f"{path.stem}_{key}{suffix}")
 
 
 def write_json(record: dict, path: Path | str, *, indent: int = 2, quiet: bool = False) -> Path:

@@ -4,6 +4,7 @@ goal: "loradafast's lora-ga no slower than PEFT's preprocess_loraga side by side
     python benchmarks/bench_loraga.py                  # SmolLM2-135M, CPU, 16 × 128 tokens, 3 repetitions
     python benchmarks/bench_loraga.py --tiny           # tiny random Llama: a check that it runs (seconds)
     python benchmarks/bench_loraga.py --gpu            # the same on CUDA (bf16)
+    python benchmarks/bench_loraga.py --methods lora-ga,peft-lora-ga --repeats 6 --config pair   # another entry
 
 The timed methods are those of ``benchmarks/overhead.py`` (``_overhead/``), run the same way: the
 same model, samples and batches, alternated over repetitions, one child process per (method,
@@ -18,8 +19,9 @@ After the timed region each run saves its adapter's factors; the subspace agreem
 0 is reported per pair of methods: over the layers, the sine of the largest principal angle between
 the row spaces of ``lora_A`` and between the column spaces of ``lora_B`` (scales differ by design:
 PEFT puts the singular values into B).  The ``paper`` and ``peft`` variants of loradafast share
-those spaces.  Results go to ``benchmarks/results/loraga_<device-slug>.json``
-(``loraga_tiny_<device-slug>.json`` with ``--tiny``).
+those spaces.  Results go to ``benchmarks/results/loraga_<device-slug>.json``, one entry per
+configuration: ``--config KEY`` (default ``default``; ``tiny`` with the tiny model) names the entry
+this run writes, and the file's other entries are kept.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_json  # noqa: E402
+from _common import config_key, results_path, write_entry  # noqa: E402
 from _overhead.config import MODEL_DEFAULTS  # noqa: E402
 from _overhead.report import summarize  # noqa: E402
 from _overhead.runner import run_model  # noqa: E402
@@ -58,7 +60,10 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 on CPU)")
     parser.add_argument("--inline", action="store_true", help="no child processes (CPU memory not measured)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/loraga_<slug>.json)")
+    parser.add_argument("--config", type=config_key, default=None, metavar="KEY",
+                        help="the entry of the results file this run writes (default: 'default', 'tiny' with the "
+                             "tiny model); the file's other entries are kept")
+    parser.add_argument("--out", default=None, help="the results file (default benchmarks/results/loraga_<slug>.json)")
     return parser.parse_args(argv)
 
 
@@ -117,8 +122,8 @@ def main(argv=None) -> None:
     result.update(benchmark="LoRA-GA side by side (project issue 12)",
                   command=" ".join([Path(sys.executable).name, "benchmarks/bench_loraga.py",
                                     *(argv if argv is not None else sys.argv[1:])]))
-    name = f"loraga_tiny_{result['device_slug']}" if model == "tiny" else f"loraga_{result['device_slug']}"
-    out_path = Path(args.out) if args.out else RESULTS / f"{name}.json"
+    key = args.config or ("tiny" if model == "tiny" else "default")
+    out_path = results_path("loraga", device, args.out)
     with tempfile.TemporaryDirectory(prefix="loradafast_loraga_") as tmp:
         spec_common = {"device": device, "dtype": dtype, "rank": args.rank, "alpha": args.alpha,
                        "threads": args.threads, "factors_dir": tmp}
@@ -132,7 +137,7 @@ def main(argv=None) -> None:
                                "rank": args.rank, **settings, "order_per_repetition": orders,
                                "benchmark_wall_s": seconds, "summary": summary, "verdict": verdict(summary),
                                "subspace_agreement_rep0": agree, "runs": runs}
-    write_json(result, out_path)
+    write_entry(result, out_path, key, benchmark="loraga", device=device)
     print(report(model, result["models"][model]))
 
 

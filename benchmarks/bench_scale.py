@@ -4,6 +4,7 @@
     python benchmarks/bench_scale.py --scales 0.25 --dense # also the float64 dense solve, for sin θ
     python benchmarks/bench_scale.py --device cuda         # the same on a GPU
     python benchmarks/bench_scale.py --blocks 4 --spectra decay,tokens,flat   # 4 blocks, solved as one batch
+    python benchmarks/bench_scale.py --scales 1 --config full_width      # another entry of the results file
 
 One block: q, k, v, o 4096×4096; gate, up 4096→11008; down 11008→4096 (×scale), rank 8.  The
 statistics are synthetic, in two spectra:
@@ -26,7 +27,9 @@ forward+backward of a transformers ``LlamaDecoderLayer`` over 2,048 tokens (inpu
 only; what the statistics pass does per block), the best of ``--repeats`` timed right before and
 right after each spectrum's solves; the ratio is to the mean of the two.  The goal (issue "Large models") is a ratio
 ≤ 3 with the subspace within sin θ ≤ 1e-4 of the float64 dense solve.
-Results: ``benchmarks/results/scale_<device>.json``.
+Results: ``benchmarks/results/scale_<device>.json``, one entry per configuration: ``--config KEY``
+(default ``default``; ``fp32_effect`` with ``--fp32-effect``) names the entry this run writes, and
+the file's other entries are kept.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from loradafast.methods import lora_da_solve  # noqa: E402
 from loradafast.statistics import LayerStats, Statistics  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, results_path, sync, timed, write_json  # noqa: E402
+from _common import config_key, environment, results_path, sync, timed, write_entry  # noqa: E402
 
 HIDDEN, INTERMEDIATE, TOKENS = 4096, 11008, 2048
 # name: (in, out, input group)
@@ -213,7 +216,10 @@ def main(argv=None):
     ap.add_argument("--no-count", action="store_true", help="skip the untimed counted solve (ops, syncs)")
     ap.add_argument("--fp32-effect", action="store_true",
                     help="only measure how far fp32 sums move each subspace (dense float64 solves)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--config", type=config_key, default=None, metavar="KEY",
+                    help="the entry of the results file this run writes (default: 'default', "
+                         "'fp32_effect' with --fp32-effect); the file's other entries are kept")
+    ap.add_argument("--out", default=None, help="the results file (default benchmarks/results/scale_<device>.json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.dense_max_n is not None:
@@ -236,14 +242,18 @@ def main(argv=None):
     }
     record["blocks"] = args.blocks
     path = results_path("scale", device, args.out)
+    key = args.config or ("fp32_effect" if args.fp32_effect else "default")
+
+    def save(quiet: bool = True) -> None:  # a run cut off from outside keeps what it measured
+        write_entry(record, path, key, benchmark="scale", device=device, indent=1, quiet=quiet)
     if args.fp32_effect:
         record["benchmark"] = "bench_scale --fp32-effect"
         for scale in [float(s) for s in args.scales.split(",")]:
             for spectrum in args.spectra.split(","):
                 runs.append(fp32_effect(int(HIDDEN * scale), int(INTERMEDIATE * scale), spectrum, device, scale))
                 print(runs[-1], flush=True)
-                write_json(record, path, indent=1, quiet=True)
-        write_json(record, path, indent=1)
+                save()
+        save(quiet=False)
         return
     for scale in [float(s) for s in args.scales.split(",")]:
         hidden, inter = int(HIDDEN * scale), int(INTERMEDIATE * scale)
@@ -286,8 +296,8 @@ def main(argv=None):
                 info.update(block_fwd_bwd_s=fb, block_fwd_bwd_before_after_s=[before, after],
                             ratio=info["seconds"] / (args.blocks * fb))
             record["load_average"] = list(os.getloadavg())
-            write_json(record, path, indent=1, quiet=True)  # a run cut off from outside keeps each spectrum
-    write_json(record, path, indent=1)
+            save()  # after each spectrum
+    save(quiet=False)
 
 
 if __name__ == "__main__":

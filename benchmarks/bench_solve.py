@@ -2,11 +2,13 @@
 
     python benchmarks/bench_solve.py                   # SmolLM2-135M statistics (collected here)
     python benchmarks/bench_solve.py --stats s.safetensors --repeats 3
+    python benchmarks/bench_solve.py --ranks 16,32 --config ranks_16_32   # another entry of the results file
 
 Times ``loradafast.solve(stats, r, eigensolver=...)`` for each solver, alternating them, and
 reports the subspace agreement between them (sin of the largest principal angle, per layer).
 Decides ``eigensolver="auto"`` on CPU (``lora_da_solve.auto_is_dense``).
-Results: benchmarks/results/solve_<device>.json.
+Results: benchmarks/results/solve_<device>.json, one entry per configuration (``--config KEY``,
+default ``default``; the file's other entries are kept).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from loradafast.linalg import native as _native  # noqa: E402
 from loradafast.linalg.eigen import span_sine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_device, environment, results_path, timed, write_json  # noqa: E402
+from _common import config_key, default_device, environment, results_path, timed, write_entry  # noqa: E402
 
 
 def smollm2_stats(samples: int, length: int):
@@ -50,11 +52,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--ranks", default="8,64")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out")
+    parser.add_argument("--config", type=config_key, default="default", metavar="KEY",
+                        help="the entry of the results file this run writes (the file's other entries are kept)")
+    parser.add_argument("--out", help="the results file (default benchmarks/results/solve_<device>.json)")
     args = parser.parse_args()
 
-    stats = loradafast.Statistics.load(args.stats) if args.stats else smollm2_stats(args.samples, args.seq_len)
     device = default_device()
+    path = results_path("solve", device, args.out)
+    stats = loradafast.Statistics.load(args.stats) if args.stats else smollm2_stats(args.samples, args.seq_len)
     _native.load()  # build (or load) the native eigensolver outside the timings
     if device.type == "cuda":
         stats = stats.to("cuda")
@@ -85,7 +90,7 @@ def main() -> None:
         })
         print(json.dumps(runs[-1]))
     env = environment(device)
-    write_json({
+    write_entry({
         "benchmark": "LoRA-DA solve stage, dense eigh vs batched LOBPCG (eigensolver=)",
         "date": time.strftime("%Y-%m-%d"),
         "device": env["device"],
@@ -94,7 +99,7 @@ def main() -> None:
         "statistics": args.stats or f"SmolLM2-135M, {args.samples}x{args.seq_len} stdlib tokens",
         "layers": len(stats.layers), "widths": widths, "num_tokens": stats.num_tokens,
         "runs": runs,
-    }, results_path("solve", device, args.out))
+    }, path, args.config, benchmark="solve", device=device)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ after an untimed warm-up solve (the native eigensolver's build and first-call co
 each tree's solve seconds (the best and all), the ratio ours / baseline, and the largest sine
 between the two trees' subspaces.  ``--synthetic SCALE`` uses bench_scale.py's synthetic
 Llama-2-7B-shaped statistics at that width (``--blocks`` blocks of them) instead of SmolLM2's.
-Results: ``benchmarks/results/solve_vs_<device>.json`` (one entry per statistics).
+Results: ``benchmarks/results/solve_vs_<device>.json``, one entry per configuration: ``--config KEY``
+(default ``default``; ``synthetic`` with ``--synthetic``) names the entry this run writes, the
+file's other entries are kept; an entry's ``runs`` hold one item per statistics.
 """
 from __future__ import annotations
 
@@ -89,15 +91,20 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out")
+    parser.add_argument("--config", metavar="KEY",
+                        help="the entry of the results file this run writes (default: 'default', 'synthetic' "
+                             "with --synthetic); the file's other entries are kept")
+    parser.add_argument("--out", help="the results file (default benchmarks/results/solve_vs_<device>.json)")
     args = parser.parse_args(argv)
 
     import subprocess as sp
 
     import torch
-    from _common import environment, results_path, write_json
+    from _common import config_key, environment, results_path, write_entry
     from loradafast.linalg.eigen import span_sine
 
+    key = config_key(args.config or ("synthetic" if args.synthetic else "default"))
+    path = results_path("solve_vs", torch.device("cpu"), args.out)
     torch.set_num_threads(args.threads)
     baseline = _worktree(args.baseline)
     sha = sp.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -107,7 +114,6 @@ def main(argv=None) -> None:
     record = {"benchmark": "bench_solve_vs", **environment("cpu"), "rank": args.rank,
               "ours": f"{sha}{' + uncommitted changes' if dirty else ''}", "baseline": args.baseline,
               "load_average_start": list(os.getloadavg()), "runs": []}
-    path = results_path("solve_vs", torch.device("cpu"), args.out)
     try:
         for spectrum in (args.spectra.split(",") if args.synthetic else [None]):
             stats, label = _statistics(args, spectrum)
@@ -129,7 +135,7 @@ def main(argv=None) -> None:
     finally:
         record["load_average_end"] = list(os.getloadavg())
         sp.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], capture_output=True)
-    write_json(record, path, indent=1)
+    write_entry(record, path, key, benchmark="solve_vs", device="cpu", indent=1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     python benchmarks/stability.py --quick                # 2 sizes, 2 blocks: checks that it runs (~7 min)
     python benchmarks/stability.py --split chunks --max-tokens 16384   # control: both halves from every file
     python benchmarks/stability.py --tiny                 # a tiny random Llama, no SmolLM2 (seconds)
-    python benchmarks/stability.py --plot results.json    # only redraw the figure of a results file
+    python benchmarks/stability.py --plot results.json    # only redraw the figures of a results file
 
 What it measures.  LoRA-DA's answer for a layer is an r-dimensional subspace of its inputs (the row
 space of ``lora_A``).  Two disjoint halves of the same data (Python source of the standard library,
@@ -37,8 +37,11 @@ eigen-directions (``z_top``, random: r/in), the input variance along A relative 
 (``z_energy``), the share of ``lora_B``'s energy on the tenth of the output channels with the smallest
 Y (``y_low``), for LoRA-DA the variance term's smallest eigenvalue c/λ_max(Zλ) against the bias
 term's scale α_b = 1 (``variance_over_bias_min``), and for the reference Ω's relative eigengap
-(λ_{r+1} − λ_r)/‖Ω‖ (``relative_gap``).  Results: ``benchmarks/results/stability_cpu.json`` (written
-after every size, so a stopped run keeps what it measured) and ``stability_cpu.png``.  Findings:
+(λ_{r+1} − λ_r)/‖Ω‖ (``relative_gap``).  Results: ``benchmarks/results/stability_cpu.json``, one entry
+per configuration (``--config KEY``: default ``default``, ``split_chunks`` with ``--split chunks``;
+the file's other entries are kept), written after every size, so a stopped run keeps what it
+measured; the figure of entry ``default`` is ``stability_cpu.png``, of another
+``stability_cpu_<KEY>.png``.  Findings:
 ``benchmarks/stability_findings.md``.
 
 Cost: the pass is ~13 s per 1k tokens (both halves, 1 thread), ~4 min of solves per size for the 28
@@ -68,7 +71,7 @@ from loradafast.methods.lora_da import damped_factors, damped_z, omega_terms  # 
 from loradafast.statistics import Statistics  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, pyplot, results_path, write_json  # noqa: E402
+from _common import config_key, environment, figure_path, pyplot, read_entries, results_path, write_entry  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_BLOCKS = (0, 10, 20, 29)
@@ -450,9 +453,10 @@ def run(args) -> dict:
         entry.pop("_da", None)
         record["sizes"].append(entry)
         record["wall_s"] = time.perf_counter() - t0
-        write_json(record, args.out_path, quiet=True)
-        plot(record, args.out_path.with_suffix(".png"))
-    print(f"wrote {args.out_path} and {args.out_path.with_suffix('.png')} ({time.perf_counter() - t0:.0f}s)")
+        write_entry(record, args.out_path, args.config, benchmark="stability", device="cpu", quiet=True)
+        plot(record, figure_path(args.out_path, args.config))
+    print(f"wrote entry {args.config!r} of {args.out_path} and {figure_path(args.out_path, args.config)} "
+          f"({time.perf_counter() - t0:.0f}s)")
     return record
 
 
@@ -495,14 +499,14 @@ def plot(record: dict, path: Path) -> None:
                "separately, or isotropic", ref + [v for v in ("da", "lora-one") if v in variants and ref],
                "median_ref_layers")]
     fig, axes = plt.subplots(1, 3, figsize=(19, 8.5))
-    baselines = sorted(set(record["random_baseline"].values()))
+    chance_levels = sorted(set(record["random_baseline"].values()))
     for ax, (title, chosen, field) in zip(axes, panels):
         for v in chosen:
             ys = series(v, field=field)
             if all(y is None for y in ys):
                 continue
             ax.plot(tokens, ys, marker="o", ms=3, label=f"{v}: {record['variants'][v]['label']}", **line_style(plt, v))
-        for b in baselines:
+        for b in chance_levels:
             ax.axhline(b, color="gray", ls=":", lw=1)
         ax.set_title(title, fontsize=10)
     da = "da" if "da" in variants else variants[0]
@@ -510,7 +514,7 @@ def plot(record: dict, path: Path) -> None:
         ys = series(da, m)
         if any(y is not None for y in ys):
             axes[2].plot(tokens, ys, marker="o", ms=3, label=m)
-    for b in baselines:
+    for b in chance_levels:
         axes[2].axhline(b, color="gray", ls=":", lw=1)
     axes[2].set_title(f"{da} by module type (median over blocks)", fontsize=10)
     for ax in axes:
@@ -550,22 +554,30 @@ def main(argv=None) -> None:
                         help="LoRA-DA's eigensolver in the loradafast.solve variants (the subspace is the same)")
     parser.add_argument("--ref-max-width", type=int, default=576,
                         help="the dense reference solves the layers up to this input width (0: all)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/stability_cpu.json)")
+    parser.add_argument("--config", type=config_key, metavar="KEY",
+                        help="the entry of the results file this run writes (default: 'default', 'split_chunks' "
+                             "with --split chunks); the file's other entries are kept")
+    parser.add_argument("--out", help="the results file (default benchmarks/results/stability_cpu.json)")
     parser.add_argument("--quick", action="store_true", help="2 sizes (1k, 2k tokens per half), blocks 0 and 29")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (seconds)")
-    parser.add_argument("--plot", metavar="JSON", help="only redraw the figure of a results file")
+    parser.add_argument("--plot", metavar="JSON",
+                        help="only redraw the figures of a results file (each entry's, or --config's only)")
     args = parser.parse_args(argv)
     args.ref_max_width = args.ref_max_width or None
     if args.plot:
         path = Path(args.plot)
-        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        entries = read_entries(path) or {"default": json.loads(path.read_text())}  # or a record of the former layout
+        for key, record in entries.items():
+            if args.config in (None, key):
+                plot(record, figure_path(path, key))
         return
+    args.config = args.config or ("split_chunks" if args.split == "chunks" else "default")
     if args.tiny:
         args.length, args.min_tokens, args.max_tokens, args.batch_size = 16, 256, 512, 8
     elif args.quick:
         args.min_tokens, args.max_tokens, args.layers = 1024, 2048, ",".join(map(str, QUICK_BLOCKS))
     if args.out:
-        args.out_path = Path(args.out)
+        args.out_path = results_path("stability", "cpu", args.out)
     elif args.tiny or args.quick:  # smoke runs stay out of benchmarks/results
         args.out_path = Path(tempfile.gettempdir()) / f"stability_{'tiny' if args.tiny else 'quick'}.json"
     else:

@@ -1,29 +1,17 @@
-"""The public entry point ``initialize``, and the steps every entry point shares (the method's
-options, the targets and their layout, the solve of the targets).  The PEFT-shaped entry points
-are :mod:`loradafast.integrations.peft_entry`'s."""
+"""The public entry point ``initialize``: a face over :class:`~loradafast.pipeline.Pipeline`.  The
+PEFT-shaped entry points are :mod:`loradafast.integrations.peft_entry`'s."""
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 from collections.abc import Callable, Iterable
 
-import torch
 from torch import nn
 
-from . import distributed, passes
-from .integrations import peft_model as peft_writes
-from .integrations.peft_model import AdapterLayout
-from .methods.registry import (DEFAULT_METHOD, REGISTRY, WEIGHT_ONLY_METHODS, Method, build_config, get_method,
-                               method_keywords)
-from .methods.solver import solve_with
-from .planner import parse_bytes
-from .options import MethodConfig, check_pass_options, check_rank, check_ranks
+from . import distributed
+from .methods.registry import DEFAULT_METHOD
+from .options import MethodConfig
+from .pipeline import Pipeline, RunOptions, check_data_source, method_and_options
 from .result import InitResult
-from .statistics.collector import is_causal_lm
-from .statistics import provenance
-from .statistics.store import Statistics
-from .targets import base_model_of, find_targets, is_peft_model, model_meta
 
 
 def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | None = None, *,
@@ -76,161 +64,11 @@ def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | Non
     """
     started = time.perf_counter()
     model = distributed.unwrap(model)  # DistributedDataParallel: its module
-    record, config = _method_and_options(method, config, options, loader=loader, stats=stats,
-                                         max_samples=max_samples, memory_budget=memory_budget)
-    targets, layout = _targets_and_layout(model, record, rank=rank, ranks=ranks, target_modules=target_modules,
-                                          adapter_name=adapter_name, lora_alpha=lora_alpha, use_rslora=use_rslora)
-    result, pass_s = solve_targets(model, loader, targets, record, config, layout, stats=stats,
-                                   memory_budget=memory_budget, max_samples=max_samples, loss_fn=loss_fn,
-                                   progress=progress, adapter_name=adapter_name, freeze_a=freeze_a, started=started,
-                                   split_halves=split_halves)
-    _apply_and_time(result, model, targets, layout, adapter_name, apply=apply, pass_s=pass_s, started=started)
-    return result
-
-
-def _method_and_options(method: str, config: MethodConfig | None, options: dict, *, loader, stats, max_samples,
-                        memory_budget) -> tuple[Method, MethodConfig]:
-    """The method's registry record and its validated options, after every check that needs no
-    model: a wrong argument fails before any layer is looked at."""
-    record = get_method(method)
-    config = build_config(record, config, method_keywords("initialize", options, "solve_dtype"))
-    check_pass_options(max_samples)
-    if memory_budget is not None:
-        parse_bytes(memory_budget)  # a malformed budget fails here, also for methods without a pass
+    record, config = method_and_options(method, config, options, "initialize")
+    run_options = RunOptions(max_samples=max_samples, loss_fn=loss_fn, progress=progress, memory_budget=memory_budget,
+                             adapter_name=adapter_name, freeze_a=freeze_a, split_halves=split_halves)
     check_data_source(record, loader, stats)
-    return record, config
-
-
-def _apply_and_time(result: InitResult, model: nn.Module, targets, layout, adapter_name, *, apply: bool,
-                    pass_s: float, started: float) -> None:
-    """Fill a ``PeftModel``'s layers with ``result`` (unless ``apply=False``), then record in
-    ``result.timings`` the pass, the solve's own phases, the write into the model and the total."""
-    apply_started = time.perf_counter()
-    if is_peft_model(model) and apply:
-        peft_writes.attach(result, model, targets, layout, adapter_name)
-    result.timings = {"pass_s": pass_s, **result.timings, "apply_s": time.perf_counter() - apply_started,
-                      "total_s": time.perf_counter() - started}
-
-
-def check_data_source(record, loader, stats) -> None:
-    """A data-aware method needs exactly one of a loader and saved statistics."""
-    if loader is not None and stats is not None:
-        raise ValueError("pass either a loader (to run the statistics pass) or stats= (saved statistics), not both")
-    if record.data_aware and loader is None and stats is None:
-        raise ValueError(
-            f"method {record.name!r} is data-aware and needs a loader of training samples, or stats= (a Statistics "
-            f"object or the path of one saved with Statistics.save); the weight-only methods "
-            f"{', '.join(WEIGHT_ONLY_METHODS)} run without either"
-        )
-
-
-def solve_targets(model, loader, targets, record, config, layout, *, stats, memory_budget, max_samples, loss_fn,
-                  progress, adapter_name, freeze_a, started, split_halves=None) -> tuple[InitResult, float]:
-    """The factors of ``targets``: from ``stats``, from a pass over ``loader``, or from the weights
-    alone (weight-only methods); and the seconds spent before the solve.  Touches no weight."""
-    check_weights_readable(targets, record)
-    weights = _weights(targets, record)
-    if stats is not None:
-        stats = statistics_for(load_statistics(stats), targets)
-        pass_s = time.perf_counter() - started  # loading and checking the file: what replaces the pass
-        result = solve_with(record, config, stats, layout.rank, ranks=layout.ranks, lora_alpha=layout.lora_alpha,
-                            use_rslora=layout.use_rslora, alphas=layout.alphas, freeze_a=freeze_a, progress=progress,
-                            weights=weights if record.needs_weights else None)
-    elif record.data_aware:
-        result, pass_s = passes.collect_and_solve(
-            model, loader, targets, record, config, layout, memory_budget=memory_budget, max_samples=max_samples,
-            loss_fn=loss_fn, progress=progress, adapter_name=adapter_name, freeze_a=freeze_a,
-            weights=weights if record.needs_weights else None, split_halves=split_halves)
-        return result, pass_s  # collect() recorded the model in the statistics
-    elif distributed.is_distributed():  # each rank solves the layers the cost model gives it
-        pass_s = time.perf_counter() - started
-        result = passes.solve_weights(record, config, targets, layout, freeze_a=freeze_a, progress=progress)
-    else:
-        pass_s = time.perf_counter() - started
-        result = solve_with(record, config, None, layout.rank, weights=weights,
-                            kinds={t.name: t.kind for t in targets}, ranks=layout.ranks,
-                            lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora, alphas=layout.alphas,
-                            freeze_a=freeze_a, progress=progress)
-    _record_model(result, model, targets, causal=loss_fn is None and is_causal_lm(model), adapter_name=adapter_name)
-    return result, pass_s
-
-
-def _weights(targets, record) -> dict:
-    """The base weights as ``[out, in]`` (.detach() views, no copies); for a quantized layer, whose
-    weight a method here never reads, an empty ``meta`` tensor of its shape."""
-    return {t.name: (torch.empty(t.out_features, t.in_features, device="meta") if t.quantized
-                     else t.weight_out_in().detach()) for t in targets}
-
-
-def check_weights_readable(targets, record) -> None:
-    """Methods that read or move the base weight refuse quantized layers (docs/design.md §5)."""
-    quantized = [t for t in targets if t.quantized]
-    if quantized and (record.needs_weights or record.moves_base):
-        t = quantized[0]
-        fine = ", ".join(name for name, m in REGISTRY.items() if not (m.needs_weights or m.moves_base))
-        raise ValueError(
-            f"method {record.name!r} ({record.title}) {'reads' if record.needs_weights else 'moves'} the base weight, "
-            f"and {len(quantized)} target layer(s) are quantized (e.g. {t.name!r}, a {type(t.module).__name__}); "
-            f"on a quantized base use a method that never touches the weight ({fine}), or load the model unquantized"
-        )
-
-
-def load_statistics(stats) -> Statistics:
-    """``stats`` as a :class:`Statistics`: the object itself, or loaded from its path."""
-    if isinstance(stats, Statistics):
-        return stats
-    if isinstance(stats, (str, os.PathLike)):
-        return Statistics.load(stats)
-    raise TypeError(f"stats must be a loradafast.Statistics or the path of one saved with Statistics.save, got "
-                    f"{type(stats).__name__}")
-
-
-def statistics_for(stats: Statistics, targets) -> Statistics:
-    """``stats`` restricted to ``targets``, each of which it must hold with the same shape and, where
-    the statistics recorded them, the same weights (:mod:`loradafast.statistics.provenance`)."""
-    provenance.check_whole(stats, "stats=")
-    missing = [t.name for t in targets if t.name not in stats.layers]
-    if missing:
-        raise ValueError(f"the statistics hold no entry for {len(missing)} target layer(s), e.g. {missing[:3]} (they "
-                         f"hold {len(stats.layers)} layers); collect them with the same target_modules")
-    for t in targets:
-        s = stats.layers[t.name]
-        if (s.in_features, s.out_features) != (t.in_features, t.out_features):
-            raise ValueError(f"layer {t.name!r}: the statistics are for a {s.in_features}→{s.out_features} layer, the "
-                             f"model's is {t.in_features}→{t.out_features}; they come from another model")
-    provenance.check_same_model(stats.meta.get("weight_samples"), provenance.weight_samples(targets),
-                                stats.meta.get("base_model_name_or_path"))
-    layers = {t.name: stats.layers[t.name] for t in targets}
-    groups = {s.input_group for s in layers.values()}
-    return dataclasses.replace(stats, layers=layers, z_sums={k: v for k, v in stats.z_sums.items() if k in groups})
-
-
-def _record_model(result: InitResult, model: nn.Module, targets, *, causal: bool, adapter_name) -> None:
-    meta = model_meta(model, targets, causal=causal, adapter_name=adapter_name)
-    result.target_modules = meta["target_modules"]
-    result.base_model_name_or_path = meta["base_model_name_or_path"]
-    result.task_type = meta["task_type"]
-
-
-def _targets_and_layout(model, record, *, rank, ranks, target_modules, adapter_name, lora_alpha, use_rslora):
-    """The target layers and their layout, every rank checked: all before the pass."""
-    targets = find_targets(model, target_modules, adapter_name=adapter_name, allow_quantized=True)
-    if not targets:
-        raise ValueError(
-            f"target_modules={target_modules!r} matches no nn.Linear or Conv1D layer of "
-            f"{type(base_model_of(model)).__name__}; check the names with model.named_modules()"
-        )
-    if is_peft_model(model):
-        layout = peft_writes.peft_layout(model, targets, adapter_name=adapter_name, method=record, rank=rank,
-                                              ranks=ranks)
-    else:
-        ranks = dict(ranks or {})
-        check_ranks(ranks, [t.name for t in targets])
-        layout = AdapterLayout(8 if rank is None else rank, ranks, lora_alpha, use_rslora)
-    for t in targets:  # fail before the pass, not after it
-        check_rank(t.name, layout.ranks.get(t.name, layout.rank), t.in_features, t.out_features, record)
-    return targets, layout
-
-
-# PEFT's get_peft_model(model, peft_config, adapter_name, mixed, autocast_adapter_dtype, revision,
-# low_cpu_mem_usage): its arguments after peft_config, in its order, with its defaults.
+    pipeline = Pipeline.for_model(model, record, config, run_options, rank=rank, ranks=ranks,
+                                  target_modules=target_modules, lora_alpha=lora_alpha, use_rslora=use_rslora,
+                                  started=started)
+    return pipeline.run(loader, stats, apply=apply)

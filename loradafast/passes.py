@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
-from torch import nn
 
 from . import distributed, planner
 from .methods.registry import memory_model
@@ -34,27 +33,50 @@ logger = logging.getLogger("loradafast")
 logger.addFilter(distributed.MAIN_RANK_ONLY)
 
 
-def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target], record, config, layout, *,
-                      memory_budget, max_samples, loss_fn, progress: bool, adapter_name, freeze_a: bool,
-                      weights, split_halves: bool | None = None) -> tuple[InitResult, float]:
-    """The factors of every target, and the seconds spent before the solves (probe and passes)."""
+def collect_and_solve(pipeline, loader: Iterable) -> tuple[InitResult, float]:
+    """The factors of every target of ``pipeline`` (a :class:`~loradafast.pipeline.Pipeline`), and
+    the seconds spent before the solves (probe and passes)."""
     started = time.perf_counter()
-    y_factor = getattr(config, "y_factor", None) or "diag"
-    device = _device(model)
-    budget, source = _budget(memory_budget, targets, device)
-    memory = memory_model(record, y_factor=y_factor, solve_dtype=config.dtype,
-                          eigensolver=getattr(config, "eigensolver", "lobpcg"), device_type=device.type,
+    progress = pipeline.run_options.progress
+    plan, memory, shapes, loader, split_halves = _planned(pipeline, loader)
+    kw = _collect_options(pipeline, split_halves)
+    if plan.num_passes == 1:
+        stats = collect(pipeline.model, loader, targets=pipeline.targets, **kw)
+        pass_s = time.perf_counter() - started
+        if plan.budget_bytes is None:  # the plan's groups were guesses: remake it with the pass's own
+            plan = _replanned(plan, shapes, stats, memory)
+        _announce(plan, progress)
+        result = _solve(pipeline, stats, pipeline.targets, _workspace_budget(plan, plan.passes[0], split_halves))
+    else:
+        _announce(plan, progress)
+        result = _passes(pipeline, loader, plan, kw)
+        pass_s = time.perf_counter() - started - result.timings["solve_s"] - result.timings.get("split_half_s", 0.0)
+    if distributed.is_distributed():
+        _shared(result, pipeline)
+    result.plan = plan
+    return result, pass_s
+
+
+def _planned(pipeline, loader: Iterable):
+    """The memory plan of ``pipeline``'s targets (after a probe of the first batch where a budget
+    applies), its memory model and layer shapes, the loader to use afterwards, and whether the pass
+    keeps split halves.  A plan of several passes refuses a one-shot loader, on every rank."""
+    targets, config = pipeline.targets, pipeline.config
+    budget, source = _budget(pipeline.run_options.memory_budget, targets, pipeline.device)
+    memory = memory_model(pipeline.method, y_factor=pipeline.y_factor, solve_dtype=config.dtype,
+                          eigensolver=getattr(config, "eigensolver", "lobpcg"), device_type=pipeline.device.type,
                           world_size=distributed.world_size())
     groups, notes = {t.name: t.name for t in targets}, []
     if budget is not None:  # only a limit needs the groups and the activations before the pass
-        found, loader, error = _probe(model, loader, targets, loss_fn, memory)
+        found, loader, error = _probe(pipeline.model, loader, targets, pipeline.run_options.loss_fn, memory)
         groups, memory, note = _agreed_probe(found, error, groups, memory)
         notes += [note] if note else []
     else:
         notes.append("no limit: one pass; input groups as the pass found them")
     shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, groups[t.name],
-                                 layout.ranks.get(t.name, layout.rank)) for t in targets]
-    plan, memory, split_halves = _plan_with_halves(shapes, memory, budget, source, notes, split_halves)
+                                 pipeline.layout.rank_of(t.name)) for t in targets]
+    plan, memory, split_halves = _plan_with_halves(shapes, memory, budget, source, notes,
+                                                   pipeline.run_options.split_halves)
     if plan.num_passes > 1:  # the same plan on every rank, but whether the loader is one-shot is the rank's own
         error = None
         if isinstance(loader, Iterator):
@@ -65,29 +87,18 @@ def collect_and_solve(model: nn.Module, loader: Iterable, targets: list[Target],
                 "with a seeded sampler), or raise memory_budget"
             )
         distributed.agree_on_failure(error, "the memory plan")
-    kw = dict(y_factor=y_factor, max_samples=max_samples, loss_fn=loss_fn, progress=progress,
-              adapter_name=adapter_name, factors=record.statistics, split_halves=split_halves)
+    return plan, memory, shapes, loader, split_halves
+
+
+def _collect_options(pipeline, split_halves: bool) -> dict:
+    """The keywords of every :func:`collect` of ``pipeline``'s passes."""
+    run = pipeline.run_options
+    kw = dict(y_factor=pipeline.y_factor, max_samples=run.max_samples, loss_fn=run.loss_fn, progress=run.progress,
+              adapter_name=run.adapter_name, factors=pipeline.method.statistics, split_halves=split_halves)
     if distributed.is_distributed():  # owner computes (docs/design.md §6.5)
-        kw.update(reduce="owner", ranks={t.name: layout.ranks.get(t.name, layout.rank) for t in targets},
-                  solve_cost=record.solve_cost)
-    solve_kw = dict(ranks=layout.ranks, lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
-                    alphas=layout.alphas, freeze_a=freeze_a, progress=progress and distributed.is_main())
-    if plan.num_passes == 1:
-        stats = collect(model, loader, targets=targets, **kw)
-        pass_s = time.perf_counter() - started
-        if budget is None:  # the plan's groups were guesses: remake it with the pass's own
-            plan = _replanned(plan, shapes, stats, memory)
-        _announce(plan, progress)
-        solve_kw["workspace_budget"] = _workspace_budget(plan, plan.passes[0], bool(split_halves))
-        result = _solve(record, config, stats, layout.rank, weights, solve_kw, targets)
-    else:
-        _announce(plan, progress)
-        result = _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, weights)
-        pass_s = time.perf_counter() - started - result.timings["solve_s"] - result.timings.get("split_half_s", 0.0)
-    if distributed.is_distributed():
-        _shared(result, targets, layout)
-    result.plan = plan
-    return result, pass_s
+        kw.update(reduce="owner", ranks={t.name: pipeline.layout.rank_of(t.name) for t in pipeline.targets},
+                  solve_cost=pipeline.method.solve_cost)
+    return kw
 
 
 def _plan_with_halves(shapes, memory, budget, source, notes, split_halves):
@@ -140,20 +151,20 @@ def _agreed_probe(found, error, fallback: dict, memory: planner.MemoryModel):
     return everyone[0].input_groups, memory, note
 
 
-def _solve(record, config, stats, rank, weights, solve_kw, targets) -> InitResult:
-    """Solve the layers ``stats`` holds: all of them, or, with owners, this rank's share (each
-    layer's diagnostics then name the rank); every rank learns whether any rank's solve failed."""
+def _solve(pipeline, stats, targets: list[Target], workspace_budget: int | None) -> InitResult:
+    """Solve the layers ``stats`` holds (of ``targets``): all of them, or, with owners, this rank's
+    share (each layer's diagnostics then name the rank); every rank learns whether any rank's solve
+    failed.  ``workspace_budget``: what the plan leaves the solve."""
     owners = stats.meta.get("owners")
+    names = set(stats.layers)
+    weights = _only(pipeline.method_weights(), names)
     if owners is None:
-        return solve_with(record, config, stats, rank, weights=weights, **solve_kw)
+        return _solve_layers(pipeline, stats, weights, names, workspace_budget)
     if weights is not None:  # sharded weights are gathered one layer at a time, to their owners only
         weights = distributed.weights_to_owners([t for t in targets if t.name in owners], owners)
-    names = set(stats.layers)
-    kw = {**solve_kw, "ranks": {k: v for k, v in (solve_kw["ranks"] or {}).items() if k in names},
-          "alphas": {k: v for k, v in (solve_kw["alphas"] or {}).items() if k in names}}
     result, error = None, None
     try:
-        result = solve_with(record, config, stats, rank, weights=weights, **kw)
+        result = _solve_layers(pipeline, stats, weights, names, workspace_budget)
         for layer in result.layers.values():
             layer.diagnostics.solved_by_rank = distributed.rank()
     except Exception as e:  # noqa: BLE001 - every rank learns of it, then it is raised
@@ -163,12 +174,20 @@ def _solve(record, config, stats, rank, weights, solve_kw, targets) -> InitResul
     return result
 
 
-def _shared(result: InitResult, targets: list[Target], layout) -> None:
+def _solve_layers(pipeline, stats, weights, names, workspace_budget: int | None = None) -> InitResult:
+    """:func:`solve_with` of the layers ``names`` (the statistics', else the weights')."""
+    return solve_with(pipeline.method, pipeline.config, stats, pipeline.layout.within(names), weights=weights,
+                      kinds=pipeline.kinds(), freeze_a=pipeline.run_options.freeze_a,
+                      progress=pipeline.run_options.progress and distributed.is_main(),
+                      workspace_budget=workspace_budget)
+
+
+def _shared(result: InitResult, pipeline) -> None:
     """Every rank's layers on every rank, in model order: the same adapter everywhere."""
-    names = [t.name for t in targets]
+    names = [t.name for t in pipeline.targets]
     layers = distributed.broadcast_layers(result.layers, names, result.owners)
     result.layers = {n: layers[n] for n in names}
-    result.alphas = {n: a for n, a in (layout.alphas or {}).items() if a != result.lora_alpha}
+    result.alphas = {n: a for n, a in (pipeline.layout.alphas or {}).items() if a != result.lora_alpha}
 
 
 def _budget(memory_budget, targets: list[Target], device: torch.device) -> tuple[int | None, str]:
@@ -202,13 +221,6 @@ def _target_devices(targets: list[Target]) -> list[torch.device]:
     return list(dict.fromkeys(w.device for w in weights if isinstance(w, torch.Tensor)))
 
 
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _replanned(plan, shapes, stats, memory) -> planner.MemoryPlan:
     # With owners a rank's statistics hold its own layers only; the meta knows every layer's group.
     groups = stats.meta.get("input_groups") or {n: s.input_group for n, s in stats.layers.items()}
@@ -224,16 +236,15 @@ def _announce(plan: planner.MemoryPlan, progress: bool) -> None:
         logger.info("%s", plan)
 
 
-def _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, weights):
+def _passes(pipeline, loader, plan: planner.MemoryPlan, kw: dict) -> InitResult:
     """Pass after pass: collect the pass's layers, check the loader gave the same samples, solve,
     drop the statistics; then one result in model order."""
-    by_name = {t.name: t for t in targets}
+    by_name = {t.name: t for t in pipeline.targets}
     results, reference = [], None
     for i, p in enumerate(plan.passes, 1):
         subset = [by_name[name] for name in p.layers]
-        names = set(p.layers)
         seen = _Fingerprint(loader)
-        stats = collect(model, seen, targets=subset, **kw)
+        stats = collect(pipeline.model, seen, targets=subset, **kw)
         fingerprint = (stats.num_sequences, stats.num_tokens, seen.value())
         reference = fingerprint if reference is None else reference
         error = None
@@ -245,24 +256,17 @@ def _passes(model, loader, targets, record, config, layout, plan, kw, solve_kw, 
                 "off or seed the sampler, or raise memory_budget so that one pass suffices"
             )
         distributed.agree_on_failure(error, f"statistics pass {i}")
-        ranks = {k: v for k, v in (solve_kw["ranks"] or {}).items() if k in names}
-        alphas = {k: v for k, v in (solve_kw["alphas"] or {}).items() if k in names}
-        results.append(_solve(record, config, stats, layout.rank, _only(weights, names),
-                              {**solve_kw, "ranks": ranks, "alphas": alphas,
-                               "workspace_budget": _workspace_budget(plan, p, bool(kw["split_halves"]))}, subset))
+        results.append(_solve(pipeline, stats, subset, _workspace_budget(plan, p, bool(kw["split_halves"]))))
         del stats  # freed before the next pass: the plan counts one pass's statistics at a time
-    return _merged(results, targets, model, kw)
+    return _merged(results, pipeline.targets)
 
 
 def _only(weights, names):
     return None if weights is None else {k: w for k, w in weights.items() if k in names}
 
 
-def _merged(results: list[InitResult], targets: list[Target], model, kw) -> InitResult:
-    """One result in model order; the targets and task recorded for all layers, not the last pass's."""
-    from .statistics.collector import is_causal_lm
-    from .targets import model_meta
-
+def _merged(results: list[InitResult], targets: list[Target]) -> InitResult:
+    """One result in model order (the pipeline records the targets and the task of all layers)."""
     first = results[0]
     layers = {}
     for r in results:
@@ -273,11 +277,6 @@ def _merged(results: list[InitResult], targets: list[Target], model, kw) -> Init
     for r in results[1:]:
         first.alphas.update(r.alphas)
     first.timings = {key: sum(r.timings.get(key, 0.0) for r in results) for key in first.timings}
-    meta = model_meta(model, targets, causal=kw["loss_fn"] is None and is_causal_lm(model),
-                      adapter_name=kw["adapter_name"])
-    first.target_modules = meta["target_modules"]
-    first.base_model_name_or_path = meta["base_model_name_or_path"]
-    first.task_type = meta["task_type"]
     return first
 
 
@@ -312,38 +311,23 @@ def _tensors(raw) -> list[torch.Tensor]:
     return []
 
 
-def solve_weights(record, config, targets: list[Target], layout, *, freeze_a: bool, progress: bool) -> InitResult:
-    """A weight-only method (no statistics pass).  In a distributed run each rank solves the layers
+def solve_weights(pipeline) -> InitResult:
+    """A weight-only method in a distributed run (no statistics pass): each rank solves the layers
     the cost model gives it, from their weights (gathered one layer at a time where sharded), and
     the factors are then shared, as for the data-aware methods."""
-    kinds = {t.name: t.kind for t in targets}
-    kw = dict(kinds=kinds)
-    if not distributed.is_distributed():
-        # .detach() views, no copies; the methods read the layer shapes from the weights too.
-        weights = {t.name: t.weight_out_in().detach() for t in targets}
-        return solve_with(record, config, None, layout.rank, weights=weights, ranks=layout.ranks,
-                          lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora, alphas=layout.alphas,
-                          freeze_a=freeze_a, progress=progress, **kw)
-    shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, t.name, layout.ranks.get(t.name, layout.rank))
+    targets, layout = pipeline.targets, pipeline.layout
+    shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, t.name, layout.rank_of(t.name))
               for t in targets]
-    owners = planner.assign_owners(shapes, distributed.world_size(), record.solve_cost)
+    owners = planner.assign_owners(shapes, distributed.world_size(), pipeline.method.solve_cost)
     weights = distributed.weights_to_owners(targets, owners)
-    names = set(weights)
     result, error = None, None
     try:
-        result = solve_with(record, config, None, layout.rank, weights=weights, ranks=_within(layout.ranks, names),
-                            lora_alpha=layout.lora_alpha, use_rslora=layout.use_rslora,
-                            alphas=_within(layout.alphas, names), freeze_a=freeze_a,
-                            progress=progress and distributed.is_main(), **kw)
+        result = _solve_layers(pipeline, None, weights, set(weights))
         for layer in result.layers.values():
             layer.diagnostics.solved_by_rank = distributed.rank()
     except Exception as e:  # noqa: BLE001 - every rank learns of it, then it is raised
         error = e
     distributed.agree_on_failure(error, "the solve")
     result.owners = owners
-    _shared(result, targets, layout)
+    _shared(result, pipeline)
     return result
-
-
-def _within(mapping, names) -> dict:
-    return {k: v for k, v in (mapping or {}).items() if k in names}

@@ -4,6 +4,9 @@ Names are module paths relative to the *base* model (the transformers model), so
 state-dict key of a layer is always ``base_model.model.<name>.lora_A.weight``, whether the user
 passed a plain model or a ``PeftModel``; :func:`base_model_only` runs a ``PeftModel`` as that
 base model (the statistics pass reads the base model's layers).
+
+What needs PEFT itself (which modules are its LoRA layers, its ``target_modules`` matching rule)
+lives in :mod:`loradafast.integrations.peft_targets`.
 """
 from __future__ import annotations
 
@@ -18,8 +21,7 @@ try:  # transformers' GPT-2 style linear layer, weight stored [in, out]
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
 
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import check_target_module_exists
+from .integrations.peft_targets import is_lora_layer, lora_layers, target_module_matcher
 
 PEFT_PREFIX = "base_model.model."
 # Linear subclasses whose weight is packed or quantized (bitsandbytes Linear4bit/8bitLt, ...).
@@ -63,7 +65,7 @@ class Target:
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    return any(isinstance(m, LoraLayer) for m in model.modules())
+    return any(is_lora_layer(m) for m in model.modules())
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -148,9 +150,7 @@ def _lora_layer_targets(model: nn.Module, adapter_name: str | None, allow_quanti
     """The PEFT LoRA layers of ``adapter_name`` (else each layer's active adapter), each with the
     rank, alpha and rsLoRA flag its LoraConfig gave it."""
     targets = []
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
+    for name, module in lora_layers(model):
         adapter = adapter_name or active_adapter(module)
         if adapter not in module.lora_A:
             continue
@@ -185,21 +185,19 @@ def _matching_linear_targets(model: nn.Module, target_modules, allow_quantized: 
     output_layer = _output_embedding(model)
     if isinstance(target_modules, str) and target_modules == "all-linear":
         target_modules = None
-    config = None
+    matches = None
     if target_modules is not None:
-        from peft import LoraConfig
-
-        config = LoraConfig(target_modules=target_modules)
+        matches = target_module_matcher(target_modules)
 
     targets = []
     for name, module in model.named_modules():
         kind = layer_kind(module)
         if kind is None or not name:
             continue
-        if config is None:
+        if matches is None:
             if module is output_layer:
                 continue
-        elif not bool(check_target_module_exists(config, name)):
+        elif not matches(name):
             continue
         quantized = _check_real_weight(name, module, allow_quantized)
         targets.append(Target(_relative_name(model, name), module, kind, quantized=quantized))
@@ -221,16 +219,14 @@ def short_target_modules(model: nn.Module, targets: list[Target]) -> list[str]:
     Leaf names (``q_proj``) when they select the same set as the full paths, the full paths
     otherwise; PEFT matches a list entry by equality or by ``.endswith('.' + entry)``.
     """
-    from peft import LoraConfig
-
     wanted = {t.name for t in targets}
     leaves = sorted({n.rsplit(".", 1)[-1] for n in wanted})
-    config = LoraConfig(target_modules=leaves)
+    matches = target_module_matcher(leaves)
     base = base_model_of(model)
     chosen = {
         name
         for name, module in base.named_modules()
-        if name and layer_kind(module) is not None and bool(check_target_module_exists(config, name))
+        if name and layer_kind(module) is not None and matches(name)
     }
     return leaves if chosen == wanted else sorted(wanted)
 

@@ -14,7 +14,7 @@ from loradafast import methods
 from loradafast.linalg import lowrank
 from loradafast.linalg.eigen import span_sine
 from loradafast.linalg.lowrank import BACKWARD_TOL, DEPTH, top_singular_triplets, top_singular_triplets_batched
-from loradafast.methods import baselines, registry
+from loradafast.methods import gradient_svd, registry
 from loradafast.methods.problem import Problem
 from loradafast.statistics import LayerStats, Statistics
 from syncs import OpCounter, SyncCounter
@@ -286,13 +286,13 @@ def test_stacks_are_bounded_and_split_by_device_shape_and_rank(problem, monkeypa
     layers come in stacks of two, with the factors of one stack."""
     stats, weights = problem
     calls = []
-    original = baselines.lora_ga_stack
+    original = gradient_svd.lora_ga_stack
 
     def spy(grads, rank, **kw):
         calls.append((tuple(grads.shape), rank))
         return original(grads, rank, **kw)
 
-    monkeypatch.setattr(baselines, "lora_ga_stack", spy)
+    monkeypatch.setattr(gradient_svd, "lora_ga_stack", spy)
     whole = _solve(stats, weights, "lora-ga", True, monkeypatch)
     assert sorted(calls) == sorted([((6, 300, 130), 4), ((1, 300, 130), 3), ((2, 130, 300), 4),
                                     ((1, 257, 257), 4), ((1, 257, 257), 5), ((2, 40, 130), 4)])
@@ -332,12 +332,12 @@ def test_per_shape_solve_costs_do_not_grow_with_the_layers(monkeypatch):
 def test_stacked_lora_one_refuses_a_zero_gradient_as_one_layer_does():
     grads = torch.stack([_geometric(300, 130, 0.85).float(), torch.zeros(300, 130)])
     with pytest.raises(FloatingPointError, match="zero or not finite"):
-        baselines.lora_one_stack(grads, 4)
+        gradient_svd.lora_one_stack(grads, 4)
     with pytest.raises(FloatingPointError, match="zero or not finite"):
         methods.lora_one(grads[1], 4)
     grads[0, 3, 7] = float("nan")
     with pytest.raises(FloatingPointError, match="zero or not finite"):
-        baselines.lora_one_stack(grads[:1], 4)
+        gradient_svd.lora_one_stack(grads[:1], 4)
 
 
 def test_pissa_niter_stays_random_layer_by_layer(problem, monkeypatch):

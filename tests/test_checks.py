@@ -7,7 +7,7 @@ import torch
 
 import loradafast
 from loradafast.linalg.eigen import span_sine
-from loradafast.statistics.store import LayerStats, Statistics
+from loradafast.statistics.sums import LayerStats, Statistics
 
 
 def _stats(n=96, out=48, tokens=200, g_scale=1.0, seed=0) -> Statistics:

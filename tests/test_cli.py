@@ -11,6 +11,7 @@ import torch
 
 import loradafast
 from loradafast import cli, data, progress, report
+from loradafast.cli import method_options
 from tiny import padded_batches, random_sequences, tiny_llama
 
 WORDS = "the a cat dog sat on mat ran to park what is two plus answer four question red blue sky".split()
@@ -146,10 +147,10 @@ def test_data_aware_method_without_data_says_so(files, tmp_path, capsys):
 
 
 def test_parse_option():
-    assert cli.parse_option("beta=0.05") == ("beta", 0.05)
-    assert cli.parse_option("gamma=256") == ("gamma", 256)
-    assert cli.parse_option("damping_mode=relative") == ("damping_mode", "relative")
-    assert cli.parse_option("residual_tol=none") == ("residual_tol", None)
+    assert method_options.parse_option("beta=0.05") == ("beta", 0.05)
+    assert method_options.parse_option("gamma=256") == ("gamma", 256)
+    assert method_options.parse_option("damping_mode=relative") == ("damping_mode", "relative")
+    assert method_options.parse_option("residual_tol=none") == ("residual_tol", None)
 
 
 # ---- data --------------------------------------------------------------------------------------------

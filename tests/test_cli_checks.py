@@ -7,6 +7,7 @@ import pytest
 
 import loradafast
 from loradafast import cli, data, passes
+from loradafast.cli import loading, method_options
 from loradafast.options import KEYWORDS, option_help
 from test_cli import adapter_tensors, build_tokenizer, save_tiny_model
 
@@ -37,14 +38,14 @@ def forwards(monkeypatch):
     """One entry per forward of any model the CLI loads: a pre-hook on its input embedding, which
     every forward calls (PEFT's wrapper calls the model's forward() directly, past a hook on the model)."""
     calls = []
-    real = cli.load_model
+    real = loading.load_model
 
     def counting(args):
         model, tokenizer = real(args)
         model.get_input_embeddings().register_forward_pre_hook(lambda module, inputs: calls.append(1))
         return model, tokenizer
 
-    monkeypatch.setattr(cli, "load_model", counting)
+    monkeypatch.setattr(loading, "load_model", counting)
     return calls
 
 
@@ -148,7 +149,7 @@ def test_every_method_option_has_help():
     for record in loradafast.REGISTRY.values():
         assert all(text for _, text in option_help(record.config).values()), record.name
     for method in loradafast.METHODS:
-        listing = cli.options_help(loradafast.REGISTRY[method])
+        listing = method_options.options_help(loradafast.REGISTRY[method])
         assert all(len(line.split(None, 1)) == 2 for line in listing.splitlines()), listing
 
 

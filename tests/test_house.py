@@ -181,19 +181,21 @@ LAYERS = (
     ("kernels and linalg", ("loradafast.kernels.*", "loradafast.linalg.*")),
     # Plain data and helpers that every stage shares; none of them knows a stage.
     ("foundations", ("loradafast._version", "loradafast.options", "loradafast.progress", "loradafast.targets",
-                     "loradafast.distributed", "loradafast.layer_init", "loradafast.device_memory")),
+                     "loradafast.integrations.peft_targets", "loradafast.distributed", "loradafast.layer_init",
+                     "loradafast.layout", "loradafast.device_memory")),
     # The pass, and the memory plan it runs under.
     ("statistics", ("loradafast.statistics.*", "loradafast.planner")),
     ("methods", ("loradafast.methods.*",)),
-    # What runs a solve and hands it on: the result and what writes it (adapter files and model
-    # writes, the report).  solver.py lives under methods/ but composes their factors into an InitResult.
-    ("pipeline", ("loradafast.methods.solver", "loradafast.passes", "loradafast.result", "loradafast.report",
-                  "loradafast.report_plots", "loradafast.integrations.peft_files",
+    # One initialisation and its stages (the pipeline object, the passes, the solve), the result and
+    # what writes it (adapter files and model writes, the report).  solver.py lives under methods/
+    # but composes their factors into an InitResult.
+    ("pipeline", ("loradafast.pipeline", "loradafast.methods.solver", "loradafast.passes", "loradafast.result",
+                  "loradafast.report", "loradafast.report_plots", "loradafast.integrations.peft_files",
                   "loradafast.integrations.peft_model")),
     ("entry points and integrations", ("loradafast.api", "loradafast.integrations.peft_entry",
                                        "loradafast.integrations", "loradafast.integrations.trainer")),
     ("package face", ("loradafast",)),
-    ("command line", ("loradafast.cli", "loradafast.__main__", "loradafast.demo", "loradafast.data")),
+    ("command line", ("loradafast.cli.*", "loradafast.__main__", "loradafast.demo", "loradafast.data")),
 )
 
 # Edges that point up and cannot be fixed yet, each with why.  Keep it short.
@@ -454,16 +456,15 @@ def test_no_method_name_outside_the_methods():
     assert not found, f"method names outside loradafast/methods/: {found}"
 
 
-# The modules that import PEFT: its three layers under integrations/, and, each with why, the few others.
-PEFT_IMPORTERS = {"loradafast.integrations.peft_files", "loradafast.integrations.peft_model",
-                  "loradafast.integrations.peft_entry"}
+# The modules that import PEFT: its modules under integrations/ (peft_targets, the LoRA layers of a
+# PeftModel and PEFT's target matching, is a foundation under targets; then its three layers), and,
+# each with why, the few others.
+PEFT_IMPORTERS = {"loradafast.integrations.peft_targets", "loradafast.integrations.peft_files",
+                  "loradafast.integrations.peft_model", "loradafast.integrations.peft_entry"}
 PEFT_IMPORT_ALLOWED = {
-    # Finds the LoRA layers of a PeftModel and matches target_modules with PEFT's own rule; the
-    # pass (a lower layer than integrations/) needs both.
-    "loradafast.targets": "a PeftModel's LoRA layers and PEFT's target matching, needed by the pass",
     # Applications on top of the package, as a user's script would be: the CLI builds PEFT's
     # LoraConfig from its flags, the demo reloads the adapter with PeftModel.from_pretrained.
-    "loradafast.cli": "builds the LoraConfig of its flags",
+    "loradafast.cli.init_command": "builds the LoraConfig of its flags",
     "loradafast.demo": "reloads the saved adapter as a user would",
 }
 
@@ -478,3 +479,27 @@ def test_only_the_peft_layers_import_peft():
                 importers.add(module)
     assert importers - PEFT_IMPORTERS <= set(PEFT_IMPORT_ALLOWED), sorted(importers - PEFT_IMPORTERS)
     assert set(PEFT_IMPORT_ALLOWED) <= importers, "PEFT_IMPORT_ALLOWED lists modules that no longer import peft"
+
+
+# ---- benchmark results -----------------------------------------------------------------------------
+
+def _benchmark_exists(benchmarks: Path, name: str) -> bool:
+    """A script ``bench_<name>.py`` or ``<name>.py`` of benchmarks/, or a folder of ``bench_*.py`` (micro/)."""
+    return (bool(name) and ((benchmarks / f"bench_{name}.py").is_file() or (benchmarks / f"{name}.py").is_file()
+                            or any((benchmarks / name).glob("bench_*.py"))))
+
+
+def test_one_results_file_per_benchmark_and_device():
+    # benchmarks/results/ holds one JSON per benchmark and device, <benchmark>_<device>.json (another
+    # configuration is another entry of that file: benchmarks/_common.py write_entry). A device slug
+    # has no "_" (_common.device_slug), so a second file of one benchmark and device, a configuration
+    # in its name, names no benchmark. A plot is named after its results file (<stem>.png, <stem>_<key>.png).
+    benchmarks = Path(loradafast.__file__).parent.parent / "benchmarks"
+    files = [p for p in (benchmarks / "results").iterdir() if p.is_file()]
+    stems = {p.stem for p in files if p.suffix == ".json"}
+    bad = [f"{stem}.json" for stem in sorted(stems)
+           if not (_benchmark_exists(benchmarks, stem.rpartition("_")[0])
+                   and re.fullmatch(r"[a-z0-9-]+", stem.rpartition("_")[2]))]
+    bad += sorted(p.name for p in files if p.suffix == ".png"
+                  and not any(p.stem == s or p.stem.startswith(s + "_") for s in stems))
+    assert not bad, f"benchmarks/results/: not one file per benchmark and device (benchmarks/README.md): {bad}"

@@ -9,7 +9,7 @@ import torch
 import loradafast
 from loradafast.linalg.eigen import span_sine
 from loradafast.methods import lora_da_solve
-from loradafast.statistics.store import LayerStats, Statistics
+from loradafast.statistics.sums import LayerStats, Statistics
 from syncs import OpCounter, SyncCounter
 
 HIDDEN, KV, FFN, TOKENS = 64, 16, 112, 150  # a Llama block at small width: GQA, an MLP wider than the input

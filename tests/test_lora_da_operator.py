@@ -8,7 +8,7 @@ import loradafast
 from loradafast.methods import lora_da, lora_da_operator, lora_da_solve
 from loradafast.linalg.eigen import span_sine
 from loradafast.planner import MemoryModel
-from loradafast.statistics.store import LayerStats, Statistics
+from loradafast.statistics.sums import LayerStats, Statistics
 
 N_IN, OUTS, TOKENS = 37, (53, 11, 37), 29  # T < n: Z singular, as with few samples
 

@@ -9,7 +9,7 @@ import torch
 
 import loradafast
 from loradafast.methods.stability import subspace_overlap
-from loradafast.statistics.store import LayerStats, Statistics
+from loradafast.statistics.sums import LayerStats, Statistics
 from tiny import padded_batches, random_sequences, tiny_llama
 
 IN, OUT, RANK = 64, 48, 4

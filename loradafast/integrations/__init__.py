@@ -1,4 +1,5 @@
-"""Where loradafast meets other libraries.  PEFT, by layer: :mod:`.peft_files` (the adapter format:
+"""Where loradafast meets other libraries.  PEFT, by layer: :mod:`.peft_targets` (PEFT's LoRA layers
+and ``target_modules`` matching, for :mod:`loradafast.targets`), :mod:`.peft_files` (the adapter format:
 keys, state dicts, LoraConfig, the adapter directory), :mod:`.peft_model` (writes into a PEFT model,
 base updates, the guards and the hand-over from ``preprocess_lora_da``), :mod:`.peft_entry` (the
 PEFT-shaped entry points: ``get_peft_model``, ``preprocess_lora_da``, ``get_lora_da_state_dict``).

@@ -25,15 +25,16 @@ import torch
 from torch import nn
 
 from .. import api, distributed
-from ..methods.registry import DEFAULT_METHOD, build_config, get_method, method_keywords
-from ..options import MethodConfig, check_pass_options, check_rank
+from ..layout import AdapterLayout
+from ..methods.registry import DEFAULT_METHOD, get_method
+from ..options import MethodConfig, check_rank
+from ..pipeline import Pipeline, RunOptions, check_data_source, method_and_options
 from ..result import InitResult
 from ..statistics import provenance
-from ..statistics.collector import collect, data_fingerprint
-from ..statistics.store import Statistics
+from ..statistics.collector import data_fingerprint
+from ..statistics.sums import Statistics
 from ..targets import Target, base_model_of, find_targets, is_peft_model, layer_kind
 from . import peft_model as peft_writes
-from .peft_model import AdapterLayout
 
 logger = logging.getLogger("loradafast")
 
@@ -115,9 +116,9 @@ def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, 
                       freeze_a, progress, memory_budget, options) -> tuple[InitResult, list[Target]]:
     """The factors of the layers ``lora_config`` targets in the plain ``model``."""
     started = time.perf_counter()
-    record = get_method(method)
-    config = build_config(record, config, method_keywords("preprocess_lora_da", options, "solve_dtype"))
-    check_pass_options(max_samples)
+    record, config = method_and_options(method, config, options, "preprocess_lora_da")
+    run_options = RunOptions(max_samples=max_samples, loss_fn=loss_fn, progress=progress, memory_budget=memory_budget,
+                             freeze_a=freeze_a)
     cached = cache_file is not None and _cached(cache_file)
     if cached:
         if stats is not None:
@@ -125,17 +126,14 @@ def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, 
         stats = _cache_for(cache_file, loader, max_samples, loss_fn)
         loader = None
         logger.info("preprocess: statistics loaded from %s", cache_file)
-    api.check_data_source(record, loader, stats)
+    check_data_source(record, loader, stats)
     targets, layout = config_targets(model, lora_config, record)
+    pipeline = Pipeline.create(model, record, config, targets, layout, run_options, started)
     if cache_file is not None and not cached and record.data_aware:
-        api.check_weights_readable(targets, record)
-        stats = collect(model, loader, targets=targets, y_factor=getattr(config, "y_factor", None) or "diag",
-                        max_samples=max_samples, loss_fn=loss_fn, progress=progress, factors=record.statistics)
+        stats = pipeline.collect(loader)
         _save_cache(stats, cache_file)
         loader = None
-    result, pass_s = api.solve_targets(model, loader, targets, record, config, layout, stats=stats,
-                                       memory_budget=memory_budget, max_samples=max_samples, loss_fn=loss_fn,
-                                       progress=progress, adapter_name=None, freeze_a=freeze_a, started=started)
+    result, pass_s = pipeline.solve(loader, stats)
     result.timings = {"pass_s": pass_s, **result.timings, "apply_s": 0.0,
                       "total_s": time.perf_counter() - started}
     return result, targets

@@ -20,12 +20,12 @@ import logging
 import warnings
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..layout import AdapterLayout
 from ..options import check_ranks
 from ..targets import (PEFT_PREFIX, Target, active_adapter, base_model_of, check_not_merged, find_targets,
                        is_peft_model, is_quantized, layer_kind, peft_config_of)
@@ -393,18 +393,6 @@ def _restorer(model: nn.Module):
 # PEFT initialisations that are not plain LoRA's: they ran when the PEFT model was created, and
 # pissa, olora, corda, loftq and lora_ga moved its base weight then.
 _PEFT_OWN_INIT = "init_lora_weights={init!r} asks PEFT to initialise the adapter; loradafast does that"
-
-
-@dataclass
-class AdapterLayout:
-    """An adapter's ranks and scalings: from the arguments, or from a PEFT model's layers."""
-
-    rank: int
-    ranks: dict  # per-layer ranks that differ from ``rank``
-    lora_alpha: float | None
-    use_rslora: bool
-    alphas: dict | None = None  # per-layer lora_alpha that differ from ``lora_alpha``
-    peft_config: object | None = None  # the PeftModel's LoraConfig
 
 
 def peft_layout(model: nn.Module, targets, *, adapter_name: str | None, method, rank: int | None,

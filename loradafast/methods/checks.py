@@ -7,7 +7,7 @@ import torch
 
 from ..layer_init import LayerInit, LoraDADiagnostics
 from ..linalg.dense import finite_flags
-from ..statistics.store import Statistics
+from ..statistics.sums import Statistics
 
 
 def _refuse(what: str, bad: list[str], advice: str) -> None:

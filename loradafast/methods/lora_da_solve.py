@@ -26,8 +26,8 @@ from ..options import LoraDAConfig
 from ..planner import LayerShape, MemoryModel
 from ..progress import track
 from ..layer_init import LoraDADiagnostics
-from ..statistics.store import Statistics
-from .baselines import Factors
+from ..statistics.sums import Statistics
+from .factors import Factors
 from .lora_da_operator import GroupOmega, StackFactors
 
 # eigensolver="auto" on CPU: dense eigh of the materialised Ω (O(n³) per layer) up to width

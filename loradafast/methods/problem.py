@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..statistics.store import Statistics
+from ..statistics.sums import Statistics
 
 
 @dataclass

@@ -20,8 +20,9 @@ from ..options import (KEYWORDS, FisherSubspaceConfig, LoraDAConfig, LoraGAConfi
 from .. import planner
 from ..planner import LayerShape, MemoryModel
 from ..progress import track
-from . import baselines, lora_da, lora_da_solve
-from .baselines import Factors
+from . import gradient_svd, lora_da, lora_da_solve, weight_svd
+from .factors import Factors
+from .fisher import fisher_subspace, fisher_subspace_stack
 from .problem import Problem
 
 
@@ -141,44 +142,45 @@ def _scalings(p: Problem, names: list[str]) -> list[float]:
 
 def _lora(p: Problem, name: str, c: RandomLoraConfig) -> Factors:
     fin, fout, _ = p.shapes[name]
-    return baselines.lora(fout, fin, p.ranks[name], generator=p.generator)
+    return weight_svd.lora(fout, fin, p.ranks[name], generator=p.generator)
 
 
 def _pissa(p: Problem, name: str, c: PissaConfig) -> Factors:
-    return baselines.pissa(p.weight(name, c.dtype), p.ranks[name], p.scalings[name], niter=c.niter)
+    return weight_svd.pissa(p.weight(name, c.dtype), p.ranks[name], p.scalings[name], niter=c.niter)
 
 
 def _pissa_stack(p: Problem, names: list[str], c: PissaConfig) -> list[Factors]:
-    return baselines.pissa_stack(_weights(p, names, c.dtype), p.ranks[names[0]], _scalings(p, names))
+    return weight_svd.pissa_stack(_weights(p, names, c.dtype), p.ranks[names[0]], _scalings(p, names))
 
 
 def _milora(p: Problem, name: str, c: MiloraConfig) -> Factors:
-    return baselines.milora(p.weight(name, c.dtype), p.ranks[name], p.scalings[name])
+    return weight_svd.milora(p.weight(name, c.dtype), p.ranks[name], p.scalings[name])
 
 
 def _milora_stack(p: Problem, names: list[str], c: MiloraConfig) -> list[Factors]:
-    return baselines.milora_stack(_weights(p, names, c.dtype), p.ranks[names[0]], _scalings(p, names))
+    return weight_svd.milora_stack(_weights(p, names, c.dtype), p.ranks[names[0]], _scalings(p, names))
 
 
 # G is an fp32 sum: it is read in float32, and only the exact SVD works in c.dtype (the
 # randomized one runs in float32; a float64 copy of every G cost 8 % of the solve on SmolLM2).
 def _lora_ga(p: Problem, name: str, c: LoraGAConfig) -> Factors:
-    return baselines.lora_ga(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, variant=c.variant,
-                             svd=c.svd, dtype=c.dtype)
+    return gradient_svd.lora_ga(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, variant=c.variant,
+                                svd=c.svd, dtype=c.dtype)
 
 
 def _lora_ga_stack(p: Problem, names: list[str], c: LoraGAConfig) -> list[Factors]:
-    return baselines.lora_ga_stack(_stats(p, "G", names, _gradient_dtype(c)), p.ranks[names[0]], gamma=c.gamma,
-                                   variant=c.variant, svd=c.svd, dtype=c.dtype)
+    return gradient_svd.lora_ga_stack(_stats(p, "G", names, _gradient_dtype(c)), p.ranks[names[0]], gamma=c.gamma,
+                                      variant=c.variant, svd=c.svd, dtype=c.dtype)
 
 
 def _lora_one(p: Problem, name: str, c: LoraOneConfig) -> Factors:
-    return baselines.lora_one(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, svd=c.svd, dtype=c.dtype)
+    return gradient_svd.lora_one(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, svd=c.svd,
+                                 dtype=c.dtype)
 
 
 def _lora_one_stack(p: Problem, names: list[str], c: LoraOneConfig) -> list[Factors]:
-    return baselines.lora_one_stack(_stats(p, "G", names, _gradient_dtype(c)), p.ranks[names[0]], gamma=c.gamma,
-                                    svd=c.svd, dtype=c.dtype)
+    return gradient_svd.lora_one_stack(_stats(p, "G", names, _gradient_dtype(c)), p.ranks[names[0]], gamma=c.gamma,
+                                       svd=c.svd, dtype=c.dtype)
 
 
 def _gradient_dtype(c) -> torch.dtype:
@@ -186,13 +188,13 @@ def _gradient_dtype(c) -> torch.dtype:
 
 
 def _fisher_subspace(p: Problem, name: str, c: FisherSubspaceConfig) -> Factors:
-    return baselines.fisher_subspace(p.weight(name, c.dtype), p.Y(name, c.dtype), p.Z(name, c.dtype),
-                                     p.ranks[name], p.scalings[name])
+    return fisher_subspace(p.weight(name, c.dtype), p.Y(name, c.dtype), p.Z(name, c.dtype),
+                           p.ranks[name], p.scalings[name])
 
 
 def _fisher_subspace_stack(p: Problem, names: list[str], c: FisherSubspaceConfig) -> list[Factors]:
-    return baselines.fisher_subspace_stack(_weights(p, names, c.dtype), _stats(p, "Y", names, c.dtype),
-                                           _stats(p, "Z", names, c.dtype), p.ranks[names[0]], _scalings(p, names))
+    return fisher_subspace_stack(_weights(p, names, c.dtype), _stats(p, "Y", names, c.dtype),
+                                 _stats(p, "Z", names, c.dtype), p.ranks[names[0]], _scalings(p, names))
 
 
 def _fisher_subspace_workspace(m: MemoryModel, layers: list[LayerShape]) -> int:

@@ -16,18 +16,17 @@ from collections import defaultdict
 import torch
 
 from .. import distributed
+from ..layout import DEFAULT_RANK, PEFT_DEFAULT_ALPHA, AdapterLayout
 from ..options import MethodConfig
 from ..progress import solve_progress
 from ..result import InitResult, LayerInit, LoraDADiagnostics
 from ..statistics import provenance
-from ..statistics.store import Statistics
+from ..statistics.sums import Statistics
 from . import checks, stability
-from .baselines import lora_scaling
+from .factors import lora_scaling
 from .problem import Problem
 from ..options import check_rank, check_ranks
 from .registry import DEFAULT_METHOD, REGISTRY, Method, build_config, generator_for, get_method, method_keywords
-
-PEFT_DEFAULT_ALPHA = 8  # LoraConfig's own default
 
 logger = logging.getLogger(__name__)
 logger.addFilter(distributed.MAIN_RANK_ONLY)
@@ -50,7 +49,7 @@ def solve(
     progress: bool = True,
     **options,
 ) -> InitResult:
-    """Factors for every layer, by ``method`` (docs/design.md §4-5; formulas in :mod:`.baselines`).
+    """Factors for every layer, by ``method`` (docs/design.md §4-5; formulas: see :mod:`loradafast.methods`).
 
     * ``stats``: the statistics of one :func:`~loradafast.collect` pass; they serve every
       data-aware method (``lora-da``, ``lora-ga``, ``lora-one``, ``fisher-subspace``).  None for
@@ -80,27 +79,30 @@ def solve(
     config = build_config(record, config, method_keywords("solve", options, "dtype"))
     if stats is not None:
         provenance.check_whole(stats, "solve()")
-    return solve_with(record, config, stats, rank, weights=weights, kinds=kinds, ranks=ranks, lora_alpha=lora_alpha,
-                      use_rslora=use_rslora, alphas=alphas, freeze_a=freeze_a, device=device, progress=progress)
+    layout = AdapterLayout(DEFAULT_RANK if rank is None else rank, dict(ranks or {}), lora_alpha, use_rslora,
+                           dict(alphas or {}))
+    return solve_with(record, config, stats, layout, weights=weights, kinds=kinds, freeze_a=freeze_a, device=device,
+                      progress=progress)
 
 
-def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, rank: int | None, *,
-               weights=None, kinds=None, ranks=None, lora_alpha=None, use_rslora=False, alphas=None,
-               freeze_a=False, device=None, progress: bool = False, workspace_budget: int | None = None) -> InitResult:
-    """:func:`solve` with the method's record and validated options already in hand (what
-    :func:`loradafast.initialize` calls: the options are checked once, where they are built).
-    ``workspace_budget``: the bytes the memory plan leaves the solve's workspace (None: free memory)."""
+def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, layout: AdapterLayout, *,
+               weights=None, kinds=None, freeze_a=False, device=None, progress: bool = False,
+               workspace_budget: int | None = None) -> InitResult:
+    """:func:`solve` with the method's record, its validated options and the adapter's layout
+    already in hand (what :class:`loradafast.pipeline.Pipeline` calls: the options are checked
+    once, where they are built).  ``workspace_budget``: the bytes the memory plan leaves the
+    solve's workspace (None: free memory)."""
     _check_inputs(record, config, stats, weights)
     shapes = _layer_shapes(stats, weights, kinds)
-    rank = 8 if rank is None else rank
-    ranks, alphas = dict(ranks or {}), dict(alphas or {})
+    rank, use_rslora = layout.rank, layout.use_rslora
+    ranks, alphas = dict(layout.ranks or {}), dict(layout.alphas or {})
     check_ranks(ranks, shapes)
     check_ranks(alphas, shapes, "alphas")
     for name, (fin, fout, _) in shapes.items():
         check_rank(name, ranks.get(name, rank), fin, fout, record)
     checks.check_inputs(record.name, record.statistics, stats, weights if record.needs_weights else None,
                         list(shapes))
-    lora_alpha = PEFT_DEFAULT_ALPHA if lora_alpha is None else lora_alpha
+    lora_alpha = PEFT_DEFAULT_ALPHA if layout.lora_alpha is None else layout.lora_alpha
     full_ranks = {name: ranks.get(name, rank) for name in shapes}
     scalings = {name: lora_scaling(alphas.get(name, lora_alpha), r, use_rslora) for name, r in full_ranks.items()}
     problem = Problem(stats, weights, shapes, full_ranks, scalings, device, generator_for(config), workspace_budget)

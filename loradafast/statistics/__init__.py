@@ -8,6 +8,6 @@ that accumulate G, Y and Z, and the :class:`Statistics` they produce (saved and 
 * :mod:`.store`: :class:`Statistics` / :class:`LayerStats` and their file format.
 """
 from .collector import collect, is_causal_lm
-from .store import LayerStats, MissingStatisticsError, Statistics
+from .sums import LayerStats, MissingStatisticsError, Statistics
 
 __all__ = ["LayerStats", "MissingStatisticsError", "Statistics", "collect", "is_causal_lm"]

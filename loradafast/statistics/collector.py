@@ -36,7 +36,7 @@ from .batches import END, IGNORE_INDEX, Batch, normalize_batch
 from .losses import causal_lm_sequence_losses, next_token_labels
 from .hooks import Accumulator, agree_on_layers, all_reduce, reduce_to_owners
 from . import provenance
-from .store import LayerStats, Statistics, check_factors
+from .sums import LayerStats, Statistics, check_factors
 from ..targets import Target, base_model_of, base_model_only, find_targets, model_meta
 
 logger = logging.getLogger(__name__)

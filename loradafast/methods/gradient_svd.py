@@ -1,0 +1,108 @@
+"""The gradient methods (docs/design.md §5): LoRA-GA and LoRA-One, from the singular triplets of
+each layer's gradient ``G``.  Conventions (``[out, in]`` tensors, :class:`.Factors`, stacks,
+canonical signs) as described in :mod:`.factors`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layer_init import GradientDiagnostics
+from ..linalg.dense import canonical_signs
+from ..linalg.lowrank import TopSingularStack, top_singular_triplets_batched
+from ..options import LORAGA_VARIANTS, SVD_MODES, check_choice
+from .factors import Factors, paired_signs, layer_factors
+
+
+def _gradient_diagnostics(top: TopSingularStack, singular_values: torch.Tensor) -> list[GradientDiagnostics]:
+    """Per layer of a stack: how its triplets were found, and the singular values it used
+    (``[B, j]``, read to the host once)."""
+    values = singular_values.detach().cpu().unbind(0)
+    return [GradientDiagnostics(gradient_singular_values=v, svd=path, svd_backward_error=backward,
+                                svd_sine_estimate=sine, svd_krylov_depth=depth)
+            for v, path, backward, sine, depth in zip(values, top.paths, top.backward_errors, top.sine_estimates,
+                                                      top.iterations)]
+
+
+def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str = "paper",
+            svd: str = "auto", dtype: torch.dtype | None = None) -> Factors:
+    """LoRA-GA (Wang et al., arXiv 2407.05000), "ArB2r" directions with "stable" scale.
+
+    From the gradient ``G = U S Vᵀ`` ``[out, in]`` (docs/design.md §3), with ``c = out^¼/√γ``:
+
+    * ``variant="paper"`` (the authors' code, github.com/Outsider565/LoRA-GA, ``lora_ga_init``):
+      ``lora_A = V[:, :r]ᵀ·c``, ``lora_B = U[:, r:2r]·c``; both factors orthonormal up to ``c``.
+    * ``variant="peft"`` (PEFT's ``LoraLayer.lora_ga_init``, as of peft 0.21):
+      ``lora_A = V[:, :r]ᵀ`` unscaled, ``lora_B = U[:, r:2r] diag(S[r:2r])·c``.  Same subspaces,
+      but B carries the gradient's singular values, so the adapter's size depends on the loss
+      scale (and A is not scaled by ``c``).  (For ``Conv1D`` layers
+      PEFT 0.21 takes ``out`` from the stored ``[in, out]`` weight, i.e. uses ``in^¼``; this
+      variant uses the layer's true ``out``.)
+
+    Both move the base weight to ``W − s·B·A``.  ``svd`` (:func:`.linalg.lowrank.top_singular_triplets`):
+    "auto" takes randomized triplets whose backward error is below 1e-3, the exact SVD otherwise;
+    "exact" always the exact SVD; "randomized" never falls back.  Both reference implementations use
+    ``torch.svd_lowrank(q=4r, niter=4)`` unchecked (backward error up to ~1e-2 on SmolLM2).
+    ``dtype``: of the exact SVD and of the factors (default ``grad.dtype``).  Their
+    gradient is the mean over batches of the batch's token-mean loss gradient; ours (docs/design.md §3)
+    is the mean over sequences of each sequence's token-mean loss gradient.  The two agree when
+    all sequences have equally many labelled tokens and all batches equally many sequences.
+    """
+    return lora_ga_stack(grad[None], rank, gamma=gamma, variant=variant, svd=svd, dtype=dtype)[0]
+
+
+def lora_ga_stack(grads: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str = "paper",
+                  svd: str = "auto", dtype: torch.dtype | None = None) -> list[Factors]:
+    """:func:`lora_ga` of every layer of a stack of gradients ``[B, out, in]``: one batched
+    randomized SVD (each layer's result checked on its own), or one batched exact SVD."""
+    check_choice("loraga_variant", variant, LORAGA_VARIANTS)  # a direct call has no LoraGAConfig
+    check_choice("svd", svd, SVD_MODES)
+    _, out_features, in_features = grads.shape
+    if 2 * rank > min(out_features, in_features):
+        raise ValueError(
+            f"LoRA-GA takes 2r = {2 * rank} singular triplets of the gradient but the layer has only "
+            f"min(in, out) = {min(out_features, in_features)}; lower the rank or exclude the layer"
+        )
+    top = top_singular_triplets_batched(grads, 2 * rank, boundaries=(rank, 2 * rank), mode=svd, dtype=dtype)
+    u, s, vh = top.u, top.s, top.vh
+    scale = out_features**0.25 / math.sqrt(gamma)
+    # A and B come from different triplets, so each gets its own canonical sign.
+    a = canonical_signs(vh[:, :rank].mT).mT
+    b = canonical_signs(u[..., rank:2 * rank])
+    if variant == "paper":
+        a, b = a * scale, b * scale
+    else:
+        b = b * s[:, None, rank:2 * rank] * scale
+    return layer_factors(a, b, True, _gradient_diagnostics(top, s[:, :2 * rank]))
+
+
+def lora_one(grad: torch.Tensor, rank: int, *, gamma: float = 128.0, svd: str = "auto",
+             dtype: torch.dtype | None = None) -> Factors:
+    """LoRA-One (Zhang et al., arXiv 2502.01235; the authors' ``gradient_reinit``).
+
+    From ``−G = U S Vᵀ``: ``lora_A = diag(√S_r) V_rᵀ / √(S_1 γ)``, ``lora_B = U_r diag(√S_r) / √(S_1 γ)``,
+    so ``B·A = −G_r / (S_1 γ)``: the adapter starts one (normalised) gradient-descent step along
+    the best rank-r approximation of the negative gradient.  The base weight is unchanged, so the
+    model's output moves at initialisation (by design).  ``svd`` and ``dtype`` as in :func:`lora_ga`,
+    for the top r triplets.
+    """
+    return lora_one_stack(grad[None], rank, gamma=gamma, svd=svd, dtype=dtype)[0]
+
+
+def lora_one_stack(grads: torch.Tensor, rank: int, *, gamma: float = 128.0, svd: str = "auto",
+                   dtype: torch.dtype | None = None) -> list[Factors]:
+    """:func:`lora_one` of every layer of a stack of gradients ``[B, out, in]``: one batched SVD."""
+    check_choice("svd", svd, SVD_MODES)
+    nothing = "the layer's gradient is zero or not finite; LoRA-One has no direction for it"
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(grads))).all()):  # NaN and ±Inf reach the extremes
+        raise FloatingPointError(nothing)
+    # G's triplets with u negated are −G's: no negated copy of the stack.
+    top = top_singular_triplets_batched(grads, rank, mode=svd, dtype=dtype)
+    u, s, vh = -top.u, top.s, top.vh
+    first = s[:, :1]
+    if not bool((torch.isfinite(first) & (first != 0)).all()):
+        raise FloatingPointError(nothing)
+    u, vh = paired_signs(u, vh)
+    root = s.sqrt() / (first * gamma).sqrt()
+    return layer_factors(root[..., :, None] * vh, u * root[:, None, :], False, _gradient_diagnostics(top, s))
