@@ -59,7 +59,7 @@ def make_group(batch, n, out, tokens, device, seed, lam=1e-6, beta=0.03, num=100
 # chol, delta and delta_hat at once; bench_group keeps z_lambda, chol, delta_hat, omega and the
 # dense reference's eigenvectors (5) while dense_omega's temporaries, the preconditioner's
 # (s·Zλ + cI and its Cholesky factor) or the symmetrised copy of the dense run are alive.
-# tests/test_memory_peaks.py tracks the live bytes of a small group: 9.3 slots at n = 64 (where
+# tests/statistics/test_memory_peaks.py tracks the live bytes of a small group: 9.3 slots at n = 64 (where
 # the [tokens, n] samples still count); 10 bounds it.
 PEAK_SLOTS = 10
 

@@ -145,7 +145,7 @@ def _out(report: Path, name: str) -> tuple[str, str]:
 
 # -v -rA: each test's result is in the log as it happens (a cut-off run still tells).
 PYTEST = (PY, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider")
-KERNEL_TESTS = str(REPO / "tests" / "test_kernels.py")
+KERNEL_TESTS = str(REPO / "tests" / "kernels" / "test_kernels.py")
 
 
 def _kernel_tests(cap: float, est: float) -> Step:

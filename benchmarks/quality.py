@@ -101,7 +101,7 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
 
 # ------------------------------------------------------------------------------------------------
-# pure helpers (tested in tests/test_quality_bench.py)
+# pure helpers (tested in tests/benchmarks/test_quality_bench.py)
 # ------------------------------------------------------------------------------------------------
 def read_records(path: Path, text_chunk_chars: int = 2000) -> list[dict]:
     """JSONL with question/answer (or text) fields, or plain text cut into chunks at blank lines.

@@ -358,7 +358,7 @@ def llama_activation_bytes(hidden: int, intermediate: int, num_layers: int, *, h
                            vocab: int, tokens: int, itemsize: int = 2) -> int:
     """What one batch of ``tokens`` tokens holds for its backward in the statistics pass of a Llama
     decoder in half precision (``itemsize`` 2) with SDPA attention, every linear layer a target, as
-    :mod:`.statistics.probe` measures it (tests/test_planner.py checks the two agree).  Per token and
+    :mod:`.statistics.probe` measures it (tests/pipeline/test_planner.py checks the two agree).  Per token and
     block: the four ``hidden``-wide half-precision tensors (the two normed inputs the hooks keep,
     the query after RoPE, the attention output), the key and value (``kv_dim`` each), the
     normalisations' float32 inputs and inverse RMS, the attention's log-sum-exp per head, and

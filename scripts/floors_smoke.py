@@ -8,7 +8,7 @@ Two modes, both without network at run time:
 * ``python scripts/floors_smoke.py`` (in the floors venv, the package installed from a wheel) checks
   that the installed versions are those floors, then runs the README's Python blocks top to bottom
   on a tiny Llama built from its config (no download; ``model``, ``loader`` and ``dataset`` given, as
-  tests/test_peft_edges.py gives them), then the round trip
+  tests/integrations/test_peft_edges.py gives them), then the round trip
   ``initialize`` → ``result.save(dir)`` → ``PeftModel.from_pretrained``: the loaded adapter holds the
   solved factors and its outputs equal the base model's with ``W + s·B·A`` written in by hand.
 
@@ -77,7 +77,7 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    # Wide enough for the README's rank 16 on every layer (as tests/test_peft_edges.py).
+    # Wide enough for the README's rank 16 on every layer (as tests/integrations/test_peft_edges.py).
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                          attn_implementation="eager")
@@ -167,7 +167,7 @@ def main() -> None:
         cwd = os.getcwd()
         os.chdir(tmp)
         try:
-            # The names the README's blocks take as given (as tests/test_peft_edges.py).
+            # The names the README's blocks take as given (as tests/integrations/test_peft_edges.py).
             namespace = {"model": tiny_llama(), "loader": padded_batches(), "dataset": train_set()}
             for i, block in enumerate(blocks):
                 exec(compile(block, f"README.md python block {i}", "exec"), namespace)

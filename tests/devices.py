@@ -1,4 +1,4 @@
-"""Which devices the Triton-path tests run on (used by conftest.py and tested in test_kernels.py)."""
+"""Which devices the Triton-path tests run on (used by conftest.py and tested in kernels/test_kernels.py)."""
 
 
 def triton_devices(cuda: bool, interpreting: bool) -> list[str]:

@@ -18,13 +18,12 @@ import copy
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from .. import api, distributed
+from .. import api, distributed, user_warnings
 from ..layout import AdapterLayout
 from ..methods.registry import DEFAULT_METHOD, get_method
 from ..options import MethodConfig, check_rank
@@ -292,8 +291,8 @@ def _peft_model_arguments(peft_config, args: tuple, loader, kwargs: dict):
         # The older order, get_peft_model(model, loader, lora_config, **options).
         if loader is not None:
             raise TypeError("get_peft_model() got the loader twice (positionally and as loader=)")
-        warnings.warn("loradafast.get_peft_model(model, loader, lora_config) is the older argument order; use "
-                      "PEFT's: get_peft_model(model, lora_config, loader=loader)", DeprecationWarning, stacklevel=3)
+        user_warnings.warn("loradafast.get_peft_model(model, loader, lora_config) is the older argument order; use "
+                      "PEFT's: get_peft_model(model, lora_config, loader=loader)", DeprecationWarning)
         peft_config, loader, args = args[0], peft_config, args[1:]
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"get_peft_model(model, peft_config, ...) takes a peft.LoraConfig as its second argument "

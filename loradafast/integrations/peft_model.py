@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import logging
-import warnings
 import weakref
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import user_warnings
 from ..layout import AdapterLayout
 from ..options import check_ranks
 from ..targets import (PEFT_PREFIX, Target, active_adapter, base_model_of, check_not_merged, find_targets,
@@ -185,14 +185,14 @@ def _warn_if_tied(model: nn.Module, moved: list[tuple[str, torch.Tensor]], who: 
         if others:
             tied.append(f"{name!r} is tied to {', '.join(repr(o) for o in others)}")
     if tied:
-        warnings.warn(
+        user_warnings.warn(
             f"loradafast: {who} moves the base weight of layers whose weight is tied to another: "
             f"{'; '.join(tied)}. The tied weight moves too, so the model's logits at initialisation change "
             "(PEFT's own PiSSA does the same, silently). To keep them, give each layer its own copy of the weight "
             "before initialising (layer.weight = torch.nn.Parameter(layer.weight.detach().clone()), and "
             "model.config.tie_word_embeddings = False so that transformers does not tie it again), or exclude "
             "these layers from target_modules",
-            UserWarning, stacklevel=3,
+            UserWarning,
         )
 
 

@@ -43,7 +43,7 @@ SHARED_MEMORY_LIMIT = 232448
 STATIC_SHARED = 1024  # what the compiled kernels reserve beside their pipeline buffers
 
 # The register model, from sm_90 compiles of every candidate of these kernels (ptxas through
-# Triton's compile API; tests/test_kernels_sm90.py repeats them for every config kept): the fp32
+# Triton's compile API; tests/kernels/test_kernels_sm90.py repeats them for every config kept): the fp32
 # accumulator tile (BLOCK² over the threads), plus, for the fp32 `ieee` dot, which runs on the FMA
 # units and so holds its operands in registers, one operand slab (BLOCK·BLOCK_K over the threads).
 # Every candidate at which this is at most 64 registers a thread compiled without a spill; the

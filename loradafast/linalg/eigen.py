@@ -14,7 +14,7 @@ one batch by a block LOBPCG (Knyazev 2001) written for fixed shapes:
   solve yields non-finite Ritz vectors, whose residual fails the convergence test, and the layer
   goes to the dense fallback.  ``torch.linalg.eigh`` has no ``_ex`` variant and reads its error
   codes with ``.item()``, so on CUDA without the native solver an iteration synchronises four
-  times (tests/test_eigen.py counts them); each costs the launch latency of the next kernels,
+  times (tests/linalg/test_eigen.py counts them); each costs the launch latency of the next kernels,
   small beside an iteration of a large batch of wide layers, but not beside one of a small
   batch (LoRA-DA solves one input group, 1–3 layers, at a time: ``methods/lora_da_solve.py``);
 * search directions are orthonormalised with masked SVQB (Stathopoulos & Wu 2002), applied twice,

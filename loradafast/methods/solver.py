@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from .. import distributed
+from .. import distributed, user_warnings
 from ..layout import DEFAULT_RANK, PEFT_DEFAULT_ALPHA, AdapterLayout
 from ..options import MethodConfig
 from ..progress import solve_progress
@@ -232,8 +232,6 @@ CONDITION_WARNING = {torch.float64: 1e12, torch.float32: 1e5}
 
 def _warn_if_degraded(layers: dict[str, LayerInit], dtype: torch.dtype) -> None:
     """One warning summarising every layer whose solve took a fallback or looks fragile."""
-    import warnings
-
     limit = CONDITION_WARNING.get(dtype, 1e12)
     notes = defaultdict(list)
     for name, layer in layers.items():
@@ -256,5 +254,5 @@ def _warn_if_degraded(layers: dict[str, LayerInit], dtype: torch.dtype) -> None:
             notes[f"damped factor condition number above {limit:.0e} ({advice})"].append(name)
     if notes:
         lines = [f"- {what}: {len(names)} layer(s), e.g. {', '.join(names[:3])}" for what, names in notes.items()]
-        warnings.warn("loradafast: the solve degraded on some layers (details in result.layers[name].diagnostics)\n"
-                      + "\n".join(lines), RuntimeWarning, stacklevel=3)
+        user_warnings.warn("loradafast: the solve degraded on some layers (details in "
+                           "result.layers[name].diagnostics)\n" + "\n".join(lines), RuntimeWarning)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import warnings
 
 import torch
 
+from .. import user_warnings
 from ..layer_init import LayerInit
 
 # LoRA-DA's residual tolerance for the halves (‖ΩX − XΛ‖/‖Ω‖): Davis–Kahan then bounds each half's
@@ -91,9 +91,9 @@ def warn_if_unsupported(layers: dict[str, LayerInit], method: str, num_sequences
         advice = ("more samples help little here (Zλ⁻¹ amplifies the gradient's noise along the input directions "
                   "of least variance): try a strong relative damping (damping_mode='relative', damping=10), or "
                   "method='lora-one', whose subspaces the same data determine far better")
-    warnings.warn(
+    user_warnings.warn(
         f"loradafast: the data{data} barely determine the {method} subspaces: two halves of the samples give "
         f"subspaces sharing a median {s['median_overlap']:.1%} of their span (unrelated subspaces share about "
         f"{s['median_random']:.1%}); only {s['supported']} of {s['layers']} layers reach {SUPPORTED_OVERLAP:.0%}. "
         f"The initialisation is then mostly sampling noise: {advice}. Per layer: "
-        "result.layers[name].diagnostics.split_half_overlap", UserWarning, stacklevel=4)
+        "result.layers[name].diagnostics.split_half_overlap", UserWarning)

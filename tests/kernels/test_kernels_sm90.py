@@ -2,9 +2,9 @@
 GPU, through Triton's compile API and ptxas, no config spills registers and none needs more shared
 memory than a block may have (227 KB).
 
-The compiles run in a child process without ``TRITON_INTERPRET`` (tests/sm90_compile.py says what
-is compiled and how); they need Triton's CUDA backend with its ptxas and cuobjdump, and are skipped
-where those are missing. The first run compiles about a hundred kernels (minutes on two cores);
+The compiles run in a child process without ``TRITON_INTERPRET`` (tests/kernels/sm90_compile.py says
+what is compiled and how); they need Triton's CUDA backend with its ptxas and cuobjdump, and are
+skipped where those are missing. The first run compiles about a hundred kernels (minutes on two cores);
 Triton's cache serves a second run in seconds.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+COMPILE = Path(__file__).resolve().parent / "sm90_compile.py"  # the child process's script
 SM90_SHARED_MEMORY = 232448  # bytes a block may opt into on sm_90
 KERNELS = {"_kfac_kernel", "_kfac_pair_kernel", "_gradient_kernel", "_omega_kernel"}
 
@@ -44,7 +45,7 @@ def compiled(tmp_path_factory) -> list[dict]:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("sm90") / "compiled.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the GPU's configs and tiles
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_compile.py"), str(out)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(COMPILE), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(out.read_text())

@@ -33,7 +33,7 @@ def test_G_is_autograd_gradient_of_mean_sequence_loss(factory, conv1d):
     assert stats.num_sequences == 6
     assert stats.num_tokens == sum(len(s) for s in seqs)
     assert len(stats.layers) >= 8
-    for name, s in stats.layers.items():
+    for name in stats.layers:
         expected = grads[name].T if conv1d else grads[name]  # Conv1D stores [in, out]
         err = (stats.G(name, torch.float32) - expected).abs().max() / expected.abs().max()
         assert err < 1e-4, (name, float(err))

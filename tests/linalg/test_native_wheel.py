@@ -7,7 +7,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NATIVE = ("eigh.cpp", "eigh_cuda.cu")
 
 

@@ -16,7 +16,7 @@ from loradafast.methods import registry
 from loradafast.statistics import hooks
 from loradafast.statistics.probe import input_groups, probe
 from loradafast.targets import find_targets
-from test_robustness import ModelState
+from model_state import ModelState
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 RANK = 2

@@ -1,6 +1,6 @@
 """Compile every launch the Triton kernels' host functions make, for sm_90, without a GPU.
 
-Run as a script (``python tests/sm90_compile.py OUT.json``) with ``TRITON_INTERPRET`` unset, so
+Run as a script (``python tests/kernels/sm90_compile.py OUT.json``) with ``TRITON_INTERPRET`` unset, so
 that the kernel modules take their GPU configs and tiles.  Each host function (``kfac_accumulate``
 …) is called on small CPU tensors of the widths and dtypes that reach each tile size and dot
 precision, with its kernel replaced by a recorder; each recorded launch is then compiled, once per
@@ -24,7 +24,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGET = ("cuda", 90, 32)
 
 OPS = {

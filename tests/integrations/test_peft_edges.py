@@ -13,7 +13,7 @@ from peft import get_peft_model as peft_get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import loradafast
-from test_robustness import ModelState
+from model_state import ModelState
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 IDS = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(9))
@@ -323,7 +323,7 @@ def test_converted_adapter_of_a_tied_peft_model_holds_no_base_weight(tmp_path):
 # ---- 9. the README runs top to bottom --------------------------------------------------------------
 
 def _readme_blocks():
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 

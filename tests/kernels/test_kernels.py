@@ -350,7 +350,7 @@ def test_omega_triton_rejects_fp64(triton_device):
 
 # ------------------------------------------------------------------------------------------
 # Autotuning: configs that spill or overflow shared memory on sm_90 are pruned before they are
-# compiled (tests/test_kernels_sm90.py compiles every config kept, for sm_90, and checks)
+# compiled (tests/kernels/test_kernels_sm90.py compiles every config kept, for sm_90, and checks)
 
 
 def _cfg(c):

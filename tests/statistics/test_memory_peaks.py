@@ -79,7 +79,7 @@ def _bench_eigen():
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(bench))
     spec = importlib.util.spec_from_file_location("bench_eigen", bench / "bench_eigen.py")
     module = importlib.util.module_from_spec(spec)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
 q = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(q)

@@ -220,7 +220,7 @@ def test_a_lock_released_in_time_lets_the_build_proceed(fresh_load, monkeypatch)
 
 
 def test_sources_found_in_a_checkout_and_in_a_wheel(tmp_path, monkeypatch):
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     assert _native._CSRC == root / "csrc" and all((root / "csrc" / n).is_file() for n in _native._SOURCES)
     # An installed package carries its own copy, which wins over anything beside it.
     package = tmp_path / "site" / "loradafast"

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import loradafast
-from test_robustness import ModelState
+from model_state import ModelState
 from tiny import assert_stats_close, padded_batches, random_sequences, tiny_gpt2, tiny_llama, toy_sequence_losses
 
 
