@@ -13,6 +13,9 @@ ratios; and the worst sine of the largest principal angle to float64 eigh for ea
 The Rayleigh–Ritz section times the native small eigensolver against torch.linalg.eigh.
 
     python benchmarks/bench_eigen.py            # writes benchmarks/results/eigen_<device>.json
+
+Results: ``benchmarks/results/eigen_<device>.json``, one entry per configuration (``--config KEY``,
+default ``default``; the file's other entries are kept).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, results_path, timed, write_json  # noqa: E402
+from _common import config_key, environment, results_path, timed, write_entry  # noqa: E402
 
 from loradafast.linalg import eigen  # noqa: E402
 from loradafast.linalg import native as _native  # noqa: E402
@@ -173,7 +176,9 @@ def main():
     parser.add_argument("--no-lobpcg", action="store_true", help="skip the looped torch.lobpcg baseline")
     parser.add_argument("--lease", action="store_true",
                         help="on CUDA: one group of four 4096-wide operators, rank 8 (gpu_report's lease profile)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--config", type=config_key, default="default", metavar="KEY",
+                        help="the entry of the results file this run writes (the file's other entries are kept)")
+    parser.add_argument("--out", default=None, help="the results file (default benchmarks/results/eigen_<device>.json)")
     parser.add_argument("--memory-gib", type=float, default=None,
                         help="device memory budget (default: free CUDA memory less 10%%; none on CPU)")
     args = parser.parse_args()
@@ -214,13 +219,14 @@ def main():
             row = bench_group(z_lambda, chol, c, delta_hat, r, device, not args.no_lobpcg)
             print(json.dumps(row), flush=True)
             results.append(row)
-            write_json(report, path, quiet=True)  # a run cut off from outside keeps the finished rows
+            # a run cut off from outside keeps the finished rows
+            write_entry(report, path, args.config, benchmark="eigen", device=device, quiet=True)
         del z_lambda, chol, c, delta_hat
 
     report["totals_s"] = {k: sum(row[k] for row in results if k in row) for k in
                           ("ours_s", "eigh_loop_s", "torch_lobpcg_niter10_loop_s")}
     report["rayleigh_ritz"] = bench_rayleigh_ritz(device, rr_sizes, rr_batch)
-    write_json(report, path)
+    write_entry(report, path, args.config, benchmark="eigen", device=device)
 
 
 if __name__ == "__main__":

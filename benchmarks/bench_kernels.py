@@ -24,6 +24,9 @@ Cholesky factor or a cached inverse, torch vs Triton) against forming the dense 
 
 On CPU only the PyTorch paths are timed (Triton would run in its interpreter, which measures
 Python, not the kernel); the JSON says so under ``triton_timed``.
+
+Results: ``benchmarks/results/kernels_<device>.json``, one entry per configuration (``--config KEY``,
+default ``default``; the file's other entries are kept).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, median_time, results_path, tflops, write_json  # noqa: E402
+from _common import config_key, environment, median_time, results_path, tflops, write_entry  # noqa: E402
 
 from loradafast import kernels  # noqa: E402
 from loradafast.kernels import dispatch  # noqa: E402
@@ -189,7 +192,9 @@ def main(argv=None) -> Path:
                              "8192 tokens (minutes on a GPU); full: 576 to 11008 wide, up to 32768 tokens "
                              "(the default with CUDA)")
     parser.add_argument("--quick", action="store_true", help="the same as --size quick")
-    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels_<device>.json)")
+    parser.add_argument("--config", type=config_key, default="default", metavar="KEY",
+                        help="the entry of the results file this run writes (the file's other entries are kept)")
+    parser.add_argument("--out", type=Path, help="the results file (default benchmarks/results/kernels_<device>.json)")
     args = parser.parse_args(argv)
 
     on_cuda = torch.cuda.is_available()
@@ -239,10 +244,11 @@ def main(argv=None) -> Path:
                 "kfac_pair": lambda: bench_pair(device, pairs, aux_tokens, on_cuda),
                 "gradient": lambda: bench_gradient(device, grad_shapes, aux_tokens, on_cuda),
                 "omega": lambda: bench_omega(device, omega_widths, batch=4, k=48, on_cuda=on_cuda)}
-    for key, run in sections.items():
-        result[key] = run()
-        write_json(result, path, quiet=True)  # a run cut off from outside keeps the finished sections
-    return write_json(result, path)
+    for section, run in sections.items():
+        result[section] = run()
+        # a run cut off from outside keeps the finished sections
+        write_entry(result, path, args.config, benchmark="kernels", device=device, quiet=True)
+    return write_entry(result, path, args.config, benchmark="kernels", device=device)
 
 
 if __name__ == "__main__":

@@ -104,14 +104,17 @@ def main(argv=None) -> None:
     from loradafast.linalg.eigen import span_sine
 
     key = config_key(args.config or ("synthetic" if args.synthetic else "default"))
-    path = results_path("solve_vs", torch.device("cpu"), args.out)
+    # The run's device: each tree's child solves the saved statistics where Statistics.load puts
+    # them, on the CPU, whatever collected them (bench_solve's SmolLM2 statistics, on a GPU if any).
+    device = torch.device("cpu")
+    path = results_path("solve_vs", device, args.out)
     torch.set_num_threads(args.threads)
     baseline = _worktree(args.baseline)
     sha = sp.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                  text=True).stdout.strip()
     dirty = bool(sp.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "loradafast"], capture_output=True,
                         text=True).stdout.strip())
-    record = {"benchmark": "bench_solve_vs", **environment("cpu"), "rank": args.rank,
+    record = {"benchmark": "bench_solve_vs", **environment(device), "rank": args.rank,
               "ours": f"{sha}{' + uncommitted changes' if dirty else ''}", "baseline": args.baseline,
               "load_average_start": list(os.getloadavg()), "runs": []}
     try:
@@ -135,7 +138,7 @@ def main(argv=None) -> None:
     finally:
         record["load_average_end"] = list(os.getloadavg())
         sp.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], capture_output=True)
-    write_entry(record, path, key, benchmark="solve_vs", device="cpu", indent=1)
+    write_entry(record, path, key, benchmark="solve_vs", device=device, indent=1)
 
 
 if __name__ == "__main__":

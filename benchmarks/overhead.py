@@ -61,9 +61,11 @@ Reported per method: wall time (median, min, max over repetitions), the split pa
 apply where the method exposes it (loradafast: ``result.timings``; apply = wall − pass − solve,
 i.e. wrapping into a PeftModel and filling it), peak memory, and the ratios over both floors of
 the same run (``ratio_over_floor``: the input-gradient floor; ``ratio_over_training_floor``).
-Results go to ``benchmarks/results/overhead_<device-slug>.json`` and a bar plot of the ratios
-(over the input-gradient floor) to ``.png`` beside it (needs matplotlib, a benchmark-only
-dependency; skipped with a message when missing).  A Markdown table is printed at the end.
+Results go to ``benchmarks/results/overhead_<device-slug>.json``, one entry per configuration
+(``--config KEY``, default ``default``; the file's other entries are kept), and a bar plot of the
+ratios (over the input-gradient floor) to ``.png`` beside it, ``overhead_<device-slug>_<KEY>.png``
+for an entry other than ``default`` (needs matplotlib, a benchmark-only dependency; skipped with a
+message when missing).  A Markdown table is printed at the end.
 
 The parts live in ``benchmarks/_overhead/`` (config, models, methods, official, runner, report);
 this file is the command line and the results record.
@@ -81,7 +83,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, cpu_model, environment, git_state, slug, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    config_key,
+    cpu_model,
+    environment,
+    figure_path,
+    git_state,
+    results_path,
+    slug,
+    write_entry,
+)
 from _overhead.config import (  # noqa: E402
     ALL_METHODS,
     ALTERNATION,
@@ -127,7 +138,10 @@ def parse_args(argv):
     parser.add_argument("--inline", action="store_true",
                         help="run in this process on deep copies (no child processes; CPU memory not measured)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per child process")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead_<slug>.json)")
+    parser.add_argument("--config", type=config_key, default="default", metavar="KEY",
+                        help="the entry of the results file this run writes (the file's other entries are kept)")
+    parser.add_argument("--out", default=None,
+                        help="the results file (default benchmarks/results/overhead_<slug>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -260,16 +274,22 @@ def result_header(args, argv, device: str, settings: dict, dtype: str, skipped: 
     }
 
 
-def write_outputs(result: dict, out_path: Path) -> None:
-    """The JSON, the plot beside it (or a note why not), and the Markdown tables on stdout."""
-    write_json(result, out_path)
-    why_not = plot(result, out_path.with_suffix(".png"))
+def save(result: dict, out_path: Path, key: str, device: str, quiet: bool = False) -> None:
+    """``result`` as the entry ``key`` of the results file (its other entries are kept)."""
+    write_entry(result, out_path, key, benchmark="overhead", device=device, quiet=quiet)
+
+
+def write_outputs(result: dict, out_path: Path, key: str, device: str) -> None:
+    """The JSON entry, the plot beside it (or a note why not), and the Markdown tables on stdout."""
+    save(result, out_path, key, device)
+    figure = figure_path(out_path, key)
+    why_not = plot(result, figure)
     if why_not:
         log(why_not)
         result["notes"].append(why_not)
-        write_json(result, out_path)
+        save(result, out_path, key, device)
     else:
-        log(f"wrote {out_path.with_suffix('.png')}")
+        log(f"wrote {figure}")
     print()
     for model_name, block in result["models"].items():
         print(markdown_table(model_name, block))
@@ -293,7 +313,7 @@ def main(argv=None) -> None:
         # one thread per run keeps the comparison stable (all methods run under the same setting).
         args.threads = 1
     result = result_header(args, argv, device, settings, dtype, skipped)
-    out_path = Path(args.out) if args.out else RESULTS / f"overhead_{result['device_slug']}.json"
+    out_path = results_path("overhead", device, args.out)
     notes = result["notes"]
     if not device.startswith("cuda"):
         notes.append("CPU run: the issue's targets (LoRA-DA ≤ 1.15× floor, ≤ 0.5× PEFT LoRA-GA, ≤ 0.2× the "
@@ -312,7 +332,7 @@ def main(argv=None) -> None:
                                                 "data": "(partial: see the finished model's block)",
                                                 "device": result["device"], "dtype": dtype, "rank": args.rank, **st,
                                                 "summary": summarize(methods, runs), "runs": runs}
-                write_json(result, out_path, quiet=True)
+                save(result, out_path, args.config, device, quiet=True)
 
             info, runs, orders, seconds = run_model(model_name, st, methods, spec_common, Path(tmp),
                                                     inline=args.inline, timeout=args.timeout, log=log,
@@ -331,7 +351,7 @@ def main(argv=None) -> None:
     if result["git_at_end"]["loradafast_source_sha256"] != result["git"]["loradafast_source_sha256"]:
         notes.append("the loradafast sources changed while this benchmark ran (see git / git_at_end): "
                      "runs may have measured different code")
-    write_outputs(result, out_path)
+    write_outputs(result, out_path, args.config, device)
     failed = sum(not r.get("ok") for block in result["models"].values() for rs in block["runs"].values() for r in rs)
     if failed:
         log(f"{failed} run(s) failed: see their 'error' in {out_path}")

@@ -14,8 +14,10 @@ over the last quarter of the steps (one epoch, so each batch is unseen when its 
 online validation loss that never looks at the held-out split); that LR is then rerun at the other
 seeds.  The seed fixes the data order (and the random A of `lora` / LoRA-FA), nothing else.
 Reported: held-out answer NLL, greedy exact match of the final number, loss curves, init time.
-Results: benchmarks/results/quality_<device>.json (rewritten after every run) and a PNG of the loss
-curves when matplotlib is installed.
+Results: benchmarks/results/quality_<device>.json, one entry per configuration (``--config KEY``:
+default ``default``, ``smoke`` with ``--smoke``; the file's other entries are kept), rewritten after
+every run, and a PNG of the loss curves when matplotlib is installed (``quality_<device>.png`` for
+the entry ``default``, ``quality_<device>_<KEY>.png`` for another).
 """
 from __future__ import annotations
 
@@ -38,7 +40,17 @@ sys.path.insert(0, str(ROOT))
 import loradafast  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, device_slug, pyplot  # noqa: E402
+from _common import (  # noqa: E402
+    ENTRIES,
+    config_key,
+    device_name,
+    figure_path,
+    pyplot,
+    read_entries,
+    results_path,
+    write_entry,
+    write_json,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "gsm8k_test.jsonl"
 
@@ -505,7 +517,7 @@ def run_rank(ctx: dict, rank: int) -> None:
         done = [r for r in ctx.get("previous", []) if str(r["rank"]) == str(rank) and r["method"] == name
                 and r["lr"] == lr and r["seed"] == seed]
         out["runs"].append(done[0] if done else one_run(ctx, inits, name, lr, seed, phase))
-        write_json(ctx)
+        save(ctx)
         return out["runs"][-1]
 
     for name in cfg["swept"]:
@@ -574,12 +586,24 @@ def markdown_table(summary: dict, timings: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------------
-def write_json(ctx: dict) -> None:
-    """Rewritten after every run, so an interrupted profile keeps what it measured."""
+def save(ctx: dict) -> None:
+    """The run's entry of the results file, rewritten after every run, so an interrupted profile
+    keeps what it measured (the file's other entries are kept)."""
     out = ctx["out"]
     out["wall_s"] = time.perf_counter() - ctx["t0"]
     out["summary"] = summarize(out)
-    ctx["path"].write_text(json.dumps(out, indent=1, default=str))
+    write_entry(out, ctx["path"], ctx["key"], benchmark="quality", device=ctx["device"], indent=1, quiet=True)
+
+
+def read_record(path: Path, key: str) -> dict:
+    """The record of entry ``key`` of the results file ``path`` (a file of the former layout, a
+    single record, is read as it is)."""
+    entries = read_entries(path)
+    if not entries:
+        return json.loads(Path(path).read_text())
+    if key not in entries:
+        raise SystemExit(f"{path} has no entry {key!r}; its entries: {', '.join(entries)}")
+    return entries[key]
 
 
 def plot(out: dict, path: Path) -> str:
@@ -627,9 +651,30 @@ def load_data(args, cfg: dict, tokenizer, device) -> dict:
     }
 
 
-def report(path: Path) -> None:
-    """Re-summarise a results file, e.g. one whose run was stopped early, and print the table."""
-    out = json.loads(path.read_text())
+def report(path: Path, key: str | None = None) -> None:
+    """Re-summarise each entry of a results file (or only entry ``key``), e.g. one whose run was
+    stopped early, print its table and redraw its figure; a file of the former layout, a single
+    record, is re-summarised as it is."""
+    data = json.loads(path.read_text())
+    if not (isinstance(data, dict) and isinstance(data.get(ENTRIES), dict)):  # the former layout
+        summarise_record(data)
+        write_json(data, path, indent=1)
+        print(plot(data, path.with_suffix(".png")))
+        return
+    entries = data[ENTRIES]
+    if key is not None and key not in entries:
+        raise SystemExit(f"{path} has no entry {key!r}; its entries: {', '.join(entries)}")
+    chosen = [name for name in entries if key in (None, name)]
+    for name in chosen:
+        print(f"entry {name!r}")
+        summarise_record(entries[name])
+    write_json(data, path, indent=1)  # the other entries as they were
+    for name in chosen:
+        print(plot(entries[name], figure_path(path, name)))
+
+
+def summarise_record(out: dict) -> None:
+    """Re-derive a record's best LRs (also from an incomplete sweep) and summary, and print its table."""
     out["best_lr"] = {rank: {name: float(lr) for name, lr in best.items()} for rank, best in out["best_lr"].items()}
     for r in out["runs"]:  # a stopped run: methods whose sweep had not finished get the best LR so far
         best = out["best_lr"].setdefault(str(r["rank"]), {})
@@ -639,15 +684,13 @@ def report(path: Path) -> None:
             best[r["method"]] = best_lr(scores)[0]
             out.setdefault("best_lr_from_incomplete_sweep", []).append(f"{r['rank']}/{r['method']}")
     out["summary"] = summarize(out)
-    path.write_text(json.dumps(out, indent=1, default=str))
     print(markdown_table(out["summary"], out["init_timings"]))
-    print(plot(out, path.with_suffix(".png")))
 
 
-def resumable_runs(path: Path, out: dict) -> tuple[list[dict], dict | None]:
-    """The runs and the base model's evaluation of an earlier results file, refused unless it ran
-    the same settings and data."""
-    old = json.loads(path.read_text())
+def resumable_runs(path: Path, out: dict, key: str) -> tuple[list[dict], dict | None]:
+    """The runs and the base model's evaluation of entry ``key`` of an earlier results file,
+    refused unless it ran the same settings and data."""
+    old = read_record(path, key)
     # The data file may have moved, and methods may be added to a profile: runs are matched by
     # method, rank, LR and seed, so neither the path nor the method lists need to agree.
     ignored = {"path", "swept", "inherited"}
@@ -660,7 +703,7 @@ def resumable_runs(path: Path, out: dict) -> tuple[list[dict], dict | None]:
     for key in ("settings", "data", "model"):
         if not same(key):
             raise SystemExit(f"--resume {path}: its {key!r} differ from this run's; its runs cannot be reused")
-    out["resumed_from"] = {"path": str(path), "date": old.get("date"), "runs": len(old["runs"]),
+    out["resumed_from"] = {"path": str(path), "entry": key, "date": old.get("date"), "runs": len(old["runs"]),
                            "note": "reused runs keep their own wall times (their machine load); the base "
                                    "model's evaluation is reused too"}
     return [r for r in old["runs"] if "error" not in r], old.get("base_model")  # failed runs run again
@@ -674,13 +717,17 @@ def main(argv=None) -> None:
     parser.add_argument("--train-records", type=int, default=1000, help="first N records train, the rest are held out")
     parser.add_argument("--methods", help="comma-separated subset of the profile's methods")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/quality_<device>.json)")
-    parser.add_argument("--report", metavar="JSON", help="only summarise a results file (also a partial one)")
-    parser.add_argument("--resume", metavar="JSON", help="reuse the runs of an earlier (stopped) results file with "
-                        "the same settings instead of running them again")
+    parser.add_argument("--config", type=config_key, default=None, metavar="KEY",
+                        help="the entry of the results file this run writes (default: 'default', 'smoke' with "
+                             "--smoke); the file's other entries are kept")
+    parser.add_argument("--out", help="the results file (default benchmarks/results/quality_<device>.json)")
+    parser.add_argument("--report", metavar="JSON", help="only summarise a results file (also a partial one): "
+                        "each entry, or --config's only")
+    parser.add_argument("--resume", metavar="JSON", help="reuse the runs of an earlier (stopped) results file's "
+                        "entry (--config's) with the same settings instead of running them again")
     args = parser.parse_args(argv)
     if args.report:
-        return report(Path(args.report))
+        return report(Path(args.report), args.config)
 
     cfg = dict(PROFILES[args.profile], **(SMOKE if args.smoke else {}))
     if args.methods:
@@ -689,8 +736,8 @@ def main(argv=None) -> None:
         cfg["inherited"] = [m for m in cfg["inherited"] if m in keep]
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    suffix = "_smoke" if args.smoke else ""
-    path = Path(args.out or Path(__file__).parent / "results" / f"quality_{device_slug(device)}{suffix}.json")
+    key = args.config or ("smoke" if args.smoke else "default")
+    path = results_path("quality", device, args.out)
     t0 = time.perf_counter()
 
     import peft
@@ -714,11 +761,12 @@ def main(argv=None) -> None:
                  "optimizer": "AdamW(weight_decay=0), betas (0.9, 0.999), clip 1.0"},
         "runs": [], "best_lr": {}, "init_timings": {},
     }
-    ctx = {"cfg": cfg, "device": device, "base": base, "tokenizer": tokenizer, "out": out, "path": path, "t0": t0,
+    ctx = {"cfg": cfg, "device": device, "base": base, "tokenizer": tokenizer, "out": out, "path": path, "key": key,
+           "t0": t0,
            **{k: data[k] for k in ("init_batches", "heldout", "batches", "em_records")}}
     previous_base = None
     if args.resume:
-        ctx["previous"], previous_base = resumable_runs(Path(args.resume), out)
+        ctx["previous"], previous_base = resumable_runs(Path(args.resume), out, key)
     if previous_base is not None:  # the same model and data: its evaluation (20 min on CPU) is not redone
         out["base_model"] = previous_base
     else:
@@ -729,10 +777,10 @@ def main(argv=None) -> None:
     print(f"[{time.perf_counter() - t0:7.0f}s] base model: {json.dumps(out['base_model'])[:300]}", flush=True)
     for rank in cfg["ranks"]:
         run_rank(ctx, rank)
-    write_json(ctx)
+    save(ctx)
     print(markdown_table(out["summary"], out["init_timings"]))
-    print(plot(out, path.with_suffix(".png")))
-    print(f"wrote {path}; wall {out['wall_s']:.0f}s")
+    print(plot(out, figure_path(path, key)))
+    print(f"wrote entry {key!r} of {path}; wall {out['wall_s']:.0f}s")
 
 
 if __name__ == "__main__":

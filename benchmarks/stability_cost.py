@@ -8,7 +8,10 @@ stages, the peak resident memory above the loaded model, and the median split-ha
     python benchmarks/stability_cost.py                 # 32 × 128 tokens, rank 8, 2 repetitions
     python benchmarks/stability_cost.py --tiny          # a tiny random Llama, seconds (smoke test)
 
-Results: ``benchmarks/results/stability_cost_<device>.json``.  Run it on an idle machine.
+Results: ``benchmarks/results/stability_cost_<device>.json``, one entry per configuration
+(``--config KEY``: default ``default``, ``tiny`` with ``--tiny``; the file's other entries are kept).
+The device is the CPU: each child builds its model there and its peak memory is its resident set.
+Run it on an idle machine.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PeakMemory, environment, results_path, run_child, write_json  # noqa: E402
+from _common import PeakMemory, config_key, environment, results_path, run_child, write_entry  # noqa: E402
+
+DEVICE = "cpu"  # where every child builds its model and runs initialize (PeakMemory: its resident set)
 
 
 def worker(spec: dict) -> dict:
@@ -47,7 +52,7 @@ def worker(spec: dict) -> dict:
         files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if p.stat().st_size > 20_000)
         ids = stdlib_chunks(tokenizer, count=spec["samples"], length=spec["length"], files=files[0::2])
     loader = [{"input_ids": ids[i:i + spec["batch_size"]]} for i in range(0, len(ids), spec["batch_size"])]
-    with PeakMemory("cpu") as peak:
+    with PeakMemory(DEVICE) as peak:
         started = time.perf_counter()
         result = loradafast.initialize(model, loader, rank=spec["rank"], max_samples=None, progress=False,
                                        memory_budget=float("inf"), split_halves=spec["split_halves"])
@@ -70,13 +75,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out")
+    p.add_argument("--config", type=config_key, default=None, metavar="KEY",
+                   help="the entry of the results file this run writes (default: 'default', 'tiny' with --tiny); "
+                        "the file's other entries are kept")
+    p.add_argument("--out", help="the results file (default benchmarks/results/stability_cost_<device>.json)")
     args = p.parse_args()
     if args.worker:
         Path(args.result).write_text(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
         return
+    args.config = args.config or ("tiny" if args.tiny else "default")
+    path = results_path("stability_cost", DEVICE, args.out)
     runs = {"off": [], "on": []}
-    record = {"benchmark": "stability_cost", "environment": environment("cpu"), "load_average_at_start":
+    record = {"benchmark": "stability_cost", "environment": environment(DEVICE), "load_average_at_start":
               os.getloadavg(), "settings": vars(args) | {"model": "tiny random Llama" if args.tiny else
                                                           "SmolLM2-135M-Instruct (fp32)"}, "runs": runs}
     with tempfile.TemporaryDirectory() as work:
@@ -104,7 +114,7 @@ def main() -> None:
         summary["extra_peak_bytes"] = on["peak_rss_delta_bytes"] - off["peak_rss_delta_bytes"]
     record["summary"] = summary
     record["median_overlap"] = [r.get("median_overlap") for r in runs["on"]]
-    write_json(record, results_path("stability_cost" + ("_tiny" if args.tiny else ""), "cpu", args.out))
+    write_entry(record, path, args.config, benchmark="stability_cost", device=DEVICE)
 
 
 if __name__ == "__main__":

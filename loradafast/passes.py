@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -33,12 +34,22 @@ logger = logging.getLogger("loradafast")
 logger.addFilter(distributed.MAIN_RANK_ONLY)
 
 
-def collect_and_solve(pipeline, loader: Iterable) -> tuple[InitResult, float]:
-    """The factors of every target of ``pipeline`` (a :class:`~loradafast.pipeline.Pipeline`), and
-    the seconds spent before the solves (probe and passes)."""
-    started = time.perf_counter()
-    progress = pipeline.run_options.progress
-    plan, memory, shapes, loader, split_halves = _planned(pipeline, loader)
+class Planned(NamedTuple):
+    """A pipeline's memory plan, and what its passes need from the planning."""
+
+    plan: planner.MemoryPlan
+    memory: planner.MemoryModel
+    shapes: list[planner.LayerShape]
+    loader: Iterable  # the loader to run: the probe may have taken its first batch from a one-shot one
+    split_halves: bool  # whether the passes keep the halves' sums
+    started: float  # perf_counter() when the planning began: the pass's seconds count from it
+
+
+def collect_and_solve(pipeline, planned: Planned) -> tuple[InitResult, float]:
+    """The factors of every target of ``pipeline`` (a :class:`~loradafast.pipeline.Pipeline`) by
+    the passes of ``planned``, and the seconds spent before the solves (probe and passes)."""
+    started, progress = planned.started, pipeline.run_options.progress
+    plan, memory, shapes, loader, split_halves, _ = planned
     kw = _collect_options(pipeline, split_halves)
     if plan.num_passes == 1:
         stats = collect(pipeline.model, loader, targets=pipeline.targets, **kw)
@@ -57,10 +68,11 @@ def collect_and_solve(pipeline, loader: Iterable) -> tuple[InitResult, float]:
     return result, pass_s
 
 
-def _planned(pipeline, loader: Iterable):
+def plan_for(pipeline, loader: Iterable) -> Planned:
     """The memory plan of ``pipeline``'s targets (after a probe of the first batch where a budget
     applies), its memory model and layer shapes, the loader to use afterwards, and whether the pass
     keeps split halves.  A plan of several passes refuses a one-shot loader, on every rank."""
+    started = time.perf_counter()
     targets, config = pipeline.targets, pipeline.config
     budget, source = _budget(pipeline.run_options.memory_budget, targets, pipeline.device)
     memory = memory_model(pipeline.method, y_factor=pipeline.y_factor, solve_dtype=config.dtype,
@@ -87,7 +99,7 @@ def _planned(pipeline, loader: Iterable):
                 "with a seeded sampler), or raise memory_budget"
             )
         distributed.agree_on_failure(error, "the memory plan")
-    return plan, memory, shapes, loader, split_halves
+    return Planned(plan, memory, shapes, loader, split_halves, started)
 
 
 def _collect_options(pipeline, split_halves: bool) -> dict:

@@ -116,10 +116,15 @@ class Pipeline:
     # ---- the stages -------------------------------------------------------------------------------
 
     def run(self, loader=None, stats=None, *, apply: bool = True) -> InitResult:
-        """The adapter: :meth:`solve`, then :meth:`apply` (unless ``apply=False``)."""
+        """The adapter: :meth:`solve` (which plans and collects), then :meth:`apply` (unless ``apply=False``)."""
         result, pass_s = self.solve(loader, stats)
         self.apply(result, pass_s=pass_s, apply=apply)
         return result
+
+    def plan(self, loader) -> passes.Planned:
+        """The memory plan of the statistics passes over ``loader`` (docs/design.md §6.4), after a
+        probe of its first batch where a memory budget applies."""
+        return passes.plan_for(self, loader)
 
     def collect(self, loader) -> Statistics:
         """One statistics pass over ``loader`` for every target, whatever the memory budget."""
@@ -137,7 +142,7 @@ class Pipeline:
             result = solve_with(self.method, self.config, stats, self.layout, weights=self.method_weights(),
                                 freeze_a=self.run_options.freeze_a, progress=self.run_options.progress)
         elif self.method.data_aware:
-            result, pass_s = passes.collect_and_solve(self, loader)
+            result, pass_s = passes.collect_and_solve(self, self.plan(loader))
         elif distributed.is_distributed():  # each rank solves the layers the cost model gives it
             pass_s = time.perf_counter() - self.started
             result = passes.solve_weights(self)

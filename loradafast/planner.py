@@ -227,7 +227,7 @@ def statistics_bytes(shapes: Iterable, factors, y_factor: str) -> int:
 def _pass_transient(m: MemoryModel, groups: list[list[LayerShape]]) -> int:
     """The accumulators' transients: per batch, the reference kernels' products (``xᵀx`` and its
     ``tril``, ``gᵀx``); at the end of ``collect``, the in-place mirroring of every lower-triangle
-    accumulator (:func:`..kernels.reference.symmetrize_lower_`), which needs a few diagonal tiles."""
+    accumulator (:func:`loradafast.kernels.reference.symmetrize_lower_`), which needs a few diagonal tiles."""
     z = [s[0].in_features ** 2 for s in groups] if "Z" in m.statistics else []
     y = [s.out_features ** 2 for g in groups for s in g] if "Y" in m.statistics and m.y_factor == "full" else []
     g = [s.out_features * s.in_features for grp in groups for s in grp] if "G" in m.statistics else []

@@ -21,6 +21,25 @@ def _default_method() -> str:
     return DEFAULT_METHOD
 
 
+def _default_record():
+    from ..methods.registry import REGISTRY
+
+    return REGISTRY[_default_method()]
+
+
+def _listed(keep) -> str:
+    """The names of the registry's methods that ``keep(record)`` selects, for help texts."""
+    from ..methods.registry import REGISTRY
+
+    return ", ".join(name for name, record in REGISTRY.items() if keep(record))
+
+
+def _option_default(record, option: str):
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(record.config)}.get(option)
+
+
 def model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, metavar="DIR",
@@ -49,7 +68,8 @@ def data_arguments(p: argparse.ArgumentParser, *, data_required: bool) -> None:
                    help="training samples: .jsonl (one JSON object per line), .json (a list of objects), a plain "
                         "text file (one sample per line), a directory saved by datasets' save_to_disk, or a "
                         "Hugging Face dataset name where the network allows"
-                        + ("" if data_required else "; not needed by the weight-only methods lora, pissa, milora"))
+                        + ("" if data_required else
+                           f"; not needed by the weight-only methods {_listed(lambda m: not m.data_aware)}"))
     g.add_argument("--text-field", default="text", metavar="FIELD",
                    help="the field holding the text (JSON and datasets)")
     g.add_argument("--prompt-field", metavar="FIELD",
@@ -79,18 +99,20 @@ def adapter_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace the adapter in an --out that already holds one (its old report/ is removed)")
     g.add_argument("--rank", type=positive_int, default=8, metavar="R", help="the LoRA rank r")
     g.add_argument("--method", default=_default_method(), choices=_methods(),
-                   help="the initialisation: lora-da (LoRA-DA, arXiv 2510.24561), lora-ga, lora-one, "
-                        "fisher-subspace (data-aware); lora (PEFT's default), pissa, milora (weights only)")
+                   help=f"the initialisation: {_listed(lambda m: m.data_aware)} (data-aware); "
+                        f"{_listed(lambda m: not m.data_aware)} (weights only)")
     g.add_argument("--lora-alpha", type=positive_number, metavar="ALPHA",
                    help=f"PEFT's lora_alpha (default: PEFT's, {PEFT_DEFAULT_ALPHA})")
     g.add_argument("--num-train-samples", type=positive_int, metavar="N",
-                   help="lora-da: the size of the fine-tuning set you will train on (N in the paper; default "
-                        "100000). It weighs the variance term: set it to your data set's size")
+                   help=f"{_listed(lambda m: _option_default(m, 'num_train_samples') is not None)}: the size of "
+                        "the fine-tuning set you will train on (N in the LoRA-DA paper; default "
+                        f"{_option_default(_default_record(), 'num_train_samples')}). It weighs the variance term: "
+                        "set it to your data set's size")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the method, e.g. beta=0.05, gamma=256, damping_mode=relative, "
                         "eigensolver=lobpcg (repeatable; an unknown KEY lists the method's options)")
     g.add_argument("--residual-base", action="store_true",
-                   help="methods that move the base weight (pissa, milora, lora-ga, fisher-subspace): save the "
+                   help=f"methods that move the base weight ({_listed(lambda m: m.moves_base)}): save the "
                         "rank-r adapter for the residual base W - s·B·A (rebuild it with "
                         "loradafast.apply_base_update) instead of the default rank-2r adapter for the unmodified "
                         "base")

@@ -82,7 +82,7 @@ def _init_parser(commands, common) -> None:
                            "passes over the data, with the same result")
     init.add_argument("--save-stats", metavar="FILE",
                       help="also save the statistics there, for `loradafast solve` (its directory is created; "
-                           "they hold what the method reads: lora-ga and lora-one G only)")
+                           "they hold what the method reads: G alone for the methods that read the gradient alone)")
     init.set_defaults(run=run_init)
 
 
@@ -108,7 +108,7 @@ def _solve_parser(commands, common) -> None:
                                             "PEFT adapter, without running the model.")
     solve.add_argument("--stats", required=True, metavar="FILE", help="statistics file written by `collect`")
     solve.add_argument("--model", metavar="DIR", help="the model directory; needed only by methods that read the "
-                                                      "base weights (fisher-subspace)")
+                                                      f"base weights ({', '.join(_weight_readers())})")
     solve.add_argument("--trust-remote-code", action="store_true",
                        help="let transformers run the model's own Python code (only for models you trust)")
     solve.add_argument("--device", default="auto", help="where to solve: auto (cuda if available), cpu, cuda, cuda:1")
@@ -134,3 +134,10 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def _weight_readers() -> list[str]:
+    from ..methods.registry import REGISTRY
+
+    return [name for name, record in REGISTRY.items() if record.needs_weights]
+

@@ -15,6 +15,7 @@ default method's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -106,9 +107,10 @@ def get_lora_da_state_dict(model: nn.Module, loader: Iterable | None = None, pef
 
 
 def _pop_pass_options(options: dict) -> dict:
-    defaults = {"config": None, "max_samples": 256, "loss_fn": None, "freeze_a": False, "progress": True,
-                "memory_budget": None}
-    return {k: options.pop(k, d) for k, d in defaults.items()}
+    """``preprocess_lora_da``'s own keywords out of ``options``, with their defaults (RunOptions')."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunOptions)}
+    names = ("max_samples", "loss_fn", "freeze_a", "progress", "memory_budget")
+    return {"config": options.pop("config", None), **{k: options.pop(k, defaults[k]) for k in names}}
 
 
 def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, config, max_samples, loss_fn,
@@ -133,8 +135,7 @@ def _solve_for_config(model, lora_config, loader, *, method, stats, cache_file, 
         _save_cache(stats, cache_file)
         loader = None
     result, pass_s = pipeline.solve(loader, stats)
-    result.timings = {"pass_s": pass_s, **result.timings, "apply_s": 0.0,
-                      "total_s": time.perf_counter() - started}
+    pipeline.apply(result, pass_s=pass_s, apply=False)  # the timings; the model is written later, by get_peft_model
     return result, targets
 
 

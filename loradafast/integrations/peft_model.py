@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import user_warnings
 from ..layout import AdapterLayout
+from ..methods.registry import REGISTRY
 from ..options import check_ranks
 from ..targets import (PEFT_PREFIX, Target, active_adapter, base_model_of, check_not_merged, find_targets,
                        is_peft_model, is_quantized, layer_kind, peft_config_of)
@@ -137,8 +138,8 @@ def dora_refusal(method: str) -> str:
     return (
         f"use_dora=True cannot be combined with method {method!r}, which moves the base weight: DoRA's magnitude "
         "is the norm of the base weight plus the adapter, and loradafast does not carry it through the residual "
-        "base and the rank-2r conversion. Use DoRA with a method that keeps the base weight (lora-da, lora-one, "
-        "lora), or set use_dora=False"
+        "base and the rank-2r conversion. Use DoRA with a method that keeps the base weight "
+        f"({', '.join(name for name, m in REGISTRY.items() if not m.moves_base)}), or set use_dora=False"
     )
 
 

@@ -22,7 +22,8 @@ import logging
 
 from transformers import TrainerCallback
 
-from ..methods.registry import DEFAULT_METHOD, build_config, get_method, method_keywords
+from ..methods.registry import DEFAULT_METHOD, REGISTRY, get_method
+from ..pipeline import method_and_options
 from ..targets import base_model_of, is_peft_model
 
 logger = logging.getLogger("loradafast")
@@ -47,9 +48,9 @@ class LoraDACallback(TrainerCallback):
                  memory_budget=None, freeze_a: bool = False, adapter_name: str | None = None, config=None,
                  progress: bool = True, **options):
         record = get_method(method)
-        if record.moves_base:
+        if record.moves_base:  # before the options: the method is the first thing wrong
             raise ValueError(base_moving_refusal(record.name))
-        self.config = build_config(record, config, method_keywords("LoraDACallback", options, "solve_dtype"))
+        _, self.config = method_and_options(method, config, options, "LoraDACallback")
         # A config object cannot tell a value the user chose from the default it carries: only a value
         # other than the default counts as chosen there.
         default = _field_default(self.config, "num_train_samples")
@@ -120,7 +121,8 @@ def base_moving_refusal(method: str) -> str:
         f"LoraDACallback cannot run method {method!r}: it moves the base weight (W ← W − s·B₀A₀), and the "
         "Trainer's checkpoints and save_pretrained store the adapter only, so a resumed run or a reloaded model "
         "would pair the trained adapter with the original W, silently wrong. In the callback use a method that "
-        "keeps the base weight (lora-da, lora-one, lora). For this one, initialise before the Trainer: "
+        f"keeps the base weight ({', '.join(name for name, m in REGISTRY.items() if not m.moves_base)}). For this "
+        "one, initialise before the Trainer: "
         f"peft_model = loradafast.get_peft_model(model, config, loader=loader, method={method!r}); save "
         "peft_model.loradafast_result.save(init_dir, convert_to_lora=False) before training, and after it "
         "peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=init_dir): PEFT's conversion "

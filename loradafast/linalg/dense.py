@@ -97,7 +97,8 @@ def damped_cholesky(matrix: torch.Tensor, damping: float,
 
 def _plus_diagonal(matrix: torch.Tensor, value: float) -> torch.Tensor:
     """``matrix + value·I`` as one copy (no identity matrix: at n = 11008 each extra float64
-    ``n × n`` temporary costs about a second on the CPU)."""
+    ``n × n`` temporary is about 1 GB, and writing it is a noticeable cost on a CPU; measurements:
+    benchmarks/README.md, 'Measurements behind the library's constants')."""
     out = matrix.clone()
     out.diagonal(dim1=-2, dim2=-1).add_(value)
     return out
@@ -118,10 +119,11 @@ def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
 def finite_flags(tensors: list[torch.Tensor], *, fused: bool | None = None) -> list[bool]:
     """Per tensor, whether every entry is finite, with one host synchronisation.  NaN and ±Inf
     reach the extremes, so no tensor of flags as large as the input is made (``isfinite(t).all()``
-    took 10×, a float64 sum 13× as long over SmolLM2's gradients on a CPU).  ``fused`` (default:
-    where every tensor is on one CUDA device): one multi-tensor max-norm for the whole list, as a
-    launch per tensor would grow with the model's depth; otherwise one ``aminmax`` per tensor,
-    which on a CPU, where launches cost nothing, reads faster."""
+    and a float64 sum each took many times as long over a real model's gradients on a CPU;
+    measurements: benchmarks/README.md, 'Measurements behind the library's constants').
+    ``fused`` (default: where every tensor is on one CUDA device): one multi-tensor max-norm for
+    the whole list, as a launch per tensor would grow with the model's depth; otherwise one
+    ``aminmax`` per tensor, which on a CPU, where launches cost nothing, reads faster."""
     if not tensors:
         return []
     tensors = [t.detach() for t in tensors]

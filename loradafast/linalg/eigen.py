@@ -21,7 +21,7 @@ one batch by a block LOBPCG (Knyazev 2001) written for fixed shapes:
   and the implicit-difference direction ``P`` is built in the coefficient space of the
   Rayleigh–Ritz step (Hetmaniuk & Lehoucq 2006; Duersch et al. 2018), so the basis ``[X, W, P]``
   stays orthonormal to working precision and the Rayleigh–Ritz step is a *standard* symmetric
-  eigenproblem of size ``3m`` (batched; see :mod:`loradafast._native`);
+  eigenproblem of size ``3m`` (batched; see :mod:`loradafast.linalg.native`);
 * a layer whose final residual misses the tolerance is re-solved with dense float64
   ``torch.linalg.eigh`` and reported in ``EigenResult.fallback``.
 
@@ -36,16 +36,15 @@ Convergence speed.  Without a preconditioner LOBPCG converges at a rate set by
 ``gap / (λ_max − λ_min)``; LoRA-DA's Ω spans ~``c/λ`` with gaps of ~10⁻³ between the wanted
 eigenvalues, which takes thousands of iterations.  Pass ``precond``: for Ω of the LoRA-DA form,
 :func:`omega_preconditioner` (``(c·Zλ⁻¹ + sI)⁻¹``, provably within a factor ``shift/(shift−1)``
-of ``Ω + sI`` whatever the conditioning of ``Zλ``) makes LOBPCG converge in 10–30 iterations.
+of ``Ω + sI`` whatever the conditioning of ``Zλ``) makes LOBPCG converge in tens of iterations.
 Oversampling the block beyond ``r`` makes the convergence of the r wanted pairs depend on the
 gap ``λ_{m+1} − λ_r`` instead of ``λ_{r+1} − λ_r``.
 
 Block Lanczos first, where there is no preconditioner (``krylov_columns``).  LOBPCG keeps three
 blocks; block Lanczos with full reorthogonalisation keeps the whole Krylov space and takes its
-Rayleigh–Ritz pairs, which without a preconditioner needs fewer products for the same residual:
-on the q/k/v group of a Llama-2-7B block ("tokens" statistics of bench_scale.py, 1 thread) LOBPCG
-with 32 columns took 33 iterations (1,152 column-products) to a residual of 1e-10, block Lanczos
-with blocks of 16 columns 30-32 blocks (496-528 column-products; every other block is checked).
+Rayleigh–Ritz pairs, which without a preconditioner needs fewer products for the same residual
+(on the q/k/v group of a Llama-2-7B block, well under half of LOBPCG's column-products; measurements:
+benchmarks/README.md, 'Measurements behind the library's constants').
 Its memory is the basis and its image, ``2·n·krylov_columns`` per operator, preallocated (fixed
 shapes; dependent directions masked as in LOBPCG); the projected matrix grows by one block of
 columns per product.  Layers it leaves unconverged when the basis is full continue in LOBPCG from
@@ -166,8 +165,9 @@ def _svqb(u: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _thin(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``a @ c`` for a tall ``a`` ``[.., n, p]`` and a small ``c`` ``[.., p, k]``, computed as
-    ``(cᵀaᵀ)ᵀ``: the same products, but MKL (float64, 1 thread) runs a GEMM whose result is thin
-    2-3× slower than one whose result is wide (n = 4096, p = 96-640, k = 16-32, measured)."""
+    ``(cᵀaᵀ)ᵀ``: the same products, but MKL runs a GEMM whose result is thin markedly slower than
+    one whose result is wide (measurements: benchmarks/README.md, 'Measurements behind the
+    library's constants')."""
     return (c.mT @ a.mT).mT
 
 
@@ -250,7 +250,8 @@ def omega_preconditioner(z_lambda: torch.Tensor, c: torch.Tensor | float, alpha:
     The cluster ``c/λ`` from the null space of a rank-deficient ``Z`` (what stalls
     unpreconditioned LOBPCG) is mapped to 1.  A ``shift`` close to 1 puts ``−s`` near the most
     negative eigenvalue ``≥ −α``, which acts like shift-and-invert towards the wanted end;
-    1.1 converged fastest in our experiments (1.1 and 2 both in 10–30 iterations for n = 256).
+    1.1 converged fastest of the shifts tried (measurements: benchmarks/README.md, 'Measurements
+    behind the library's constants').
     (``M = c·Zλ⁻¹`` alone, i.e. ``s = 0``, is cheaper but fails when ``c/λ`` is small: then
     ``Zλ/c`` amplifies everything.)
 

@@ -9,11 +9,9 @@ block ``Ω`` of ``k`` columns, then takes the exact SVD of the small ``QᵀA``. 
 ``Aᵀu_i = σ_i v_i`` holds exactly for its triplets; what remains is the residual
 ``R = AV − US = (I − QQᵀ)AV``.  Subspace iteration (PEFT's ``svd_lowrank``) keeps only the last
 block of that space; keeping all of it reaches the same accuracy with several times fewer
-products on gradients, whose leading singular values are clustered: on SmolLM2-135M, blocks of k
-columns and depth 5 (k = 16) or 6 (k = 8) gave every layer a backward error ≤ 3.3e-4 with a
-third of the products of subspace iteration with 4k columns and 4 steps (which reached 1.5e-4,
-but 1.1e-3 on one layer at k = 8), in 1.0–1.2× the time of ``svd_lowrank(q=2k, niter=4)``,
-whose errors reach 1e-2 (numbers by the constants below).
+products on gradients, whose leading singular values are clustered; in about the time of
+``svd_lowrank(q=2k, niter=4)`` it reaches far smaller backward errors (measurements:
+benchmarks/README.md, 'Measurements behind the library's constants').
 
 **The check (backward error).**  The k triplets returned are exact singular triplets of
 ``A + E`` with ``E = −R_k V_kᵀ``, ``‖E‖_F = ‖R_k‖_F``.  The randomized result is accepted when
@@ -27,21 +25,20 @@ likely.  Where the check fails, the space grows by one block at a time (up to
 **Why not a tolerance on the subspace itself.**  The distance to the exact SVD's subspace is also
 estimated and reported: by Wedin's theorem the sine of the largest angle between the top-j
 subspaces is about ``‖R_{:j}‖ / (σ̃_j − σ_{j+1})``, with ``σ̃_{j+1} + ‖r_{j+1}‖`` standing for the
-unknown σ_{j+1} (infinite where there is no gap).  On real gradients that gap is tiny: on
-SmolLM2-135M (16 × 128 tokens) the median gap σ_2r − σ_2r+1 is 0.3 % of σ₁ and the smallest
-0.03 %, so the exact subspace is itself ill-conditioned and no cheap method reproduces it to 1e-4
-(PEFT's ``svd_lowrank(q=4r, niter=4)`` is off by sin θ = 0.12 at worst there).  Matching it is
-what ``mode="exact"`` is for.
+unknown σ_{j+1} (infinite where there is no gap).  On real gradients that gap is a tiny fraction
+of σ₁, so the exact subspace is itself ill-conditioned and no cheap method, PEFT's
+``svd_lowrank(q=4r, niter=4)`` included, reproduces it to 1e-4 (measurements:
+benchmarks/README.md, 'Measurements behind the library's constants').  Matching it is what
+``mode="exact"`` is for.
 
 The randomized path runs in float32 whatever the dtype of ``A`` (a gradient is an fp32 sum): the
 check's own rounding, about ``√n·eps₃₂·σ₁ ≈ 1e-6·σ₁``, sits far below its tolerance.  The small
 Rayleigh–Ritz problem is solved through the Gram matrix of ``QᵀA`` in float64 (its eigenvalues
 are the σ², to float64 accuracy relative to σ₁²: ample for the singular values kept, which the
-check bounds anyway), three times faster than an SVD of ``QᵀA``; where the kept singular values
+check bounds anyway), which is faster than an SVD of ``QᵀA``; where the kept singular values
 fall below ``GRAM_MIN_RATIO·σ₁`` (a gradient of lower rank than the block), the SVD of ``QᵀA``
 is taken instead.  The products are written with wide results (``(QᵀA)Aᵀ``): MKL runs a GEMM with
-a thin result several times slower (see ``lora_da_operator._g_times``).  The exact path keeps
-the dtype of ``A``.
+a thin result markedly slower.  The exact path keeps the dtype of ``A``.
 
 **Stacks.**  :func:`top_singular_triplets_batched` runs all of this on a stack ``[B, m, n]`` of
 same-shaped matrices (the layers of one shape across a model's blocks), so that a GPU pays its
@@ -59,17 +56,12 @@ from dataclasses import dataclass
 
 import torch
 
-# Measured against the exact float64 SVD on the gradients of SmolLM2-135M (all 210 layers: 576×576,
-# 192×576, 1536×576, 576×1536; float32, 1 thread), backward error ‖R_k‖_F/σ₁, median / max, and
-# layers above 1e-3:
-#   k = 16 (LoRA-GA, r = 8): block k, depth 4: 1.5e-4 / 3.8e-3, 32 layers;  depth 5: 6.0e-6 /
-#   3.3e-4, none (2.3 s);  depth 6: 1.5e-6 / 2.2e-5 (3.3 s).  Subspace iteration with 4k columns
-#   and 4 steps (the previous default): 4.4e-6 / 1.5e-4 (4.4 s); svd_lowrank(q=2k, niter=4):
-#   1.2e-4 / 6.3e-3, 70 layers (2.6 s).
-#   k = 8 (LoRA-One): depth 5: 2.4e-5 / 2.1e-3, 5 layers (3 with the Gram Rayleigh–Ritz step below);
-#   depth 6: 1.3e-6 / 2.0e-4, none (1.6 s);
-#   subspace iteration 4k × 4: 2.0e-5 / 1.1e-3, 1 layer (2.1 s).
-# So a block of k columns, 5 steps, and one more step wherever the check fails (k = 8: 3 layers).
+# Why a block of k columns and DEPTH = 5: against the exact SVD on a real model's gradients, this
+# passes the check (BACKWARD_TOL) on every layer at k = 16 and on all but a few at k = 8, which the
+# growth up to MAX_DEPTH then takes one block further; depth 4 fails on many layers; depth 6
+# everywhere, or subspace iteration with 4k columns (the previous default), costs more time for the
+# same outcome; svd_lowrank(q=2k, niter=4) fails on many layers (measurements: benchmarks/README.md,
+# 'Measurements behind the library's constants').
 BLOCK_FACTOR = 1  # block = BLOCK_FACTOR·k columns
 DEPTH = 5  # products with AAᵀ before the first check
 MAX_DEPTH = 10  # the space grows one block per failed check up to this depth, then the exact SVD
@@ -372,7 +364,8 @@ def _scaled(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     failed.  max |aᵢⱼ| ≤ σ₁ ≤ √(mn)·max |aᵢⱼ|: a matrix whose largest entry lies outside
     [1e-6, 1e6] is divided by the power of two at or below that entry (exact: the triplets and
     the singular values scaled back lose nothing), the others by 1.  (The max, not the
-    Frobenius norm: a float64 norm of every gradient cost 6× as much.)"""
+    Frobenius norm: a float64 norm of every gradient cost several times as much; measurements:
+    benchmarks/README.md, 'Measurements behind the library's constants'.)"""
     dims = (1, 2)  # (aminmax along a dim reads several times slower than amax and amin)
     largest = torch.maximum(a.amax(dim=dims).abs(), a.amin(dim=dims).abs()).double()
     rescale = torch.isfinite(largest) & (largest > 0) & ((largest < 1e-6) | (largest > 1e6))

@@ -13,7 +13,7 @@ boundary).
 Stacks.  The SVD-based formulas also come as ``*_stack`` functions over a stack ``[B, out, in]``
 of same-shaped layers of the same rank, returning one :class:`Factors` per layer: the same
 arithmetic on a leading batch dimension (one batched SVD, or one batched randomized SVD,
-:func:`.linalg.lowrank.top_singular_triplets_batched`), so that a GPU solve of a deep model does
+:func:`loradafast.linalg.lowrank.top_singular_triplets_batched`), so that a GPU solve of a deep model does
 not pay launches and host synchronisations per layer.  The one-layer functions are stacks of one.
 
 Sign conventions.  A singular triplet ``(u, σ, v)`` is defined up to a joint sign flip; where a
@@ -21,7 +21,7 @@ method keeps ``u`` and ``v`` of the same triplet (PiSSA, MiLoRA, LoRA-One, the F
 the product ``B·A`` does not depend on it, and where it does not (LoRA-GA puts different triplets
 into A and B) ``B·A`` does.  For reproducible output across devices and LAPACK builds, every
 kept vector is given a canonical sign (largest-magnitude entry positive, see
-:func:`.linalg.canonical_signs`); a comparison with another implementation must allow a sign per
+:func:`loradafast.linalg.dense.canonical_signs`); a comparison with another implementation must allow a sign per
 rank-1 component.
 """
 from __future__ import annotations

@@ -40,10 +40,11 @@ def lora_ga(grad: torch.Tensor, rank: int, *, gamma: float = 16.0, variant: str 
       PEFT 0.21 takes ``out`` from the stored ``[in, out]`` weight, i.e. uses ``in^¼``; this
       variant uses the layer's true ``out``.)
 
-    Both move the base weight to ``W − s·B·A``.  ``svd`` (:func:`.linalg.lowrank.top_singular_triplets`):
+    Both move the base weight to ``W − s·B·A``.  ``svd`` (:func:`loradafast.linalg.lowrank.top_singular_triplets`):
     "auto" takes randomized triplets whose backward error is below 1e-3, the exact SVD otherwise;
     "exact" always the exact SVD; "randomized" never falls back.  Both reference implementations use
-    ``torch.svd_lowrank(q=4r, niter=4)`` unchecked (backward error up to ~1e-2 on SmolLM2).
+    ``torch.svd_lowrank(q=4r, niter=4)`` unchecked, whose backward error misses 1e-3 on many layers of
+    a real model (measurements: benchmarks/README.md, 'Measurements behind the library's constants').
     ``dtype``: of the exact SVD and of the factors (default ``grad.dtype``).  Their
     gradient is the mean over batches of the batch's token-mean loss gradient; ours (docs/design.md §3)
     is the mean over sequences of each sequence's token-mean loss gradient.  The two agree when

@@ -20,7 +20,7 @@ from ..options import (KEYWORDS, FisherSubspaceConfig, LoraDAConfig, LoraGAConfi
 from .. import planner
 from ..planner import LayerShape, MemoryModel
 from ..progress import track
-from . import gradient_svd, lora_da, lora_da_solve, weight_svd
+from . import gradient_svd, lora_da, lora_da_solve, stability, weight_svd
 from .factors import Factors
 from .fisher import fisher_subspace, fisher_subspace_stack
 from .problem import Problem
@@ -46,6 +46,8 @@ class Method:
     # For the report: (result ranks, options, statistics, max width) → per layer, the smallest
     # eigenvalues of the matrix whose eigenvectors the method keeps; None: nothing to draw.
     spectra: Callable | None = None
+    # What the split-half warning advises when the data barely determine the method's subspaces.
+    noise_advice: str = stability.MORE_SAMPLES
 
     @property
     def data_aware(self) -> bool:
@@ -162,7 +164,8 @@ def _milora_stack(p: Problem, names: list[str], c: MiloraConfig) -> list[Factors
 
 
 # G is an fp32 sum: it is read in float32, and only the exact SVD works in c.dtype (the
-# randomized one runs in float32; a float64 copy of every G cost 8 % of the solve on SmolLM2).
+# randomized one runs in float32, so a float64 copy of every G would be a needless cost;
+# measurements: benchmarks/README.md, 'Measurements behind the library's constants').
 def _lora_ga(p: Problem, name: str, c: LoraGAConfig) -> Factors:
     return gradient_svd.lora_ga(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, variant=c.variant,
                                 svd=c.svd, dtype=c.dtype)
@@ -212,7 +215,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     # All layers together: one factorisation per input group, its cost and workspace per group.
     Method("lora-da", "LoRA-DA", LoraDAConfig, _lora_da, statistics=frozenset("GYZ"),
            workspace=lora_da_solve.planned_workspace, solve_cost=lora_da_solve.solve_cost,
-           spectra=lora_da.omega_spectra),
+           spectra=lora_da.omega_spectra, noise_advice=lora_da.NOISE_ADVICE),
     Method("lora", "LoRA", RandomLoraConfig, per_layer(_lora)),
     # PiSSA's niter: svd_lowrank draws from the global RNG, layer by layer as PEFT does.
     Method("pissa", "PiSSA", PissaConfig, per_shape(_pissa_stack, _pissa, stackable=lambda c: c.niter is None),

@@ -141,7 +141,7 @@ def _with_split_half(record: Method, config: MethodConfig, problem: Problem, lay
     loose = stability.half_config(config)
     solved = [record.solve(dataclasses.replace(problem, stats=half), loose) for half in halves]
     layers = stability.split_half_diagnostics(layers, *solved)
-    stability.warn_if_unsupported(layers, record.name, problem.stats.num_sequences)
+    stability.warn_if_unsupported(layers, record.name, problem.stats.num_sequences, record.noise_advice)
     return layers
 
 
@@ -249,7 +249,9 @@ def _warn_if_degraded(layers: dict[str, LayerInit], dtype: torch.dtype) -> None:
             notes["Cholesky retried in float64"].append(name)
         if max(d.z_condition_estimate or 0.0, d.y_condition_estimate or 0.0) > limit:
             advice = "consider damping_mode='relative'"
-            if dtype != torch.float64:  # measured: sin θ 5e-3 to 0.13 against float64 at cond(Zλ) ≈ 1e6
+            # float32 then moves the subspace far from float64's (measurements: benchmarks/README.md,
+            # 'Measurements behind the library's constants')
+            if dtype != torch.float64:
                 advice += ", or the default float64: rounding can move this float32 subspace by about 6e-8·cond"
             notes[f"damped factor condition number above {limit:.0e} ({advice})"].append(name)
     if notes:

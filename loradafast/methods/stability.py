@@ -25,7 +25,8 @@ from .. import user_warnings
 from ..layer_init import LayerInit
 
 # LoRA-DA's residual tolerance for the halves (‖ΩX − XΛ‖/‖Ω‖): Davis–Kahan then bounds each half's
-# subspace error by about 1e-6·‖Ω‖/gap, far below the split-half sines measured (1e-2 and up).
+# subspace error by about 1e-6·‖Ω‖/gap, far below the split-half sines measured (measurements:
+# benchmarks/README.md, 'Measurements behind the library's constants').
 HALF_RESIDUAL_TOL = 1e-6
 # A layer's subspace is "supported" by the data when the halves share at least this much of it.
 SUPPORTED_OVERLAP = 0.5
@@ -65,6 +66,9 @@ def split_half_diagnostics(layers: dict[str, LayerInit], even: dict, odd: dict) 
     return out
 
 
+MORE_SAMPLES = "pass more samples (max_samples, a larger loader)"  # what helps most methods
+
+
 def summary(layers: dict[str, LayerInit]) -> dict | None:
     """Median overlap, its random baseline, and the layers the data support; None without halves."""
     measured = [(layer.diagnostics.split_half_overlap, layer.diagnostics.random_overlap)
@@ -77,20 +81,14 @@ def summary(layers: dict[str, LayerInit]) -> dict | None:
         len(measured) // 2], "supported": supported, "layers": len(overlaps)}
 
 
-def warn_if_unsupported(layers: dict[str, LayerInit], method: str, num_sequences: int | None) -> None:
-    """A warning, with the figures and what to do, when most layers' subspaces are noise."""
+def warn_if_unsupported(layers: dict[str, LayerInit], method: str, num_sequences: int | None,
+                        advice: str = MORE_SAMPLES) -> None:
+    """A warning, with the figures and ``advice`` (the method's: what to do), when most layers'
+    subspaces are noise."""
     s = summary(layers)
     if s is None or s["supported"] >= WARN_FRACTION * s["layers"]:
         return
     data = f" from {num_sequences} sequences" if num_sequences else ""
-    advice = "pass more samples (max_samples, a larger loader)"
-    if method == "lora-da":
-        # Why this advice: the split-half study (benchmarks/README.md) found Zλ⁻¹ amplifying the
-        # gradient's noise along the input directions of least variance; a strong damping of Z, or
-        # no Z⁻¹ at all, made the halves agree where more data barely did.
-        advice = ("more samples help little here (Zλ⁻¹ amplifies the gradient's noise along the input directions "
-                  "of least variance): try a strong relative damping (damping_mode='relative', damping=10), or "
-                  "method='lora-one', whose subspaces the same data determine far better")
     user_warnings.warn(
         f"loradafast: the data{data} barely determine the {method} subspaces: two halves of the samples give "
         f"subspaces sharing a median {s['median_overlap']:.1%} of their span (unrelated subspaces share about "

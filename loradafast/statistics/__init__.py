@@ -5,7 +5,7 @@ that accumulate G, Y and Z, and the :class:`Statistics` they produce (saved and 
 * :mod:`.losses`: per-sequence losses the pass differentiates;
 * :mod:`.hooks`: the forward/backward hooks and their accumulators;
 * :mod:`.collector`: :func:`collect`, the pass itself;
-* :mod:`.store`: :class:`Statistics` / :class:`LayerStats` and their file format.
+* :mod:`.sums`: :class:`Statistics` / :class:`LayerStats` and their file format.
 """
 from .collector import collect, is_causal_lm
 from .sums import LayerStats, MissingStatisticsError, Statistics

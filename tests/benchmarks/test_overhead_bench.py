@@ -84,7 +84,9 @@ def test_a_run_cut_off_midway_leaves_every_finished_run_on_disk(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         overhead.main(["--models", "tiny", "--methods", "floor,floor-train,lora-ga", "--repeats", "1",
                        "--out", str(out)])
-    block = json.loads(out.read_text())["models"]["tiny"]
+    data = json.loads(out.read_text())  # the run's entry of the results file (_common.write_entry)
+    assert (data["benchmark"], data["device_slug"], list(data["configurations"])) == ("overhead", "cpu", ["default"])
+    block = data["configurations"]["default"]["models"]["tiny"]
     assert block["partial"] is True
     assert [r["wall_s"] for r in block["runs"]["floor"]] == [1.25] and block["runs"]["floor-train"] == []
     assert block["summary"]["floor"]["wall_s"]["median"] == 1.25

@@ -110,3 +110,23 @@ def test_warnings_name_the_callers_line(entry):
     ours = [w for w in caught if "barely determine" in str(w.message)]
     assert ours, [str(w.message)[:80] for w in caught]
     assert {w.filename for w in ours} == {__file__}
+
+
+def test_the_stages_run_in_order_once(monkeypatch):
+    calls = []
+    for stage in ("plan", "solve", "apply"):
+        real = getattr(pipeline_module.Pipeline, stage)
+
+        def spy(self, *args, _real=real, _stage=stage, **kwargs):
+            calls.append(_stage)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(pipeline_module.Pipeline, stage, spy)
+    real_collect = pipeline_module.passes.collect
+    monkeypatch.setattr(pipeline_module.passes, "collect",
+                        lambda *a, **k: calls.append("collect") or real_collect(*a, **k))
+    loradafast.initialize(tiny_llama(), _batches(), RANK, progress=False)
+    assert calls == ["solve", "plan", "collect", "apply"]  # solve plans, collects, then solves
+    calls.clear()
+    loradafast.initialize(tiny_llama(), None, RANK, method="pissa", progress=False)
+    assert calls == ["solve", "apply"]  # a weight-only method: no plan, no pass
