@@ -174,6 +174,12 @@ def _solve(pipeline, stats, targets: list[Target], workspace_budget: int | None)
         return _solve_layers(pipeline, stats, weights, names, workspace_budget)
     if weights is not None:  # sharded weights are gathered one layer at a time, to their owners only
         weights = distributed.weights_to_owners([t for t in targets if t.name in owners], owners)
+    return _solve_owned(pipeline, stats, weights, names, owners, workspace_budget)
+
+
+def _solve_owned(pipeline, stats, weights, names, owners: dict, workspace_budget: int | None = None) -> InitResult:
+    """This rank's share (``names``) solved, each layer's diagnostics naming the rank; every rank
+    learns whether any rank's solve failed."""
     result, error = None, None
     try:
         result = _solve_layers(pipeline, stats, weights, names, workspace_budget)
@@ -332,14 +338,6 @@ def solve_weights(pipeline) -> InitResult:
               for t in targets]
     owners = planner.assign_owners(shapes, distributed.world_size(), pipeline.method.solve_cost)
     weights = distributed.weights_to_owners(targets, owners)
-    result, error = None, None
-    try:
-        result = _solve_layers(pipeline, None, weights, set(weights))
-        for layer in result.layers.values():
-            layer.diagnostics.solved_by_rank = distributed.rank()
-    except Exception as e:  # noqa: BLE001 - every rank learns of it, then it is raised
-        error = e
-    distributed.agree_on_failure(error, "the solve")
-    result.owners = owners
+    result = _solve_owned(pipeline, None, weights, set(weights), owners)
     _shared(result, pipeline)
     return result

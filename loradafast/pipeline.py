@@ -28,7 +28,7 @@ from .result import InitResult
 from .statistics import collect, provenance
 from .statistics.collector import is_causal_lm
 from .statistics.sums import Statistics
-from .targets import Target, base_model_of, find_targets, is_peft_model, model_meta
+from .targets import Target, base_model_of, find_targets, is_peft_model, model_device, model_meta
 
 
 @dataclass(frozen=True)
@@ -254,11 +254,3 @@ def statistics_for(stats: Statistics, targets: list[Target]) -> Statistics:
     layers = {t.name: stats.layers[t.name] for t in targets}
     groups = {s.input_group for s in layers.values()}
     return replace(stats, layers=layers, z_sums={k: v for k, v in stats.z_sums.items() if k in groups})
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without any)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")

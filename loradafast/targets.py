@@ -293,3 +293,11 @@ def base_model_only(model: nn.Module):
     finally:
         for m, flag in switches:
             m._disable_adapters = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without any)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

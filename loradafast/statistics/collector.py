@@ -37,7 +37,7 @@ from .losses import causal_lm_sequence_losses, next_token_labels
 from .hooks import Accumulator, agree_on_layers, all_reduce, reduce_to_owners
 from . import provenance
 from .sums import LayerStats, Statistics, check_factors
-from ..targets import Target, base_model_of, base_model_only, find_targets, model_meta
+from ..targets import Target, base_model_of, base_model_only, find_targets, model_device, model_meta
 
 logger = logging.getLogger(__name__)
 logger.addFilter(distributed.MAIN_RANK_ONLY)
@@ -200,10 +200,7 @@ def _prepared(model, targets, *, target_modules, adapter_name, loss_fn, y_factor
     except Exception as e:  # noqa: BLE001 - raised below, on every rank
         error = e
     distributed.agree_on_failure(error, "the checks before the statistics pass")
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = model_device(model)
     if split_halves is None:
         split_halves = _halves_fit(targets, factors, y_factor, device)
     elif split_halves and distributed.is_distributed():

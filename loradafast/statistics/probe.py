@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..targets import Target
+from ..targets import Target, model_device
 from .batches import END, normalize_batch
 from .collector import checked_targets, stream
 from .hooks import Accumulator, capture_grad
@@ -118,10 +118,7 @@ def probe(model: nn.Module, batch, targets: list[Target], *, loss_fn: Callable |
     checks come first, so that a model the pass would refuse fails as it would.  ``factors`` and
     ``y_factor``: the pass's, which decide whether its hooks keep the layers' inputs."""
     targets = checked_targets(model, targets, target_modules=None, adapter_name=None, loss_fn=loss_fn)
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = model_device(model)
     saved = SavedBytes(model)
     acc = _Probe(targets, y_factor, device, factors, saved)
     with saved.saved_tensors():
