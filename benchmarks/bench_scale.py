@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loradafast  # noqa: E402
 from loradafast.linalg import native as _native  # noqa: E402
 from loradafast.linalg.eigen import span_sine  # noqa: E402
-from loradafast.methods import lora_da_solve  # noqa: E402
+from loradafast.methods.lora_da import solve as lora_da_solve  # noqa: E402
 from loradafast.statistics import LayerStats, Statistics  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -6,7 +6,7 @@
 
 Times ``loradafast.solve(stats, r, eigensolver=...)`` for each solver, alternating them, and
 reports the subspace agreement between them (sin of the largest principal angle, per layer).
-Decides ``eigensolver="auto"`` on CPU (``lora_da_solve.auto_is_dense``).
+Decides ``eigensolver="auto"`` on CPU (``loradafast.methods.lora_da.solve.auto_is_dense``).
 Results: benchmarks/results/solve_<device>.json, one entry per configuration (``--config KEY``,
 default ``default``; the file's other entries are kept).
 """

@@ -37,12 +37,15 @@ from .api import initialize  # noqa: E402
 from .integrations.peft_entry import get_lora_da_state_dict, get_peft_model, preprocess_lora_da  # noqa: E402
 from .statistics import collect  # noqa: E402
 from .integrations.peft_model import apply_base_update, freeze_lora_a  # noqa: E402
-from .layer_init import LayerDiagnostics, LayerInit, LoraDADiagnostics  # noqa: E402
+from .layer_init import LayerDiagnostics, LayerInit  # noqa: E402
 from .result import InitResult  # noqa: E402
 from .methods.registry import METHODS, REGISTRY, WEIGHT_ONLY_METHODS  # noqa: E402
 from .methods.solver import solve  # noqa: E402
-from .options import (FisherSubspaceConfig, LoraDAConfig, LoraGAConfig, LoraOneConfig, MethodConfig,  # noqa: E402
-                      MiloraConfig, PissaConfig, RandomLoraConfig)
+from .options import MethodConfig  # noqa: E402
+from .methods.fisher import FisherSubspaceConfig  # noqa: E402
+from .methods.gradient_svd import LoraGAConfig, LoraOneConfig  # noqa: E402
+from .methods.lora_da import LoraDAConfig, LoraDADiagnostics  # noqa: E402
+from .methods.weight_svd import MiloraConfig, PissaConfig, RandomLoraConfig  # noqa: E402
 from .statistics import LayerStats, Statistics  # noqa: E402
 
 __all__ = [

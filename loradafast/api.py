@@ -40,8 +40,9 @@ def initialize(model: nn.Module, loader: Iterable | None = None, rank: int | Non
     (with ``progress``), logged, and kept as ``result.plan``.
 
     ``method`` (docs/design.md §4-5; the README's methods table) takes its options as one
-    validated object, ``config=`` (its ``*Config`` class in :mod:`loradafast.options`, whose fields
-    are documented there: ``LoraDAConfig``, ``LoraGAConfig``, ...), or as the keywords that build it
+    validated object, ``config=`` (its ``*Config`` class, in the method's module and at the package's
+    top, whose fields are documented there: ``loradafast.LoraDAConfig``, ``LoraGAConfig``, ...), or
+    as the keywords that build it
     (``options``; None means the default, and a keyword that is not an option of the method
     raises).  Weight-only methods (``lora``, ``pissa``, ``milora``) run no pass: ``loader`` may be None.
 

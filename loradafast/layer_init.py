@@ -1,13 +1,17 @@
 """One layer's share of a solve, as plain data: its initial factors (:class:`LayerInit`) and what
-the solve reports about it (:class:`LayerDiagnostics`, one subclass per method family).
+the solve reports about it (:class:`LayerDiagnostics`; each method's module subclasses it).
 
 These sit below every stage: the methods fill them, :mod:`loradafast.distributed` sends them
-between ranks, and :class:`loradafast.result.InitResult` gathers them.
+between ranks, and :class:`loradafast.result.InitResult` gathers them.  A subclass also says what
+the stages above do with its fields, so that none of them names a method or a method's field:
+which numbers certify the factors (refused when not finite), which values make the solve warn,
+what the solve's log line adds, and what the report tabulates, derives and flags.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
@@ -37,77 +41,52 @@ class _FieldMapping(Mapping):
         return {f.name for f in fields(cls)}
 
 
+def reported(default=None):
+    """A diagnostics field the report keeps (``loradafast_diagnostics.json``): a scalar, or a
+    tensor kept as a list."""
+    return field(default=default, metadata={"report": True})
+
+
 @dataclass
 class LayerDiagnostics(_FieldMapping):
-    """What a solve reports about one layer; the method families add their own fields."""
+    """What a solve reports about one layer; each method's diagnostics class adds its fields."""
 
-    num_tokens: int | None = None  # of the statistics (data-aware methods)
-    num_sequences: int | None = None
+    # The report's table: the method's columns (between the shapes and the split-half ones), the
+    # fields it shows under another name, what deserves a look as (label, column, test of the
+    # value), and the note that explains the columns.
+    COLUMNS: ClassVar[tuple[str, ...]] = ()
+    RENAMED: ClassVar[dict[str, str]] = {}
+    FLAGS: ClassVar[tuple] = ()
+    COLUMN_NOTES: ClassVar[str] = ""
+
+    num_tokens: int | None = reported()  # of the statistics (data-aware methods)
+    num_sequences: int | None = reported()
     solved_by_rank: int | None = None  # the rank that solved this layer (a distributed run; else None)
     # Split-half stability (loradafast.methods.stability): the subspaces solved from the even and
     # from the odd batches share this much of their span (1: the same; random_overlap: unrelated),
     # and the sine of their largest principal angle.  None where the pass kept no half.
-    split_half_overlap: float | None = None
-    split_half_sine: float | None = None
-    random_overlap: float | None = None
+    split_half_overlap: float | None = reported()
+    split_half_sine: float | None = reported()
+    random_overlap: float | None = reported()
 
+    def certifying_numbers(self) -> list[torch.Tensor]:
+        """The numbers that certify the layer's factors: a non-finite one refuses the solve."""
+        return []
 
-@dataclass
-class SingularDiagnostics(LayerDiagnostics):
-    """PiSSA, MiLoRA: the kept singular values of the weight."""
+    def degradations(self, dtype: torch.dtype) -> list[str]:
+        """Why this layer's solve looks fragile in the working ``dtype`` (one warning lists them)."""
+        return []
 
-    singular_values: torch.Tensor | None = None
+    @classmethod
+    def solve_summary(cls, diagnostics: list[LayerDiagnostics]) -> str:
+        """What the solve's one log line adds about these layers (", ..." or empty)."""
+        return ""
 
-
-@dataclass
-class GradientDiagnostics(LayerDiagnostics):
-    """LoRA-GA, LoRA-One: the gradient's singular values they used, and how they were found
-    (:mod:`loradafast.linalg.lowrank`)."""
-
-    gradient_singular_values: torch.Tensor | None = None
-    svd: str | None = None  # "exact", "randomized", or "exact-fallback" (the randomized check failed)
-    svd_backward_error: float | None = None  # ‖GV − US‖_F / σ₁ of the randomized triplets (the check)
-    svd_sine_estimate: float | None = None  # estimated sin θ to the exact SVD's subspaces (inf: no gap)
-    svd_krylov_depth: int | None = None  # products with GGᵀ the randomized SVD used (it grows where the check fails)
-
-
-@dataclass
-class FisherSubspaceDiagnostics(SingularDiagnostics):
-    """Fisher subspace: the Fisher energy of the kept singular triplets of the weight."""
-
-    fisher_energy: torch.Tensor | None = None  # of the kept triplets, in decreasing order
-    energy_fraction: float | None = None
-    singular_indices: torch.Tensor | None = None  # positions in the σ-descending order
-
-
-@dataclass
-class LoraDADiagnostics(LayerDiagnostics):
-    """LoRA-DA (docs/design.md §4, §7): the eigensolve, the damping and the scale of Δ."""
-
-    eigenvalues: torch.Tensor | None = None  # the r smallest of Ω, ascending
-    residual: float | None = None  # ‖ΩX − XΛ‖_F / ‖Ω‖₂
-    residual_floor: float | None = None  # measured rounding of the implicit Ω products
-    residual_tol: float | None = None  # the tolerance ``residual`` was tested against
-    # The stopping rule's Davis–Kahan target for the subspace's sine (None: solved to residual_tol alone)
-    subspace_sine_target: float | None = None
-    omega_norm: float | None = None
-    eigensolver: str | None = None  # "lobpcg", "block-lanczos", "block-lanczos+lobpcg" or "dense"
-    eigensolver_iterations: int | None = None
-    eigensolver_converged: bool | None = None
-    eigensolver_fallback: bool | None = None
-    sigma_iterations: int | None = None
-    preconditioner_factorisations: int | None = None
-    damping_z: float | None = None
-    damping_y: float | None = None
-    damping_raised: bool | None = None
-    z_condition_estimate: float | None = None
-    y_condition_estimate: float | None = None
-    cholesky_dtype: str | None = None
-    sigma: float | None = None  # ‖Δ‖₂
-    variance_coef: float | None = None
-    input_group: str | None = None  # the layer whose input this one shares (Z's key)
-    group_times_s: dict | None = None  # stage times of the whole batch of input groups solved with this one
-    batch_groups: int | None = None  # how many same-shaped input groups that batch stacked
+    @classmethod
+    def derived_columns(cls, entry: dict) -> dict:
+        """The report's columns computed from a layer's diagnostics data (e.g. the first and last
+        of a list), beside the fields it tabulates as they are."""
+        return {}
 
 
 @dataclass
@@ -118,7 +97,7 @@ class LayerInit:
     ``lora_B.weight`` of the layer's adapter; ``kind`` is how the base layer stores its weight
     ("linear" ``[out, in]`` or "conv1d" ``[in, out]``).  ``subtract_scaling`` is set for methods that
     move the base weight (it becomes ``W − s·B·A``); ``diagnostics`` is a
-    :class:`LayerDiagnostics` of the method's family (``LoraDADiagnostics`` for LoRA-DA).
+    :class:`LayerDiagnostics` of the method's own class (its record's ``diagnostics``).
     """
 
     name: str

@@ -1,13 +1,12 @@
-"""The options of every method, validated once, where they are built (docs/design.md §4, §5).
+"""What every method's options share, validated once, where they are built (docs/design.md §4, §5).
 
-One options class per method family, in PEFT's style (``EvaConfig``, ``LoraGAConfig``): a dataclass
-whose ``__post_init__`` checks every value, so that an object that exists is valid and nothing
-downstream checks it again.  :func:`loradafast.initialize`, :func:`loradafast.solve` and
-:func:`loradafast.get_peft_model` take one as ``config=``, or build it from their keyword
-arguments (``beta=0.1`` ...; see :data:`KEYWORDS`); which class a method takes is in
-:mod:`loradafast.methods.registry`.
-
-Every list of allowed values lives here.
+Each method's options class lives in the method's own module (``LoraDAConfig`` in
+:mod:`loradafast.methods.lora_da`, ...), in PEFT's style (``EvaConfig``, ``LoraGAConfig``): a
+dataclass built on :class:`MethodConfig` whose ``__post_init__`` checks every value, so that an
+object that exists is valid and nothing downstream checks it again.  :func:`loradafast.initialize`,
+:func:`loradafast.solve` and :func:`loradafast.get_peft_model` take one as ``config=``, or build it
+from their keyword arguments (``beta=0.1`` ...): a field's keyword is its name, or the
+``keyword`` its :func:`option` gives (``loraga_variant`` for LoRA-GA's ``variant``).
 """
 from __future__ import annotations
 
@@ -17,48 +16,33 @@ from dataclasses import dataclass
 
 import torch
 
-Y_FACTORS = ("diag", "full")  # Y kept as its diagonal or as the full [out, out] matrix
-DAMPING_MODES = ("absolute", "relative")
-GRADIENTS = ("fisher", "raw")  # LoRA-DA's Δ: natural gradient, or −G (ablation)
-EIGENSOLVERS = ("auto", "lobpcg", "dense")
-LORAGA_VARIANTS = ("paper", "peft")
-SVD_MODES = ("auto", "exact", "randomized")  # LoRA-GA, LoRA-One: the gradient's top singular triplets
+Y_FACTORS = ("diag", "full")  # Y kept as its diagonal or as the full [out, out] matrix (the pass's choice)
 SOLVE_DTYPES = (torch.float32, torch.float64)
-
-# The keyword arguments of initialize/solve/get_peft_model that set a field of a method's options
-# (keyword → field).  Any other keyword is not a method option.
-KEYWORDS = {
-    "num_train_samples": "num_train_samples",
-    "beta": "beta",
-    "gamma": "gamma",
-    "y_factor": "y_factor",
-    "damping": "damping",
-    "damping_mode": "damping_mode",
-    "alpha_b": "alpha_b",
-    "gradient": "gradient",
-    "eigensolver": "eigensolver",
-    "residual_tol": "residual_tol",
-    "subspace_sine": "subspace_sine",
-    "loraga_variant": "variant",
-    "pissa_niter": "niter",
-    "svd": "svd",
-    "seed": "seed",
-    "solve_dtype": "dtype",  # initialize's name
-    "dtype": "dtype",  # solve's name
-}
+# The keyword of the solve dtype: initialize names it solve_dtype, solve and the CLI dtype.
+DTYPE_KEYWORDS = ("solve_dtype", "dtype")
 
 
-def option(default, help: str):
-    """A field of an options class with its one line of help (``option_help``; the CLI prints it)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default, help: str, *, keyword: str | None = None):
+    """A field of an options class with its one line of help (``option_help``; the CLI prints it)
+    and, where the entry points name it otherwise than the field, its ``keyword``."""
+    metadata = {"help": help} if keyword is None else {"help": help, "keyword": keyword}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def keyword_of(field: dataclasses.Field) -> str:
+    """The keyword argument of the entry points that sets ``field`` (``dtype`` for the solve dtype)."""
+    return field.metadata.get("keyword", field.name)
+
+
+def option_keywords(config: type) -> dict[str, str]:
+    """keyword → field name, for every field of the options class ``config``."""
+    return {keyword_of(f): f.name for f in dataclasses.fields(config)}
 
 
 def option_help(config: type) -> dict[str, tuple[object, str]]:
-    """The keyword arguments that set ``config``'s fields (the names of :data:`KEYWORDS`, ``dtype``
-    for the solve precision) → (default, help)."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    return {key: (fields[name].default, fields[name].metadata.get("help", "")) for key, name in KEYWORDS.items()
-            if name in fields and key != "solve_dtype"}
+    """The keyword arguments that set ``config``'s fields (``dtype`` for the solve precision) →
+    (default, help)."""
+    return {keyword_of(f): (f.default, f.metadata.get("help", "")) for f in dataclasses.fields(config)}
 
 
 def check_choice(label: str, value, allowed: tuple) -> None:
@@ -66,19 +50,19 @@ def check_choice(label: str, value, allowed: tuple) -> None:
         raise ValueError(f"{label} must be one of {allowed}, got {value!r}")
 
 
-def _check_finite(label: str, value) -> None:
+def check_finite(label: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{label} must be a finite number, got {value!r}")
 
 
-def _check_positive(label: str, value) -> None:
-    _check_finite(label, value)
+def check_positive(label: str, value) -> None:
+    check_finite(label, value)
     if value <= 0:
         raise ValueError(f"{label} must be > 0, got {value!r}")
 
 
-def _check_non_negative(label: str, value) -> None:
-    _check_finite(label, value)
+def check_non_negative(label: str, value) -> None:
+    check_finite(label, value)
     if value < 0:
         raise ValueError(f"{label} must be ≥ 0, got {value!r}")
 
@@ -96,137 +80,9 @@ class MethodConfig:
 
     def options(self) -> dict:
         """The options as the result records them, under the keyword names of ``initialize``."""
-        names = {field: keyword for keyword, field in KEYWORDS.items() if keyword != "solve_dtype"}
-        out = {names.get(f.name, f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {keyword_of(f): getattr(self, f.name) for f in dataclasses.fields(self)}
         out["dtype"] = str(self.dtype).replace("torch.", "")
         return out
-
-
-@dataclass(kw_only=True)
-class LoraDAConfig(MethodConfig):
-    """LoRA-DA (docs/design.md §4).
-
-    ``beta`` (0: no variance term), ``num_train_samples`` (N of the fine-tuning set), ``alpha_b``,
-    ``gamma`` (the scale denominator), ``damping`` and ``damping_mode`` ("absolute" λ, or
-    "relative": λ·mean(diag)), ``gradient`` ("fisher", or "raw": Δ = −G), ``y_factor`` (the Y the
-    pass collects: "diag" or "full"; None: "diag", or whatever the statistics hold),
-    ``eigensolver`` ("auto", "lobpcg", "dense") and its stopping rule: ``residual_tol`` (None:
-    from the measured rounding of Ω; a number is taken as given, e.g. 1e-10 for a tight solve) and
-    ``subspace_sine`` (where ``residual_tol`` is None, a layer also stops once Davis–Kahan bounds
-    the sine between its subspace and the exact one by this; None: no such test).  The default
-    1e-4 sits below what rounding the sums to fp32 moves an ill-conditioned layer's subspace by,
-    and far below what separates two halves of a few hundred samples (docs/design.md §4.8).
-    """
-
-    beta: float = option(0.03, "weight of the variance term (0: none)")
-    gamma: float = option(1024.0, "the scale denominator γ of the factors")
-    num_train_samples: int = option(100_000,
-                                  "N, the size of the fine-tuning set you will train on (weighs the variance term)")
-    y_factor: str | None = option(None, "the output-gradient factor Y: diag, or full (out×out per layer); none: diag")
-    damping: float = option(1e-6, "the damping λ added to the factors before they are inverted")
-    damping_mode: str = option("absolute", "absolute (λ as given) or relative (λ times the mean of the diagonal)")
-    alpha_b: float = option(1.0, "weight α_b of the gradient term in Ω")
-    gradient: str = option("fisher", "fisher (natural gradient) or raw (Δ = −G, an ablation)")
-    eigensolver: str = option("auto", "auto, lobpcg or dense")
-    residual_tol: float | None = option(None,
-                                      "the eigensolver's stopping residual (none: from the measured rounding of Ω)")
-    subspace_sine: float | None = option(1e-4, "a layer also stops once its subspace is this close to the exact "
-                                               "one (none: no such test)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.num_train_samples, int) or isinstance(self.num_train_samples, bool) \
-                or self.num_train_samples <= 0:
-            raise ValueError(f"num_train_samples must be a positive integer (the fine-tuning set size), got "
-                             f"{self.num_train_samples!r}")
-        _check_non_negative("beta", self.beta)
-        _check_positive("gamma", self.gamma)
-        _check_non_negative("damping", self.damping)
-        _check_finite("alpha_b", self.alpha_b)
-        if self.y_factor is not None:
-            check_choice("y_factor", self.y_factor, Y_FACTORS)
-        check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
-        check_choice("gradient", self.gradient, GRADIENTS)
-        check_choice("eigensolver", self.eigensolver, EIGENSOLVERS)
-        if self.residual_tol is not None:
-            _check_positive("residual_tol", self.residual_tol)
-        if self.subspace_sine is not None:
-            _check_positive("subspace_sine", self.subspace_sine)
-
-
-@dataclass(kw_only=True)
-class LoraGAConfig(MethodConfig):
-    """LoRA-GA: ``gamma`` (16), ``variant`` ("paper": the authors' code, "peft": PEFT's) and
-    ``svd``: how the gradient's top 2r singular triplets are found, "auto" (randomized subspace
-    iteration, checked, the exact SVD where the check fails; :mod:`loradafast.linalg.lowrank`),
-    "exact" (``torch.linalg.svd``) or "randomized" (never falls back)."""
-
-    gamma: float = option(16.0, "the scale denominator γ of the factors")
-    variant: str = option("paper", "paper (the authors' code) or peft (PEFT's LoRA-GA)")
-    svd: str = option("auto", "auto, exact or randomized: how the gradient's top singular triplets are found")
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_positive("gamma", self.gamma)
-        check_choice("loraga_variant", self.variant, LORAGA_VARIANTS)
-        check_choice("svd", self.svd, SVD_MODES)
-
-
-@dataclass(kw_only=True)
-class LoraOneConfig(MethodConfig):
-    """LoRA-One: ``gamma`` (128) and ``svd`` as in :class:`LoraGAConfig` (top r triplets)."""
-
-    gamma: float = option(128.0, "the scale denominator γ of the factors")
-    svd: str = option("auto", "auto, exact or randomized: how the gradient's top singular triplets are found")
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_positive("gamma", self.gamma)
-        check_choice("svd", self.svd, SVD_MODES)
-
-
-@dataclass(kw_only=True)
-class PissaConfig(MethodConfig):
-    """PiSSA: ``niter`` None for the exact SVD, n for ``torch.svd_lowrank`` with n iterations
-    (PEFT's ``"pissa_niter_<n>"``)."""
-
-    niter: int | None = option(None, "none: the exact SVD; n: torch.svd_lowrank with n iterations")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.niter is not None and (not isinstance(self.niter, int) or isinstance(self.niter, bool)
-                                       or self.niter < 0):
-            raise ValueError(f"pissa_niter must be None (exact SVD) or a non-negative integer, got {self.niter!r}")
-
-
-@dataclass(kw_only=True)
-class MiloraConfig(MethodConfig):
-    """MiLoRA: no options beyond the working ``dtype``."""
-
-
-@dataclass(kw_only=True)
-class FisherSubspaceConfig(MethodConfig):
-    """The Fisher subspace: ``y_factor`` as in :class:`LoraDAConfig`."""
-
-    y_factor: str | None = option(None, "the output-gradient factor Y: diag, or full (out×out per layer); none: diag")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.y_factor is not None:
-            check_choice("y_factor", self.y_factor, Y_FACTORS)
-
-
-@dataclass(kw_only=True)
-class RandomLoraConfig(MethodConfig):
-    """PEFT's default LoRA init: ``seed`` of the generator of the random ``lora_A`` (None: the
-    global RNG, as PEFT)."""
-
-    seed: int | None = option(None, "seed of the random lora_A (none: the global RNG, as PEFT)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
 
 
 def check_pass_options(max_samples) -> None:

@@ -75,9 +75,8 @@ def plan_for(pipeline, loader: Iterable) -> Planned:
     started = time.perf_counter()
     targets, config = pipeline.targets, pipeline.config
     budget, source = _budget(pipeline.run_options.memory_budget, targets, pipeline.device)
-    memory = memory_model(pipeline.method, y_factor=pipeline.y_factor, solve_dtype=config.dtype,
-                          eigensolver=getattr(config, "eigensolver", "lobpcg"), device_type=pipeline.device.type,
-                          world_size=distributed.world_size())
+    memory = memory_model(pipeline.method, config, y_factor=pipeline.y_factor, solve_dtype=config.dtype,
+                          device_type=pipeline.device.type, world_size=distributed.world_size())
     groups, notes = {t.name: t.name for t in targets}, []
     if budget is not None:  # only a limit needs the groups and the activations before the pass
         found, loader, error = _probe(pipeline.model, loader, targets, pipeline.run_options.loss_fn, memory)

@@ -5,7 +5,7 @@ checked before any pass; and its stages, plan → collect → solve → apply.
 The stages live where their work is: the plan and the passes in :mod:`.passes`, the solve in
 :mod:`.methods.solver`, the writes into a PEFT model in :mod:`.integrations.peft_model`.  Every
 entry point is a face over a pipeline: :func:`loradafast.initialize` (and through it
-``get_peft_model`` and the Trainer callback), ``preprocess_lora_da`` and the CLI.
+``get_peft_model`` and the Trainer callback), ``preprocess_lora_da`` and the CLI's ``init``.
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ class Pipeline:
         """One statistics pass over ``loader`` for every target, whatever the memory budget."""
         return collect(self.model, loader, targets=self.targets, y_factor=self.y_factor,
                        max_samples=self.run_options.max_samples, loss_fn=self.run_options.loss_fn,
-                       progress=self.run_options.progress, factors=self.method.statistics)
+                       progress=self.run_options.progress, factors=self.method.statistics,
+                       split_halves=self.run_options.split_halves)
 
     def solve(self, loader=None, stats=None) -> tuple[InitResult, float]:
         """The factors of the targets: from ``stats``, from passes over ``loader`` planned under the

@@ -190,7 +190,9 @@ class MemoryModel:
     statistics: frozenset = frozenset("GYZ")  # what the pass collects (of "G", "Y", "Z")
     y_factor: str = "diag"
     solve_dtype: torch.dtype = torch.float64
-    eigensolver: str = "lobpcg"  # a method's solver choice its workspace may depend on ("auto": per width)
+    # The method's options (its MethodConfig), which its workspace may read (LoRA-DA: its
+    # eigensolver, dense or iterative); None: the method's defaults.
+    options: object = None
     device_type: str = "cuda"
     world_size: int = 1  # ranks of a distributed run: each solves, and keeps the statistics of, its share
     # Split halves (collect(split_halves=True)): the odd batches' sums beside the totals, and the even

@@ -18,12 +18,15 @@ directory:
   statistics are given, Ω's spectrum around the cut (the eigenvalues on both sides of the r-th,
   showing the gap the initialisation relies on).
 
-Non-LoRA-DA methods get the columns their diagnostics have (singular values for PiSSA/MiLoRA,
-the gradient's for LoRA-GA/LoRA-One).
+Each method's diagnostics class says which of its fields the report keeps, its columns, how they
+are derived and what it flags (:class:`~loradafast.layer_init.LayerDiagnostics`): the
+description above is LoRA-DA's; PiSSA/MiLoRA show the kept singular values, LoRA-GA/LoRA-One
+the gradient's.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -32,6 +35,8 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .layer_init import LayerDiagnostics
+from .methods.registry import REGISTRY
 
 logger = logging.getLogger(__name__)
 logger.addFilter(distributed.MAIN_RANK_ONLY)
@@ -43,20 +48,10 @@ HTML_FILE = "report.html"
 FORMAT_VERSION = 1
 # Ω is formed densely per layer for the spectrum around the cut: O(n³) each, so only up to this width.
 SPECTRUM_MAX_WIDTH = 2048
-# Columns of the table, in order; a column no layer has is left out.
-COLUMNS = ("layer", "kind", "in", "out", "rank", "sigma", "lambda_1", "lambda_r", "lambda_r+1", "residual",
-           "residual_tol", "residual_floor", "omega_norm", "eigensolver", "iterations", "converged", "fallback",
-           "damping_z", "damping_y", "damping_raised", "z_condition", "y_condition", "cholesky_dtype", "variance_coef",
-           "input_group", "s_1", "s_r", "energy_fraction", "split_half_overlap", "split_half_sine", "random_overlap",
-           "norm_A", "norm_B")
-_RENAMED = {"eigensolver_iterations": "iterations", "eigensolver_converged": "converged",
-            "eigensolver_fallback": "fallback", "z_condition_estimate": "z_condition",
-            "y_condition_estimate": "y_condition"}
-_SCALARS = ("residual", "residual_tol", "residual_floor", "omega_norm", "eigensolver", "eigensolver_iterations",
-            "eigensolver_converged", "eigensolver_fallback", "damping_z", "damping_y", "damping_raised",
-            "z_condition_estimate", "y_condition_estimate", "cholesky_dtype", "sigma", "variance_coef",
-            "input_group", "energy_fraction", "num_tokens", "num_sequences", "split_half_overlap", "split_half_sine",
-            "random_overlap")
+# The table's columns, in order: these, the method's own (its diagnostics class's COLUMNS), then
+# the split-half ones and the factors' norms; a column no layer has is left out.
+SHAPE_COLUMNS = ("layer", "kind", "in", "out", "rank")
+LAST_COLUMNS = ("split_half_overlap", "split_half_sine", "random_overlap", "norm_A", "norm_B")
 
 
 # ---- from a result to plain data -------------------------------------------------------------------
@@ -80,14 +75,14 @@ def _layer_entry(layer, spectrum) -> dict:
     entry = {"kind": layer.kind, "in": int(layer.lora_A.shape[1]), "out": int(layer.lora_B.shape[0]),
              "rank": layer.rank, "norm_A": float(layer.lora_A.float().norm()),
              "norm_B": float(layer.lora_B.float().norm())}
-    for key in _SCALARS:
-        value = getattr(d, key, None)
-        if value is not None:
-            entry[key] = _plain(value)
-    for key in ("eigenvalues", "singular_values", "gradient_singular_values"):
-        value = getattr(d, key, None)
-        if value is not None:
-            entry[key] = [float(v) for v in torch.as_tensor(value).reshape(-1).tolist()]
+    for f in dataclasses.fields(d):
+        value = getattr(d, f.name)
+        if not f.metadata.get("report") or value is None:
+            continue
+        if torch.is_tensor(value) and value.ndim > 0:
+            entry[f.name] = [float(v) for v in value.reshape(-1).tolist()]
+        else:
+            entry[f.name] = _plain(value)
     if spectrum is not None:
         entry["omega_spectrum"] = spectrum
     return entry
@@ -128,10 +123,19 @@ def add_spectra(data: dict, stats, *, max_width: int = SPECTRUM_MAX_WIDTH) -> di
 
 
 def _spectra_of(method: str):
-    from .methods.registry import REGISTRY
-
     record = REGISTRY.get(method)
     return None if record is None else record.spectra
+
+
+def _diagnostics_class(data: dict) -> type[LayerDiagnostics]:
+    """The diagnostics class of the method a report is of (the base class for an unknown one)."""
+    record = REGISTRY.get(data.get("method"))
+    return LayerDiagnostics if record is None else record.diagnostics
+
+
+def columns_of(data: dict) -> tuple[str, ...]:
+    """Every column the table of ``data`` may have, in order."""
+    return SHAPE_COLUMNS + _diagnostics_class(data).COLUMNS + LAST_COLUMNS
 
 
 # ---- files ----------------------------------------------------------------------------------------
@@ -170,7 +174,7 @@ def write_report(result_or_data, directory, *, stats=None, plots: bool = True) -
     directory.mkdir(parents=True, exist_ok=True)
     (directory / DIAGNOSTICS_FILE).write_text(json.dumps(data, indent=1))
     rows = table_rows(data)
-    columns = [c for c in COLUMNS if any(c in row for row in rows)]
+    columns = [c for c in columns_of(data) if any(c in row for row in rows)]
     with open(directory / TABLE_FILE, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -190,40 +194,36 @@ def write_report(result_or_data, directory, *, stats=None, plots: bool = True) -
 
 def table_rows(data: dict) -> list[dict]:
     """One flat row per layer (the CSV's), from the diagnostics data."""
+    kind = _diagnostics_class(data)
     rows = []
     for name, entry in data["layers"].items():
         row = {"layer": name}
         for key, value in entry.items():
-            if isinstance(value, list):
-                continue
-            row[_RENAMED.get(key, key)] = value
-        ev, spectrum = entry.get("eigenvalues"), entry.get("omega_spectrum")
-        if ev:
-            row["lambda_1"], row["lambda_r"] = ev[0], ev[-1]
-        if spectrum and len(spectrum) > entry["rank"]:
-            row["lambda_r+1"] = spectrum[entry["rank"]]
-        sv = entry.get("singular_values") or entry.get("gradient_singular_values")
-        if sv:
-            row["s_1"], row["s_r"] = sv[0], sv[-1]
+            if not isinstance(value, list):
+                row[kind.RENAMED.get(key, key)] = value
+        row.update(kind.derived_columns(entry))
         rows.append(row)
     return rows
 
 
-# What deserves a look, as (label, the table's column, the test of its value): the summary lists
-# the layers, the HTML page marks the cells.
+# What deserves a look whatever the method, as (label, the table's column, the test of its value);
+# a method's diagnostics class adds its own (FLAGS).  The summary lists the layers, the HTML page
+# marks the cells.
 FLAGS = (
-    ("eigensolver fell back to dense eigh", "fallback", lambda v: v is True),
-    ("damping raised", "damping_raised", lambda v: v is True),
-    ("eigen-residual above tolerance", "converged", lambda v: v is False),
     ("subspace not supported by the data (split-half overlap below 50 %)", "split_half_overlap",
      lambda v: isinstance(v, float) and v < 0.5),
 )
 
 
-def flagged_layers(rows: list[dict]) -> dict[str, list[str]]:
-    """What deserves a look: layers whose eigensolve fell back or missed its tolerance, whose
-    damping was raised, whose subspace two halves of the data do not agree on."""
-    out = {label: [r["layer"] for r in rows if test(r.get(column))] for label, column, test in FLAGS}
+def flags_of(data: dict) -> tuple:
+    return _diagnostics_class(data).FLAGS + FLAGS
+
+
+def flagged_layers(rows: list[dict], flags: tuple = FLAGS) -> dict[str, list[str]]:
+    """What deserves a look (``flags``, :func:`flags_of` a report's data): e.g. layers whose
+    eigensolve fell back or missed its tolerance, whose damping was raised, whose subspace two
+    halves of the data do not agree on."""
+    out = {label: [r["layer"] for r in rows if test(r.get(column))] for label, column, test in flags}
     return {k: v for k, v in out.items() if v}
 
 
@@ -234,12 +234,15 @@ def _fmt(value) -> str:
 
 
 COLUMN_NOTES = (
-    "Columns: σ = ‖Δ‖₂; λ_1, λ_r: the smallest and the r-th eigenvalue of Ω (kept); λ_r+1: the first one not kept "
-    "(with the statistics); residual: ‖ΩX − XΛ‖_F / ‖Ω‖₂, residual_tol: the tolerance it was accepted against, "
-    "residual_floor: its rounding floor; z/y_condition: lower bounds on cond(Zλ), cond(Yλ); s_1, s_r: the largest "
-    "and the r-th kept singular value; split_half_overlap: the share of the span that the subspaces solved from the "
-    "even and from the odd batches have in common (1: the same; random_overlap = r/in: unrelated), split_half_sine: "
-    "the sine of their largest principal angle; norm_A, norm_B: Frobenius norms of the factors.")
+    "split_half_overlap: the share of the span that the subspaces solved from the even and from the odd batches "
+    "have in common (1: the same; random_overlap = r/in: unrelated), split_half_sine: the sine of their largest "
+    "principal angle; norm_A, norm_B: Frobenius norms of the factors.")
+
+
+def column_notes(data: dict) -> str:
+    """What the columns mean: the method's own, then the ones every report has."""
+    own = _diagnostics_class(data).COLUMN_NOTES
+    return "Columns: " + (f"{own}; " if own else "") + COLUMN_NOTES
 
 
 def _headline(data: dict, rows: list[dict]) -> tuple[str, list[str]]:
@@ -249,7 +252,7 @@ def _headline(data: dict, rows: list[dict]) -> tuple[str, list[str]]:
     lines = [f"Model: {data['base_model_name_or_path']}."] if data.get("base_model_name_or_path") else []
     if timings:
         lines.append(f"Times (s): {timings}.")
-    flagged = flagged_layers(rows)
+    flagged = flagged_layers(rows, flags_of(data))
     lines.append("Flagged layers: " + ("none." if not flagged else "; ".join(
         f"{label}: {len(names)} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
         for label, names in flagged.items())))
@@ -265,7 +268,7 @@ def _markdown(data: dict, rows: list[dict], columns: list[str], images: list[str
         lines += [f"![{Path(image).stem}]({image})", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
-    lines += ["", COLUMN_NOTES, ""]
+    lines += ["", column_notes(data), ""]
     return "\n".join(lines)
 
 
@@ -281,7 +284,7 @@ def _html(data: dict, rows: list[dict], columns: list[str], images: list[str], n
     from html import escape
 
     title, summary = _headline(data, rows)
-    tests = {column: test for _, column, test in FLAGS}
+    tests = {column: test for _, column, test in flags_of(data)}
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{escape(title)}</title>",
              f"<style>{_STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>"]
     parts += [f"<p>{escape(line)}</p>" for line in summary]
@@ -293,5 +296,5 @@ def _html(data: dict, rows: list[dict], columns: list[str], images: list[str], n
         flagged = {c for c in columns if c in tests and tests[c](row.get(c))}
         parts.append("<tr>" + "".join(f"<td{' class=flag' if c in flagged else ''}>{escape(_fmt(row.get(c)))}</td>"
                                       for c in columns) + "</tr>")
-    parts += ["</tbody></table>", f"<p>{escape(COLUMN_NOTES)}</p>", "</body></html>", ""]
+    parts += ["</tbody></table>", f"<p>{escape(column_notes(data))}</p>", "</body></html>", ""]
     return "\n".join(parts)

@@ -1,5 +1,6 @@
 """What a solve hands on, as plain data: every layer's :class:`LayerInit` with its typed
-diagnostics (:mod:`loradafast.layer_init`, re-exported here), gathered in an :class:`InitResult`.
+diagnostics (:mod:`loradafast.layer_init` and the methods' modules, re-exported here), gathered
+in an :class:`InitResult`.
 
 Nothing here changes a model.  Writing a result out (``save``, ``state_dict``, ``lora_config``)
 or into a ``PeftModel`` (``apply_to``) is :mod:`loradafast.integrations.peft_files`' and
@@ -15,9 +16,13 @@ import torch
 from torch import nn
 
 # The per-layer types live below every stage (the methods and the distributed exchange build
-# them); they are also part of a result, so they keep their old address here.
-from .layer_init import (FisherSubspaceDiagnostics, GradientDiagnostics, LayerDiagnostics, LayerInit,
-                         LoraDADiagnostics, SingularDiagnostics)
+# them; each method's diagnostics class lives in its module); they are also part of a result, so
+# they keep their old address here.
+from .layer_init import LayerDiagnostics, LayerInit
+from .methods.fisher import FisherSubspaceDiagnostics
+from .methods.gradient_svd import GradientDiagnostics
+from .methods.lora_da import LoraDADiagnostics
+from .methods.weight_svd import SingularDiagnostics
 
 __all__ = ["FisherSubspaceDiagnostics", "GradientDiagnostics", "InitResult", "LayerDiagnostics", "LayerInit",
            "LoraDADiagnostics", "SingularDiagnostics"]

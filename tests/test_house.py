@@ -444,8 +444,9 @@ def test_readme_layout_names_only_paths_that_exist():
 # package's face); the methods' shared machinery (solver, stability, checks, problem) is not among them.
 METHOD_MODULES = {"loradafast.methods", "loradafast.methods.registry", "loradafast.methods.factors",
                   "loradafast.methods.weight_svd", "loradafast.methods.gradient_svd", "loradafast.methods.fisher",
-                  "loradafast.methods.lora_da", "loradafast.methods.lora_da_operator",
-                  "loradafast.methods.lora_da_solve"}
+                  "loradafast.methods.lora_da", "loradafast.methods.lora_da.config",
+                  "loradafast.methods.lora_da.diagnostics", "loradafast.methods.lora_da.formulas",
+                  "loradafast.methods.lora_da.operator", "loradafast.methods.lora_da.solve"}
 # Others that may name a method in a string, each with why.
 METHOD_NAME_ALLOWED = {
     "loradafast.cli.parser": "a usage example in the command's description (loradafast solve --method ...)",

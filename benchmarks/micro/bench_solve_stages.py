@@ -9,7 +9,7 @@
 * ``omega_product``: one implicit Ω product with a block of r + 8 columns;
 * ``solve``: the whole ``loradafast.solve`` of the block, with each eigensolver.
 
-The stage functions are internal (``loradafast.methods.lora_da_solve``); the suite follows them when they move."""
+The stage functions are internal (``loradafast.methods.lora_da.solve``); the suite follows them when they move."""
 from __future__ import annotations
 
 import pytest
@@ -18,8 +18,8 @@ from _micro import ON_CUDA
 from bench_scale import synthetic_stats
 
 import loradafast
-from loradafast.methods.lora_da_solve import _stack_factors, _stack_operator
-from loradafast.options import LoraDAConfig
+from loradafast.methods.lora_da import LoraDAConfig
+from loradafast.methods.lora_da.solve import _stack_factors, _stack_operator
 
 SCALE = 1.0 if ON_CUDA else 1 / 32
 HIDDEN, INTER = int(4096 * SCALE), int(11008 * SCALE)

@@ -87,23 +87,20 @@ def wrapped(model, args, plan: InitPlan):
 
 
 def initialised(peft_model, batches, args, plan: InitPlan):
-    """The result (and, with ``--save-stats``, the statistics): by ``initialize``, whose memory plan
-    may split the pass; with ``--save-stats`` one pass that keeps every layer's statistics."""
-    from .. import initialize
-    from ..statistics import collect
+    """The result (and, with ``--save-stats``, the statistics) of one pipeline over the PEFT model:
+    its planned passes, or with ``--save-stats`` one pass that keeps every layer's statistics."""
+    from ..pipeline import Pipeline, RunOptions
 
-    progress = not (args.no_progress or args.quiet)
-    split_halves = False if args.no_split_halves else None
-    kw = dict(method=args.method, config=plan.config, progress=progress, max_samples=args.max_samples,
-              split_halves=split_halves)
+    run_options = RunOptions(max_samples=args.max_samples, progress=not (args.no_progress or args.quiet),
+                             memory_budget=args.memory_budget, split_halves=False if args.no_split_halves else None)
+    pipeline = Pipeline.for_model(peft_model, plan.record, plan.config, run_options, rank=None, ranks=None,
+                                  target_modules=None, lora_alpha=None, use_rslora=False)
     if not args.save_stats:
-        return initialize(peft_model, batches, memory_budget=args.memory_budget, **kw), None
-    stats = collect(peft_model, batches, y_factor=getattr(plan.config, "y_factor", None) or "diag",
-                    factors=plan.record.statistics, max_samples=args.max_samples, progress=progress,
-                    split_halves=split_halves)
+        return pipeline.run(batches), None
+    stats = pipeline.collect(batches)
     path = Path(args.save_stats)
     save_statistics(stats, path)
     logger.info("statistics (%s) written to %s", "".join(sorted(stats.factors)), path)
-    result = initialize(peft_model, None, stats=stats, **kw)
+    result = pipeline.run(None, stats)
     result.timings = {**result.timings, "pass_s": stats.meta.get("pass_seconds", 0.0)}
     return result, stats

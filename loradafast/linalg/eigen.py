@@ -16,7 +16,7 @@ one batch by a block LOBPCG (Knyazev 2001) written for fixed shapes:
   codes with ``.item()``, so on CUDA without the native solver an iteration synchronises four
   times (tests/linalg/test_eigen.py counts them); each costs the launch latency of the next kernels,
   small beside an iteration of a large batch of wide layers, but not beside one of a small
-  batch (LoRA-DA solves one input group, 1–3 layers, at a time: ``methods/lora_da_solve.py``);
+  batch (LoRA-DA solves one input group, 1–3 layers, at a time: ``methods/lora_da/solve.py``);
 * search directions are orthonormalised with masked SVQB (Stathopoulos & Wu 2002), applied twice,
   and the implicit-difference direction ``P`` is built in the coefficient space of the
   Rayleigh–Ritz step (Hetmaniuk & Lehoucq 2006; Duersch et al. 2018), so the basis ``[X, W, P]``

@@ -1,11 +1,11 @@
 """Finiteness of what a solve reads (statistics, base weights) and of what it returns (factors and
-the LoRA-DA numbers that certify them), so that nothing non-finite reaches a model and a corrupted
+the numbers their diagnostics certify them with), so that nothing non-finite reaches a model and a corrupted
 input fails with a message that names it rather than with an error from deep inside LAPACK."""
 from __future__ import annotations
 
 import torch
 
-from ..layer_init import LayerInit, LoraDADiagnostics
+from ..layer_init import LayerInit
 from ..linalg.dense import finite_flags
 from ..statistics.sums import Statistics
 
@@ -43,18 +43,12 @@ def check_inputs(method: str, needs: frozenset, stats: Statistics | None, weight
 
 
 def check_outputs(layers: dict[str, LayerInit], method: str, dtype: torch.dtype, data_aware: bool) -> None:
-    """Non-finite factors would be written into the model as they are, and a non-finite norm,
-    residual or σ of a LoRA-DA layer means its factors were never tested: refuse them here, before
-    anything is applied."""
+    """Non-finite factors would be written into the model as they are, and a non-finite number
+    that certifies them (LoRA-DA's norms, residuals, σ: ``LayerDiagnostics.certifying_numbers``)
+    means they were never tested: refuse them here, before anything is applied."""
     names, tensors = [], []
     for name, layer in layers.items():
-        d = layer.diagnostics
-        numbers = [layer.lora_A, layer.lora_B]
-        if isinstance(d, LoraDADiagnostics):
-            scalars = [v for v in (d.omega_norm, d.residual, d.sigma) if v is not None]
-            numbers.append(torch.as_tensor(scalars, dtype=torch.float64))
-            if d.eigenvalues is not None:
-                numbers.append(torch.as_tensor(d.eigenvalues))
+        numbers = [layer.lora_A, layer.lora_B, *layer.diagnostics.certifying_numbers()]
         names += [name] * len(numbers)
         tensors += numbers
     bad = sorted({name for name, ok in zip(names, finite_flags(tensors)) if not ok}, key=list(layers).index)
@@ -64,5 +58,5 @@ def check_outputs(layers: dict[str, LayerInit], method: str, dtype: torch.dtype,
         advice = "check the statistics for layers that saw no tokens, or raise the damping"
     else:
         advice = "check these layers' base weights"
-    _refuse(f"method {method!r} produced non-finite factors (or LoRA-DA norms, residuals, σ) in "
+    _refuse(f"method {method!r} produced non-finite factors (or numbers that certify them) in "
             f"{str(dtype).replace('torch.', '')}", bad, f"nothing was applied to the model: {advice}")

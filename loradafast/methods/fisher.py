@@ -1,16 +1,49 @@
 """The Fisher-weighted weight subspace (docs/design.md §5): :func:`fisher_energies` scores the
 singular triplets of a weight by their K-FAC Fisher energy, and :func:`fisher_subspace` keeps the
 r highest-scoring ones, split PiSSA-style.  Conventions (``[out, in]`` tensors, :class:`.Factors`,
-stacks, canonical signs) as described in :mod:`.factors`.
+stacks, canonical signs) as described in :mod:`.factors`.  Its options, diagnostics and record too.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..layer_init import FisherSubspaceDiagnostics
+from .. import planner
+from ..layer_init import reported
+from ..options import Y_FACTORS, MethodConfig, check_choice, option
+from ..planner import LayerShape, MemoryModel
 from .factors import Factors, layer_factors, split_triplets, stack_scalings
+from .method import Method, per_shape, scalings_of, stacked_statistics, stacked_weights
+from .problem import Problem
+from .weight_svd import SingularDiagnostics
+
+
+@dataclass(kw_only=True)
+class FisherSubspaceConfig(MethodConfig):
+    """The Fisher subspace: ``y_factor`` as in :class:`~loradafast.LoraDAConfig`."""
+
+    y_factor: str | None = option(None, "the output-gradient factor Y: diag, or full (out×out per layer); none: diag")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.y_factor is not None:
+            check_choice("y_factor", self.y_factor, Y_FACTORS)
+
+
+@dataclass
+class FisherSubspaceDiagnostics(SingularDiagnostics):
+    """Fisher subspace: the Fisher energy of the kept singular triplets of the weight."""
+
+    COLUMNS: ClassVar[tuple[str, ...]] = ("s_1", "s_r", "energy_fraction")
+    COLUMN_NOTES: ClassVar[str] = ("s_1, s_r: the largest and the r-th kept singular value; energy_fraction: the "
+                                   "share of the Fisher energy the kept triplets hold")
+
+    fisher_energy: torch.Tensor | None = None  # of the kept triplets, in decreasing order
+    energy_fraction: float | None = reported()
+    singular_indices: torch.Tensor | None = None  # positions in the σ-descending order
 
 
 def fisher_energies(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, Y: torch.Tensor,
@@ -67,3 +100,26 @@ def fisher_subspace_stack(weights: torch.Tensor, Y: torch.Tensor, Z: torch.Tenso
     return layer_factors(a, b, True, [FisherSubspaceDiagnostics(fisher_energy=e, energy_fraction=f, singular_indices=i,
                                                                  singular_values=v)
                                        for e, f, i, v in zip(kept, fractions, order, values)])
+
+
+def _fisher_subspace(p: Problem, name: str, c: FisherSubspaceConfig) -> Factors:
+    return fisher_subspace(p.weight(name, c.dtype), p.Y(name, c.dtype), p.Z(name, c.dtype), p.ranks[name],
+                           p.scalings[name])
+
+
+def _fisher_subspace_stack(p: Problem, names: list[str], c: FisherSubspaceConfig) -> list[Factors]:
+    return fisher_subspace_stack(stacked_weights(p, names, c.dtype), stacked_statistics(p, "Y", names, c.dtype),
+                                 stacked_statistics(p, "Z", names, c.dtype), p.ranks[names[0]], scalings_of(p, names))
+
+
+def _workspace(m: MemoryModel, layers: list[LayerShape]) -> int:
+    """An exact SVD per layer, and the group's Z and Y in the solve dtype with the energies' products."""
+    n, out = layers[0].in_features, max(s.out_features for s in layers)
+    y = out * out if m.y_factor == "full" else out
+    return planner.svd_workspace(m, layers) + m.d * (2 * n * n + 2 * y + 2 * min(n, out) * (n + out))
+
+
+FISHER_SUBSPACE = Method("fisher-subspace", "Fisher subspace", FisherSubspaceConfig,
+                         per_shape(_fisher_subspace_stack, _fisher_subspace, factors=True),
+                         diagnostics=FisherSubspaceDiagnostics, statistics=frozenset("YZ"), needs_weights=True,
+                         moves_base=True, workspace=_workspace)

@@ -1,18 +1,76 @@
 """The gradient methods (docs/design.md §5): LoRA-GA and LoRA-One, from the singular triplets of
-each layer's gradient ``G``.  Conventions (``[out, in]`` tensors, :class:`.Factors`, stacks,
-canonical signs) as described in :mod:`.factors`.
+each layer's gradient ``G``: their options, diagnostics, formulas and records.  Conventions
+(``[out, in]`` tensors, :class:`.Factors`, stacks, canonical signs) as described in :mod:`.factors`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..layer_init import GradientDiagnostics
+from ..layer_init import LayerDiagnostics, reported
 from ..linalg.dense import canonical_signs
 from ..linalg.lowrank import TopSingularStack, top_singular_triplets_batched
-from ..options import LORAGA_VARIANTS, SVD_MODES, check_choice
+from ..options import MethodConfig, check_choice, check_positive, option
 from .factors import Factors, paired_signs, layer_factors
+from .method import Method, per_shape, stacked_statistics
+from .problem import Problem
+from .weight_svd import singular_columns
+
+LORAGA_VARIANTS = ("paper", "peft")
+SVD_MODES = ("auto", "exact", "randomized")  # how the gradient's top singular triplets are found
+
+
+@dataclass(kw_only=True)
+class LoraGAConfig(MethodConfig):
+    """LoRA-GA: ``gamma`` (16), ``variant`` ("paper": the authors' code, "peft": PEFT's) and
+    ``svd``: how the gradient's top 2r singular triplets are found, "auto" (randomized subspace
+    iteration, checked, the exact SVD where the check fails; :mod:`loradafast.linalg.lowrank`),
+    "exact" (``torch.linalg.svd``) or "randomized" (never falls back)."""
+
+    gamma: float = option(16.0, "the scale denominator γ of the factors")
+    variant: str = option("paper", "paper (the authors' code) or peft (PEFT's LoRA-GA)", keyword="loraga_variant")
+    svd: str = option("auto", "auto, exact or randomized: how the gradient's top singular triplets are found")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("gamma", self.gamma)
+        check_choice("loraga_variant", self.variant, LORAGA_VARIANTS)
+        check_choice("svd", self.svd, SVD_MODES)
+
+
+@dataclass(kw_only=True)
+class LoraOneConfig(MethodConfig):
+    """LoRA-One: ``gamma`` (128) and ``svd`` as in :class:`LoraGAConfig` (top r triplets)."""
+
+    gamma: float = option(128.0, "the scale denominator γ of the factors")
+    svd: str = option("auto", "auto, exact or randomized: how the gradient's top singular triplets are found")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("gamma", self.gamma)
+        check_choice("svd", self.svd, SVD_MODES)
+
+
+@dataclass
+class GradientDiagnostics(LayerDiagnostics):
+    """LoRA-GA, LoRA-One: the gradient's singular values they used, and how they were found
+    (:mod:`loradafast.linalg.lowrank`)."""
+
+    COLUMNS: ClassVar[tuple[str, ...]] = ("s_1", "s_r")
+    COLUMN_NOTES: ClassVar[str] = "s_1, s_r: the largest and the r-th kept singular value of the gradient"
+
+    gradient_singular_values: torch.Tensor | None = reported()
+    svd: str | None = None  # "exact", "randomized", or "exact-fallback" (the randomized check failed)
+    svd_backward_error: float | None = None  # ‖GV − US‖_F / σ₁ of the randomized triplets (the check)
+    svd_sine_estimate: float | None = None  # estimated sin θ to the exact SVD's subspaces (inf: no gap)
+    svd_krylov_depth: int | None = None  # products with GGᵀ the randomized SVD used (it grows where the check fails)
+
+    @classmethod
+    def derived_columns(cls, entry: dict) -> dict:
+        return singular_columns(entry.get("gradient_singular_values"))
 
 
 def _gradient_diagnostics(top: TopSingularStack, singular_values: torch.Tensor) -> list[GradientDiagnostics]:
@@ -107,3 +165,35 @@ def lora_one_stack(grads: torch.Tensor, rank: int, *, gamma: float = 128.0, svd:
     u, vh = paired_signs(u, vh)
     root = s.sqrt() / (first * gamma).sqrt()
     return layer_factors(root[..., :, None] * vh, u * root[:, None, :], False, _gradient_diagnostics(top, s))
+
+
+# G is an fp32 sum: it is read in float32, and only the exact SVD works in c.dtype (the
+# randomized one runs in float32, so a float64 copy of every G would be a needless cost;
+# measurements: benchmarks/README.md, 'Measurements behind the library's constants').
+def _gradient_dtype(c) -> torch.dtype:
+    return c.dtype if c.svd == "exact" else torch.float32
+
+
+def _lora_ga(p: Problem, name: str, c: LoraGAConfig) -> Factors:
+    return lora_ga(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, variant=c.variant, svd=c.svd,
+                   dtype=c.dtype)
+
+
+def _lora_ga_stack(p: Problem, names: list[str], c: LoraGAConfig) -> list[Factors]:
+    return lora_ga_stack(stacked_statistics(p, "G", names, _gradient_dtype(c)), p.ranks[names[0]], gamma=c.gamma,
+                         variant=c.variant, svd=c.svd, dtype=c.dtype)
+
+
+def _lora_one(p: Problem, name: str, c: LoraOneConfig) -> Factors:
+    return lora_one(p.G(name, _gradient_dtype(c)), p.ranks[name], gamma=c.gamma, svd=c.svd, dtype=c.dtype)
+
+
+def _lora_one_stack(p: Problem, names: list[str], c: LoraOneConfig) -> list[Factors]:
+    return lora_one_stack(stacked_statistics(p, "G", names, _gradient_dtype(c)), p.ranks[names[0]], gamma=c.gamma,
+                          svd=c.svd, dtype=c.dtype)
+
+
+LORA_GA = Method("lora-ga", "LoRA-GA", LoraGAConfig, per_shape(_lora_ga_stack, _lora_ga),
+                 diagnostics=GradientDiagnostics, statistics=frozenset("G"), moves_base=True, rank_factor=2)
+LORA_ONE = Method("lora-one", "LoRA-One", LoraOneConfig, per_shape(_lora_one_stack, _lora_one),
+                  diagnostics=GradientDiagnostics, statistics=frozenset("G"))

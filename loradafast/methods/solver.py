@@ -4,7 +4,7 @@
 Layers are solved independently; nothing here touches a model.  One :class:`Statistics` serves
 every data-aware method, so ``solve(stats, method=...)`` can be called repeatedly on the same
 statistics; weight-only methods need no statistics at all.  What each method needs and does is in
-its :mod:`.registry` record; its options in :mod:`loradafast.options`.
+its record (:mod:`.registry`), its options class in its own module.
 """
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ import torch
 
 from .. import distributed, user_warnings
 from ..layout import DEFAULT_RANK, PEFT_DEFAULT_ALPHA, AdapterLayout
-from ..options import MethodConfig
+from ..options import MethodConfig, check_rank, check_ranks
 from ..progress import solve_progress
-from ..result import InitResult, LayerInit, LoraDADiagnostics
+from ..result import InitResult, LayerInit
 from ..statistics import provenance
 from ..statistics.sums import Statistics
 from . import checks, stability
 from .factors import lora_scaling
+from .method import Method
 from .problem import Problem
-from ..options import check_rank, check_ranks
-from .registry import DEFAULT_METHOD, REGISTRY, Method, build_config, generator_for, get_method, method_keywords
+from .registry import DEFAULT_METHOD, REGISTRY, build_config, generator_for, get_method, method_keywords
 
 logger = logging.getLogger(__name__)
 logger.addFilter(distributed.MAIN_RANK_ONLY)
@@ -64,8 +64,8 @@ def solve(
     * ``freeze_a``: LoRA-FA; recorded in the result, honoured by ``apply_to``.
     * ``progress``: a progress bar over the layers (LoRA-DA: over the input groups), on by default
       as in :func:`~loradafast.initialize` and :func:`~loradafast.collect`.
-    * the method's options: ``config=`` (a :class:`~loradafast.options.LoraDAConfig`,
-      :class:`~loradafast.options.LoraGAConfig`, ... as the method's registry record names), or
+    * the method's options: ``config=`` (a :class:`~loradafast.LoraDAConfig`,
+      :class:`~loradafast.LoraGAConfig`, ... as the method's registry record names), or
       the keywords that build it (``options``: ``beta``, ``gamma``, ``num_train_samples``,
       ``damping``, ``damping_mode``, ``alpha_b``, ``gradient``, ``eigensolver``, ``residual_tol``,
       ``loraga_variant``, ``pissa_niter``, ``seed``, ``dtype``; None means the default).  A
@@ -115,7 +115,7 @@ def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, l
     if halves is not None:
         with solve_progress(progress):
             layers = _with_split_half(record, config, problem, layers, halves)
-    _log_solve(record.name, layers, solve_s)
+    _log_solve(record, layers, solve_s)
     meta = stats.meta if stats is not None else {}
     return InitResult(
         layers=layers,
@@ -145,16 +145,12 @@ def _with_split_half(record: Method, config: MethodConfig, problem: Problem, lay
     return layers
 
 
-def _log_solve(method: str, layers: dict[str, LayerInit], seconds: float) -> None:
-    """The solve's one summary line: method, layers, time, and the layers that took a fallback."""
-    diags = [layer.diagnostics for layer in layers.values() if isinstance(layer.diagnostics, LoraDADiagnostics)]
-    fallbacks = sum(bool(d.eigensolver_fallback) for d in diags)
-    raised = sum(bool(d.damping_raised) for d in diags)
-    worst = max((d.residual for d in diags if d.residual is not None), default=None)
+def _log_solve(record: Method, layers: dict[str, LayerInit], seconds: float) -> None:
+    """The solve's one summary line: method, layers, time, what the method's diagnostics add (the
+    layers that took a fallback, ...) and the split-half summary."""
+    details = record.diagnostics.solve_summary([layer.diagnostics for layer in layers.values()])
     halves = stability.summary(layers)
-    logger.info("solve: method=%s, %d layers, %.1f s, %d eigensolver fallback(s), damping raised on %d layer(s)%s%s",
-                method, len(layers), seconds, fallbacks, raised,
-                "" if worst is None else f", largest eigen-residual {worst:.1e}",
+    logger.info("solve: method=%s, %d layers, %.1f s%s%s", record.name, len(layers), seconds, details,
                 "" if halves is None else f", split-half overlap median {halves['median_overlap']:.1%} (random "
                 f"{halves['median_random']:.1%}; {halves['supported']} of {halves['layers']} layers supported)")
 
@@ -225,35 +221,13 @@ def _layer_shapes(stats: Statistics | None, weights: dict | None,
     return {n: (w.shape[1], w.shape[0], kinds.get(n, "linear")) for n, w in weights.items()}
 
 
-# Above this lower bound on cond(Zλ) or cond(Yλ) the factor is close to singular in the working
-# precision: the solve still runs, but more damping (damping_mode="relative") is advisable.
-CONDITION_WARNING = {torch.float64: 1e12, torch.float32: 1e5}
-
-
 def _warn_if_degraded(layers: dict[str, LayerInit], dtype: torch.dtype) -> None:
-    """One warning summarising every layer whose solve took a fallback or looks fragile."""
-    limit = CONDITION_WARNING.get(dtype, 1e12)
+    """One warning summarising every layer whose solve took a fallback or looks fragile (what
+    each layer's diagnostics say, :meth:`~loradafast.LayerDiagnostics.degradations`)."""
     notes = defaultdict(list)
     for name, layer in layers.items():
-        d = layer.diagnostics
-        if not isinstance(d, LoraDADiagnostics):
-            continue
-        if d.eigensolver_fallback:
-            notes["re-solved with dense eigh after the iterative solver missed the tolerance"].append(name)
-        if d.eigensolver_converged is False:
-            notes["eigen-residual above the tolerance"].append(name)
-        if d.damping_raised:
-            notes["damping raised above the requested value to make a rank-deficient factor positive definite "
-                  "(see damping_z / damping_y)"].append(name)
-        if d.cholesky_dtype == "float64" and dtype != torch.float64:
-            notes["Cholesky retried in float64"].append(name)
-        if max(d.z_condition_estimate or 0.0, d.y_condition_estimate or 0.0) > limit:
-            advice = "consider damping_mode='relative'"
-            # float32 then moves the subspace far from float64's (measurements: benchmarks/README.md,
-            # 'Measurements behind the library's constants')
-            if dtype != torch.float64:
-                advice += ", or the default float64: rounding can move this float32 subspace by about 6e-8·cond"
-            notes[f"damped factor condition number above {limit:.0e} ({advice})"].append(name)
+        for note in layer.diagnostics.degradations(dtype):
+            notes[note].append(name)
     if notes:
         lines = [f"- {what}: {len(names)} layer(s), e.g. {', '.join(names[:3])}" for what, names in notes.items()]
         user_warnings.warn("loradafast: the solve degraded on some layers (details in "

@@ -8,7 +8,8 @@ import pytest
 import loradafast
 from loradafast import cli, data, passes
 from loradafast.cli import loading, method_options
-from loradafast.options import KEYWORDS, option_help
+from loradafast.methods.registry import KEYWORDS
+from loradafast.options import option_help
 from test_cli import adapter_tensors, build_tokenizer, save_tiny_model
 
 # The role words are in the tokenizer's vocabulary, so a rendered chat shows that the template ran.
@@ -210,14 +211,16 @@ def test_save_stats_into_a_missing_directory_and_only_what_the_method_reads(file
 
 
 def test_memory_budget_reaches_the_planner(files, tmp_path, capsys, monkeypatch):
+    from loradafast import passes
+
     budgets = []
-    real = loradafast.initialize
+    real = passes.plan_for
 
-    def spy(*args, **kwargs):
-        budgets.append(kwargs.get("memory_budget"))
-        return real(*args, **kwargs)
+    def spy(pipeline, loader):  # the planner's stage, as the pipeline of `init` calls it
+        budgets.append(pipeline.run_options.memory_budget)
+        return real(pipeline, loader)
 
-    monkeypatch.setattr(loradafast, "initialize", spy)
+    monkeypatch.setattr(passes, "plan_for", spy)
     assert init(files, tmp_path / "a", "--rank", 2, "--memory-budget", "40GB") == 0
     assert budgets == ["40GB"]
     assert init(files, tmp_path / "b", "--rank", 2, "--memory-budget", "1KB") == 1

@@ -1,7 +1,7 @@
 """The methods other than LoRA-DA solved in stacks of same-shaped layers (issue 27): the randomized
 SVD of LoRA-GA and LoRA-One runs on a whole stack with host synchronisations that do not grow
 with it, each matrix still meets the backward-error check on its own (linalg/lowrank.py), and the
-per-shape solve (methods/registry.py ``per_shape``) gives every layer the factors and diagnostics
+per-shape solve (methods/method.py ``per_shape``) gives every layer the factors and diagnostics
 of the layer-by-layer solve.  Both paths run here on the CPU, against each other and against the
 exact float64 SVD."""
 import math
@@ -15,12 +15,13 @@ from loradafast.linalg import lowrank
 from loradafast.linalg.eigen import span_sine
 from loradafast.linalg.lowrank import BACKWARD_TOL, DEPTH, top_singular_triplets, top_singular_triplets_batched
 from loradafast.methods import gradient_svd, registry
+from loradafast.methods import method as method_module
 from loradafast.methods.problem import Problem
 from loradafast.statistics import LayerStats, Statistics
 from syncs import OpCounter, SyncCounter
 
 FP32 = 1e-5  # the randomized path's working precision (float32), as in test_lowrank.py
-STACKED = ("cuda", "cpu")  # registry.BATCHED_DEVICES that stacks on this CPU too
+STACKED = ("cuda", "cpu")  # method.BATCHED_DEVICES that stacks on this CPU too
 
 
 def _with_spectrum(out, inp, singular_values, seed=0):
@@ -209,7 +210,7 @@ def problem():
 
 
 def _solve(stats, weights, method, stacked, monkeypatch, **options):
-    monkeypatch.setattr(registry, "BATCHED_DEVICES", STACKED if stacked else ())
+    monkeypatch.setattr(method_module, "BATCHED_DEVICES", STACKED if stacked else ())
     needs = registry.REGISTRY[method].needs_weights
     return loradafast.solve(stats if registry.REGISTRY[method].data_aware else None, 4, method=method,
                             weights=weights if needs else None, ranks=RANKS, lora_alpha=16, **options)
@@ -297,7 +298,7 @@ def test_stacks_are_bounded_and_split_by_device_shape_and_rank(problem, monkeypa
     assert sorted(calls) == sorted([((6, 300, 130), 4), ((1, 300, 130), 3), ((2, 130, 300), 4),
                                     ((1, 257, 257), 4), ((1, 257, 257), 5), ((2, 40, 130), 4)])
     calls.clear()
-    monkeypatch.setattr(registry, "STACK_BYTES", 2 * 8 * 300 * 130 + 1)
+    monkeypatch.setattr(method_module, "STACK_BYTES", 2 * 8 * 300 * 130 + 1)
     split = _solve(stats, weights, "lora-ga", True, monkeypatch)
     tall = [shape[0] for shape, rank in calls if shape[1:] == (300, 130) and rank == 4]
     assert tall == [2, 2, 2]
@@ -313,7 +314,7 @@ def test_stacks_are_bounded_and_split_by_device_shape_and_rank(problem, monkeypa
 def test_per_shape_solve_costs_do_not_grow_with_the_layers(monkeypatch):
     """The whole per-shape solve of 16 same-shaped layers: host synchronisations as for one layer;
     its aten ops grow only by the per-layer reads and outputs (a copy in and a few out per layer)."""
-    monkeypatch.setattr(registry, "BATCHED_DEVICES", STACKED)
+    monkeypatch.setattr(method_module, "BATCHED_DEVICES", STACKED)
 
     def problem_of(count):
         layers = {f"l{i}": LayerStats(f"l{i}", 130, 300, _geometric(300, 130, 0.85, seed=i).float(), None, "x")

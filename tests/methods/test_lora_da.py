@@ -6,7 +6,8 @@ import torch
 
 import loradafast
 from loradafast.linalg.eigen import span_sine as sin_largest_angle
-from loradafast.methods import lora_da, lora_da_solve
+from loradafast.methods import lora_da
+from loradafast.methods.lora_da import solve as lora_da_solve
 from tiny import padded_batches, random_sequences, tiny_gpt2, tiny_llama
 
 

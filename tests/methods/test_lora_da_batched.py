@@ -8,7 +8,7 @@ import torch
 
 import loradafast
 from loradafast.linalg.eigen import span_sine
-from loradafast.methods import lora_da_solve
+from loradafast.methods.lora_da import solve as lora_da_solve
 from loradafast.statistics.sums import LayerStats, Statistics
 from syncs import OpCounter, SyncCounter
 

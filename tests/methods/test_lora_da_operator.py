@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import loradafast
-from loradafast.methods import lora_da, lora_da_operator, lora_da_solve
+from loradafast.methods import lora_da
+from loradafast.methods.lora_da import operator as lora_da_operator
+from loradafast.methods.lora_da import solve as lora_da_solve
 from loradafast.linalg.eigen import span_sine
 from loradafast.planner import MemoryModel
 from loradafast.statistics.sums import LayerStats, Statistics
@@ -162,6 +164,7 @@ def test_auto_eigensolver_on_cpu_by_width_and_rank(r, dense):
     auto = loradafast.solve(stats, r, num_train_samples=1000).layers["l"]
     assert (auto.diagnostics["eigensolver"] == "dense") == dense, auto.diagnostics["eigensolver"]
     assert lora_da_solve.auto_is_dense("cpu", n, r) == dense and not lora_da_solve.auto_is_dense("cuda", n, r)
-    assert lora_da_solve.planned_dense(MemoryModel(eigensolver="auto", device_type="cpu"), n, r) == dense
+    memory = MemoryModel(options=lora_da.LoraDAConfig(eigensolver="auto"), device_type="cpu")
+    assert lora_da_solve.planned_dense(memory, n, r) == dense
     reference = loradafast.solve(stats, r, num_train_samples=1000, eigensolver="dense").layers["l"]
     assert span_sine(reference.lora_A.T, auto.lora_A.T) < 1e-6

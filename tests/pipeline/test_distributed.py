@@ -226,7 +226,7 @@ def _budget_for_several_passes(shards) -> int:
     probes = [probe(model, shard[0], targets, loss_fn=None) for shard in shards if shard]
     groups = probes[0].input_groups
     shapes = [planner.LayerShape(t.name, t.in_features, t.out_features, groups[t.name], 2) for t in targets]
-    memory = registry.memory_model(loradafast.REGISTRY["lora-da"], solve_dtype=torch.float64, eigensolver="auto",
+    memory = registry.memory_model(loradafast.REGISTRY["lora-da"], solve_dtype=torch.float64,
                                    device_type="cpu", world_size=2,
                                    activation_bytes=max(p.activation_bytes for p in probes))
     unlimited = planner.plan_passes(shapes, memory, None, "test")

@@ -29,7 +29,7 @@ def _batches():
 def _memory(method: str) -> planner.MemoryModel:
     # What the method's pass collects (LoRA-GA: G alone) and one batch's activations, as initialize plans it.
     return registry.memory_model(loradafast.REGISTRY[method], y_factor="diag", solve_dtype=torch.float64,
-                                 eigensolver="auto", device_type="cpu", activation_bytes=_activations(method))
+                                 device_type="cpu", activation_bytes=_activations(method))
 
 
 @functools.cache

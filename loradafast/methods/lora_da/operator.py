@@ -11,7 +11,7 @@ A product with ``k`` columns costs ``O((n² + n·out)·k)``: two triangular solv
 factor and two products with ``Gᵢ``.  Nothing of size ``n × n`` is formed per layer, so the only
 ``O(n³)`` work is one Cholesky factorisation of ``Zλ`` per input and one of the preconditioner per
 cluster of layers (below); Δ (``2n²·out`` to form), ‖Δ‖₂ by a dense eigenvalue problem, the QR of
-Δ̂ and a Cholesky per layer are gone.  :mod:`.lora_da` keeps the dense per-layer formulas as the
+Δ̂ and a Cholesky per layer are gone.  :mod:`.formulas` keeps the dense per-layer formulas as the
 reference these products are tested against.
 
 σ is not needed for the eigenvectors (``σ²Ω = β tr(Yλ⁻¹)/N·Zλ⁻¹ − αΔᵀΔ`` does not contain it);
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import eigen
+from ...linalg import eigen
 
 PRECOND_SHARE_RATIO = 8.0
 PRECOND_SHIFT = 1.1  # as in eigen.omega_preconditioner
@@ -99,8 +99,8 @@ class StackFactors:
 
     def condition_estimates(self, tight: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Lower bounds on cond(Zλ) and cond(Yλ) of every layer, ``[B·p]`` each (see
-        :func:`.lora_da.condition_estimate`, whose batched form this is)."""
-        from .lora_da import chol_condition_estimate
+        :func:`.formulas.condition_estimate`, whose batched form this is)."""
+        from .formulas import chol_condition_estimate
 
         p = self.positions
         z = chol_condition_estimate(self.z_chol, tight).repeat_interleave(p)

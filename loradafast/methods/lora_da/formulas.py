@@ -8,7 +8,7 @@ Per layer, with ``Zλ = Z + λI`` and ``Yλ = Y + λI``::
     A0 = the r eigenvectors of Ω with the smallest eigenvalues
     lora_A = A0ᵀ/√γ,  lora_B = Δ̂ A0/√γ
 
-The functions here are the per-layer mathematics; :mod:`.lora_da_solve` batches them over every layer.
+The functions here are the per-layer mathematics; :mod:`.solve` batches them over every layer.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.reference import omega_apply, omega_dense
-from ..linalg.dense import damped_cholesky, damping_for
-from ..options import LoraDAConfig
+from ...kernels.reference import omega_apply, omega_dense
+from ...linalg.dense import damped_cholesky, damping_for
+from .config import LoraDAConfig
 
 
 @dataclass
@@ -138,14 +138,6 @@ def _extreme_eigenvalue_ratio(chol: torch.Tensor, tiny: float, steps: int = 8) -
         bottom = bottom / torch.linalg.vector_norm(bottom, dim=-2, keepdim=True).clamp_min(tiny)
     quotient = torch.linalg.vector_norm(chol.mT @ torch.cat([top, bottom], -1), dim=-2) ** 2  # xᵀAx, ‖x‖ = 1
     return quotient[..., 0] / quotient[..., 1].clamp_min(tiny)
-
-
-# The split-half warning's advice.  Why: the split-half study (benchmarks/README.md) found Zλ⁻¹
-# amplifying the gradient's noise along the input directions of least variance; a strong damping
-# of Z, or no Z⁻¹ at all, made the halves agree where more data barely did.
-NOISE_ADVICE = ("more samples help little here (Zλ⁻¹ amplifies the gradient's noise along the input directions "
-                "of least variance): try a strong relative damping (damping_mode='relative', damping=10), or "
-                "method='lora-one', whose subspaces the same data determine far better")
 
 
 def natural_gradient(G: torch.Tensor, factors: DampedFactors) -> torch.Tensor:

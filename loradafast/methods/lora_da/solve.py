@@ -7,7 +7,7 @@ few batches (q/k/v, o, gate/up, down for a Llama block): one batched factorisati
 batched eigensolve per rank, σ, the preconditioner and ``lora_B`` batched the same way, and the
 diagnostics read to the host once per batch.  Where a batch's workspace would not fit in
 :data:`STACK_MEMORY_FRACTION` of the free memory, it is solved in chunks of groups.  The
-iterative path applies Ω implicitly (:mod:`.lora_da_operator`): ``O((n² + n·out)·k)`` per product
+iterative path applies Ω implicitly (:mod:`.operator`): ``O((n² + n·out)·k)`` per product
 and no per-layer ``O(n³)`` work.  The dense path materialises Ω per layer (``O(n³)``), which on
 CPU is still the faster choice for small widths.
 """
@@ -19,16 +19,16 @@ from contextlib import contextmanager
 
 import torch
 
-from ..device_memory import free_memory
-from ..linalg import eigen
-from ..linalg.dense import damped_cholesky_stack, damping_for_each
-from ..options import LoraDAConfig
-from ..planner import LayerShape, MemoryModel
-from ..progress import track
-from ..layer_init import LoraDADiagnostics
-from ..statistics.sums import Statistics
-from .factors import Factors
-from .lora_da_operator import GroupOmega, StackFactors
+from ...device_memory import free_memory
+from ...linalg import eigen
+from ...linalg.dense import damped_cholesky_stack, damping_for_each
+from ...planner import LayerShape, MemoryModel
+from ...progress import track
+from ...statistics.sums import Statistics
+from ..factors import Factors
+from .config import LoraDAConfig
+from .diagnostics import LoraDADiagnostics
+from .operator import GroupOmega, StackFactors
 
 # eigensolver="auto" on CPU: dense eigh of the materialised Ω (O(n³) per layer) up to width
 # CPU_DENSE_MAX_N, except for ranks up to CPU_ITERATIVE_MAX_RANK from width CPU_ITERATIVE_MIN_N
@@ -103,9 +103,10 @@ def planned_dense(m: MemoryModel, n: int, rank: int) -> bool:
     """Whether the solve takes a group of width ``n`` densely (as it and eigen decide)."""
     if n <= 4 * (rank + max(rank, 8)):  # eigen.smallest_eigenpairs: the basis would be most of the space
         return True
-    if m.eigensolver == "auto":
+    solver = m.options.eigensolver if isinstance(m.options, LoraDAConfig) else LoraDAConfig().eigensolver
+    if solver == "auto":
         return auto_is_dense(m.device_type, n, rank)
-    return m.eigensolver == "dense"
+    return solver == "dense"
 
 
 def solve_cost(layers: list[LayerShape]) -> float:
