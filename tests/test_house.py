@@ -481,6 +481,27 @@ def test_no_method_name_outside_the_methods():
     assert all(m in _package_modules() for m in METHOD_MODULES | set(METHOD_NAME_ALLOWED)), "a module that is gone"
 
 
+# Outside the methods, a method's own module is reached through its registry record alone; only
+# these re-export its public classes (its options and diagnostics), each with why.
+METHOD_IMPORT_ALLOWED = {
+    "loradafast": "the package face exports every options class (LoraDAConfig, ...) and LoraDADiagnostics",
+    "loradafast.result": "the diagnostics classes keep their old address beside InitResult",
+}
+
+
+def test_only_the_registry_reaches_a_method_s_module():
+    """What a new method touches is its own module and the registry line: the planner, the pass,
+    the solver, the report and the entry points import no method's module."""
+    shared = {"loradafast.methods", "loradafast.methods.registry", "loradafast.methods.factors"}
+    own = METHOD_MODULES - shared
+    graph = _import_graph()
+    reaching = {m: sorted(targets & own) for m, targets in graph.items()
+                if m not in METHOD_MODULES and targets & own}
+    assert set(reaching) <= set(METHOD_IMPORT_ALLOWED), {m: t for m, t in reaching.items()
+                                                         if m not in METHOD_IMPORT_ALLOWED}
+    assert set(METHOD_IMPORT_ALLOWED) <= set(reaching), "METHOD_IMPORT_ALLOWED lists modules that import none"
+
+
 # The modules that import PEFT: its modules under integrations/ (peft_targets, the LoRA layers of a
 # PeftModel and PEFT's target matching, is a foundation under targets; then its three layers), and,
 # each with why, the few others.

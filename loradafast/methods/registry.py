@@ -34,18 +34,26 @@ def get_method(method: str) -> Method:
     return record
 
 
-# The keyword arguments of initialize/solve/get_peft_model that set a field of some method's
-# options (keyword → field): the fields' names, or the keyword their option() gives.
-KEYWORDS: dict[str, str] = {keyword: field for m in REGISTRY.values()
-                            for keyword, field in option_keywords(m.config).items()}
-KEYWORDS.update(dict.fromkeys(DTYPE_KEYWORDS, "dtype"))
+def known_keywords() -> dict[str, str]:
+    """The keyword arguments of initialize/solve/get_peft_model that set a field of some method's
+    options (keyword → field): the fields' names, or the keyword their ``option()`` gives; read
+    from the records, so a method's options are its module's alone.  Two methods may share a
+    keyword only for a field of the same name."""
+    found = dict.fromkeys(DTYPE_KEYWORDS, "dtype")
+    for m in REGISTRY.values():
+        for keyword, field in option_keywords(m.config).items():
+            if found.setdefault(keyword, field) != field:
+                raise TypeError(f"{m.config.__name__} maps the keyword {keyword!r} to the field {field!r}, another "
+                                f"method's options to {found[keyword]!r}")
+    return found
 
 
 def method_keywords(caller: str, options: dict, dtype_keyword: str) -> dict:
     """``options`` if every keyword is a method option (the solve dtype under ``dtype_keyword``,
     the caller's name for it); else the TypeError of an unknown keyword argument."""
+    known = known_keywords()
     for key in options:
-        if key not in KEYWORDS or (KEYWORDS[key] == "dtype" and key != dtype_keyword):
+        if key not in known or (known[key] == "dtype" and key != dtype_keyword):
             raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
     return options
 
@@ -62,12 +70,13 @@ def build_config(method: Method, config: MethodConfig | None, keywords: dict) ->
             raise TypeError(f"method {method.name!r} takes a {method.config.__name__}, got {type(config).__name__}")
         return config
     fields = {f.name for f in dataclasses.fields(method.config)}
-    foreign = [k for k in given if KEYWORDS[k] not in fields]
+    known = known_keywords()
+    foreign = [k for k in given if known[k] not in fields]
     if foreign:
-        options = sorted(k for k, f in KEYWORDS.items() if f in fields and k != "dtype")
+        options = sorted(k for k, f in known.items() if f in fields and k != "dtype")
         raise ValueError(f"{', '.join(foreign)} do(es) not apply to method {method.name!r} ({method.title}); its "
                          f"options are {', '.join(options)} ({method.config.__name__})")
-    return method.config(**{KEYWORDS[k]: v for k, v in given.items()})
+    return method.config(**{known[k]: v for k, v in given.items()})
 
 
 def generator_for(config: MethodConfig) -> torch.Generator | None:

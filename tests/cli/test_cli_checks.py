@@ -8,7 +8,7 @@ import pytest
 import loradafast
 from loradafast import cli, data, passes
 from loradafast.cli import loading, method_options
-from loradafast.methods.registry import KEYWORDS
+from loradafast.methods.registry import known_keywords
 from loradafast.options import option_help
 from test_cli import adapter_tensors, build_tokenizer, save_tiny_model
 
@@ -146,7 +146,7 @@ def test_the_forward_counter_sees_the_pass(files, tmp_path, forwards):
 def test_every_method_option_has_help():
     # Each field of every options class carries its help (options.option), so the CLI can print it.
     documented = {key for record in loradafast.REGISTRY.values() for key in option_help(record.config)}
-    assert documented == set(KEYWORDS) - {"solve_dtype"}
+    assert documented == set(known_keywords()) - {"solve_dtype"}
     for record in loradafast.REGISTRY.values():
         assert all(text for _, text in option_help(record.config).values()), record.name
     for method in loradafast.METHODS:

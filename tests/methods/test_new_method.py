@@ -1,0 +1,145 @@
+"""A method is a plug-in: one module and its registry line.
+
+The toy method below lives in this file alone (its options with a keyword of its own, its
+diagnostics with a column, a flag, a warning and a certifying number, its solve and its
+workspace); registered with one ``monkeypatch.setitem`` on the registry, it runs through
+``initialize`` (options, pass, solve, checks, warnings, result), the memory planner and the
+report, none of which names it (docs/design.md §7).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import loradafast
+from loradafast import planner, report
+from loradafast.layer_init import LayerDiagnostics, reported
+from loradafast.methods import registry
+from loradafast.methods.factors import Factors
+from loradafast.methods.method import Method, per_layer
+from loradafast.options import MethodConfig, check_positive, option
+from model_state import ModelState
+from tiny import padded_batches, random_sequences, tiny_llama
+
+NAME = "toy-svd"
+RANK = 2
+
+
+@dataclass(kw_only=True)
+class ToyConfig(MethodConfig):
+    scale: float = option(1.0, "how far lora_A is scaled", keyword="toy_scale")
+    flag: bool = option(False, "mark every layer as degraded")
+    poison: bool = option(False, "report a non-finite certifying number")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("toy_scale", self.scale)
+
+
+@dataclass
+class ToyDiagnostics(LayerDiagnostics):
+    COLUMNS: ClassVar[tuple[str, ...]] = ("toy_norm", "toy_top")
+    FLAGS: ClassVar[tuple] = (("toy flag", "toy_flagged", lambda v: v is True),)
+    COLUMN_NOTES: ClassVar[str] = "toy_norm: ‖G‖_F"
+
+    toy_norm: float | None = reported()
+    toy_flagged: bool | None = reported()
+    toy_singular_values: torch.Tensor | None = reported()
+
+    def certifying_numbers(self) -> list[torch.Tensor]:
+        return [torch.tensor([self.toy_norm], dtype=torch.float64)]
+
+    def degradations(self, dtype) -> list[str]:
+        return ["toy degraded"] if self.toy_flagged else []
+
+    @classmethod
+    def derived_columns(cls, entry: dict) -> dict:
+        return {"toy_top": entry["toy_singular_values"][0]}
+
+
+def _toy(problem, name: str, config: ToyConfig) -> Factors:
+    g = problem.G(name, torch.float64)
+    _, s, vh = torch.linalg.svd(g, full_matrices=False)
+    r = problem.ranks[name]
+    norm = math.nan if config.poison else float(g.norm())
+    return Factors(config.scale * vh[:r], torch.zeros(g.shape[0], r, dtype=g.dtype), moves_base=False,
+                   diagnostics=ToyDiagnostics(toy_norm=norm, toy_flagged=config.flag, toy_singular_values=s[:r]))
+
+
+WORKSPACE_CALLS = []
+
+
+def _workspace(memory, layers) -> int:
+    WORKSPACE_CALLS.append(memory.options)
+    return 123
+
+
+TOY = Method(NAME, "Toy SVD", ToyConfig, per_layer(_toy), diagnostics=ToyDiagnostics, statistics=frozenset("G"),
+             workspace=_workspace)
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(registry.REGISTRY, NAME, TOY)
+
+
+def _batches():
+    return padded_batches(random_sequences(6), 3)
+
+
+def _initialize(model, **options):
+    return loradafast.initialize(model, _batches(), RANK, method=NAME, progress=False, split_halves=False, **options)
+
+
+def test_a_registered_method_runs_through_initialize(toy):
+    result = _initialize(tiny_llama(), toy_scale=3.0)
+    stats = loradafast.collect(tiny_llama(), _batches(), factors=("G",), progress=False, split_halves=False)
+    assert result.method == NAME and result.options["toy_scale"] == 3.0
+    for name, layer in result.layers.items():
+        _, _, vh = torch.linalg.svd(stats.G(name, torch.float64), full_matrices=False)
+        rows = torch.nn.functional.cosine_similarity(layer.lora_A.double(), vh[:RANK], dim=1).abs()
+        torch.testing.assert_close(rows, torch.ones(RANK, dtype=torch.float64), rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer.lora_A.norm(dim=1).double(), torch.full((RANK,), 3.0, dtype=torch.float64))
+        assert isinstance(layer.diagnostics, ToyDiagnostics) and layer.diagnostics.num_tokens == stats.num_tokens
+
+
+def test_its_options_are_its_own(toy):
+    with pytest.raises(ValueError, match="beta do.es. not apply to method 'toy-svd'.*toy_scale"):
+        _initialize(tiny_llama(), beta=0.1)
+    with pytest.raises(ValueError, match="toy_scale must be > 0"):
+        _initialize(tiny_llama(), toy_scale=-1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'toy_scales'"):
+        _initialize(tiny_llama(), toy_scales=1.0)
+
+
+def test_its_diagnostics_drive_the_checks_and_the_warning(toy):
+    model = tiny_llama()
+    state = ModelState(model)
+    with pytest.raises(FloatingPointError, match="produced non-finite factors"):
+        _initialize(model, poison=True)
+    state.assert_unchanged()
+    with pytest.warns(RuntimeWarning, match="toy degraded: 14 layer"):
+        _initialize(tiny_llama(), flag=True)
+
+
+def test_the_report_shows_its_columns_and_flags(toy, tmp_path):
+    result = _initialize(tiny_llama(), flag=True)
+    data = report.diagnostics(result)
+    rows = report.table_rows(data)
+    assert all(row["toy_top"] == data["layers"][row["layer"]]["toy_singular_values"][0] for row in rows)
+    assert report.flagged_layers(rows, report.flags_of(data)) == {"toy flag": list(result.layers)}
+    report.write_report(result, tmp_path, plots=False)
+    header = (tmp_path / report.TABLE_FILE).read_text().splitlines()[0].split(",")
+    assert header[:8] == ["layer", "kind", "in", "out", "rank", "toy_norm", "toy_top", "norm_A"]
+    assert "toy_norm: ‖G‖_F" in (tmp_path / report.MARKDOWN_FILE).read_text()
+
+
+def test_the_planner_counts_its_workspace_with_its_options(toy):
+    WORKSPACE_CALLS.clear()
+    shapes = [planner.LayerShape(f"l{i}", 64, 32, f"l{i}", RANK) for i in range(3)]
+    registry.plan_for_shapes(shapes, memory_budget=math.inf, method=NAME, config=ToyConfig(scale=2.0))
+    assert WORKSPACE_CALLS and all(c == ToyConfig(scale=2.0) for c in WORKSPACE_CALLS)
