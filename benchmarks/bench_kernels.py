@@ -1,4 +1,4 @@
-"""Benchmark the statistics-pass kernels and the Ω operator; write JSON to benchmarks/results/.
+"""Benchmark the statistics-pass kernels; write JSON to benchmarks/results/.
 
     python benchmarks/bench_kernels.py            # full grid on CUDA, --quick grid on CPU
     python benchmarks/bench_kernels.py --quick    # small sizes anywhere
@@ -18,9 +18,9 @@ d·(d + block)·T). Effective TFLOP/s are therefore comparable across implementa
 of two of them is the speed-up; the triangle kernel can exceed the device's measured bf16 matmul
 rate, which is reported beside (square bf16 GEMM, 2·n³ FLOPs).
 
-Also: the pair kernel (layer input and output gradient in one launch) against two launches,
-G accumulation (cuBLAS fp32-out vs Triton vs upcast), and the Ω operator (``omega_apply`` with a
-Cholesky factor or a cached inverse, torch vs Triton) against forming the dense Ω and multiplying.
+Also: the pair kernel (layer input and output gradient in one launch) against two launches, and
+G accumulation (cuBLAS fp32-out vs Triton vs upcast).  The solve's Ω products are timed by
+benchmarks/bench_solve.py and benchmarks/micro/bench_solve_stages.py.
 
 On CPU only the PyTorch paths are timed (Triton would run in its interpreter, which measures
 Python, not the kernel); the JSON says so under ``triton_timed``.
@@ -149,42 +149,6 @@ def bench_gradient(device, shapes, tokens, on_cuda) -> list[dict]:
     return rows
 
 
-def omega_providers(batch: int, n: int, k: int, device, on_cuda: bool) -> dict:
-    """``ΩX`` for a random batch of LoRA-DA-shaped operators: implicit (Cholesky factor or cached
-    inverse of Zλ; torch, and Triton on CUDA), against forming Ω and multiplying."""
-    a = torch.randn(batch, n, n, device=device) / n ** 0.5
-    z = a @ a.mT + 0.1 * torch.eye(n, device=device)
-    chol = torch.linalg.cholesky(z)
-    zinv = torch.cholesky_inverse(chol)
-    delta = torch.randn(batch, n, n, device=device)
-    delta /= torch.linalg.matrix_norm(delta, ord=2)[:, None, None]
-    c = torch.rand(batch, device=device)
-    X = torch.randn(batch, n, k, device=device)
-    omega = kernels.omega_dense(chol, c, delta)
-    providers = {
-        "operator_cholesky_torch": lambda: kernels.omega_apply(X, chol, c, delta, impl="reference"),
-        "operator_inverse_torch": lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
-                                                              impl="reference"),
-        "dense_apply": lambda: torch.bmm(omega, X),
-        "dense_form": lambda: kernels.omega_dense(chol, c, delta),
-    }
-    if on_cuda:
-        providers["operator_cholesky_triton"] = lambda: kernels.omega_apply(X, chol, c, delta, impl="triton")
-        providers["operator_inverse_triton"] = lambda: kernels.omega_apply(X, zinv, c, delta, z_is_inverse=True,
-                                                                           impl="triton")
-    return providers
-
-
-def bench_omega(device, widths, batch, k, on_cuda) -> list[dict]:
-    rows = []
-    for n in widths:
-        row = time_row({"batch": batch, "n": n, "m": n, "k": k}, omega_providers(batch, n, k, device, on_cuda), device)
-        rows.append(row)
-        print(f"omega b={batch} n={n} k={k} " + " ".join(
-            f"{k_}={v['seconds']*1e3:.3f}ms" for k_, v in row.items() if isinstance(v, dict)), flush=True)
-    return rows
-
-
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("quick", "lease", "full"), default=None,
@@ -203,17 +167,17 @@ def main(argv=None) -> Path:
     quick = size == "quick"
     if quick:
         dims, token_counts = [64, 256, 576], [512, 2048]
-        pairs, grad_shapes, omega_widths, mm_n = [(256, 576)], [(576, 256), (576, 576)], [256, 576], 1024
+        pairs, grad_shapes, mm_n = [(256, 576)], [(576, 256), (576, 576)], 1024
         aux_tokens = 2048
     elif size == "lease":
         dims, token_counts = [4096, 11008], [8192]
-        pairs, grad_shapes, omega_widths, mm_n = [(4096, 11008)], [(4096, 4096), (11008, 4096)], [4096], 8192
+        pairs, grad_shapes, mm_n = [(4096, 11008)], [(4096, 4096), (11008, 4096)], 8192
         aux_tokens = 8192
     else:
         dims, token_counts = [576, 1536, 4096, 11008], [2048, 8192, 32768]
         pairs = [(576, 576), (576, 1536), (1536, 4096), (4096, 11008)]
         grad_shapes = [(576, 576), (1536, 576), (4096, 4096), (11008, 4096)]
-        omega_widths, mm_n, aux_tokens = [576, 1536, 4096], 8192, 8192
+        mm_n, aux_tokens = 8192, 8192
 
     env = environment(device)
     result = {
@@ -242,8 +206,7 @@ def main(argv=None) -> Path:
     path = results_path("kernels", device, args.out)
     sections = {"kfac": lambda: bench_kfac(device, dims, token_counts, on_cuda),
                 "kfac_pair": lambda: bench_pair(device, pairs, aux_tokens, on_cuda),
-                "gradient": lambda: bench_gradient(device, grad_shapes, aux_tokens, on_cuda),
-                "omega": lambda: bench_omega(device, omega_widths, batch=4, k=48, on_cuda=on_cuda)}
+                "gradient": lambda: bench_gradient(device, grad_shapes, aux_tokens, on_cuda)}
     for section, run in sections.items():
         result[section] = run()
         # a run cut off from outside keeps the finished sections

@@ -1,7 +1,7 @@
-"""Statistics-pass kernels and the Ω operator, each provider side by side (group = one size).
+"""Statistics-pass kernels, each provider side by side (group = one size).
 
-K-FAC accumulation ``acc += xᵀx`` (bf16 in, fp32 accumulate), the gradient accumulation
-``G += gᵀx`` and the Ω product ``c·Zλ⁻¹X − Δ̂ᵀ(Δ̂X)``.  The providers are those of
+K-FAC accumulation ``acc += xᵀx`` (bf16 in, fp32 accumulate) and the gradient accumulation
+``G += gᵀx``.  The providers are those of
 ``benchmarks/bench_kernels.py`` (one definition).  On CPU only the PyTorch paths run (Triton would
 run in its interpreter, which times Python)."""
 from __future__ import annotations
@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _micro import ON_CUDA
-from bench_kernels import gradient_providers, kfac_providers, omega_providers
+from bench_kernels import gradient_providers, kfac_providers
 
 KFAC_SIZES = [(576, 2048), (1536, 8192), (4096, 8192)] if ON_CUDA else [(64, 512), (256, 2048)]
 GRAD_SHAPES = [(1536, 576, 8192), (11008, 4096, 8192)] if ON_CUDA else [(256, 64, 512), (576, 256, 2048)]
-OMEGA_SIZES = [(4, 1536, 48), (4, 4096, 48)] if ON_CUDA else [(4, 128, 24), (4, 256, 48)]
 
 
 def _pick(providers: dict, provider: str):
@@ -41,11 +40,3 @@ def test_gradient_accumulate(run, device, provider, out, inp, tokens):
     acc = torch.zeros(out, inp, device=device)
     run(_pick(gradient_providers(acc, g, x, ON_CUDA), provider), group=f"gradient {out}x{inp} T={tokens}",
         provider=provider, useful_flops=2.0 * out * inp * tokens)
-
-
-@pytest.mark.parametrize("provider", ["operator_cholesky_torch", "operator_inverse_torch", "dense_apply",
-                                      "operator_cholesky_triton"])
-@pytest.mark.parametrize("batch,n,k", OMEGA_SIZES)
-def test_omega_apply(run, device, provider, batch, n, k):
-    run(_pick(omega_providers(batch, n, k, device, ON_CUDA), provider), group=f"omega b={batch} n={n} k={k}",
-        provider=provider)

@@ -19,10 +19,6 @@ What ``"auto"`` runs on CUDA, and why:
   rectangular GEMM with nothing to skip, where cuBLAS is at the roofline and a Triton GEMM at best
   matches it; the Triton kernel remains available (``impl="triton"``) and used when the
   ``out_dtype`` overloads are missing (torch < 2.8). benchmarks/bench_kernels.py times both.
-* ``omega_apply``: batched PyTorch ops (cuSOLVER triangular solves, cuBLAS batched GEMMs, fused
-  ``baddbmm``). The Triton kernel fuses only the final ``c·Zλ⁻¹X − αΔ̂ᵀP`` combination, which saves
-  one pass over a ``[b, n, k]`` block (k ≈ a few r); the eigensolver needs full-fp32 GEMMs, where
-  cuBLAS SGEMM beats Triton's ``ieee`` dot. Not yet measured on a GPU: the benchmark times both.
 """
 from __future__ import annotations
 
@@ -76,8 +72,8 @@ def _use_triton(impl: str, *tensors: torch.Tensor) -> bool:
 # Imported on first use: importing triton costs about a second, and the interpreter mode is fixed
 # when a kernel module is imported, so tests must be able to set TRITON_INTERPRET first.
 def _triton_op(module: str):
-    """The Triton module of one op (``kfac_triton``, ``kfac_pair_triton``, ``gradient_triton``,
-    ``omega_triton``), imported on first use."""
+    """The Triton module of one op (``kfac_triton``, ``kfac_pair_triton``, ``gradient_triton``),
+    imported on first use."""
     return importlib.import_module(f".{module}", __package__)
 
 
@@ -193,48 +189,3 @@ def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
         return a, b
     dtype = torch.promote_types(a.dtype, b.dtype)
     return a.to(dtype), b.to(dtype)
-
-
-def _batched(t: torch.Tensor, dims: int) -> torch.Tensor:
-    return t.unsqueeze(0) if t.dim() == dims - 1 else t
-
-
-def omega_apply(X: torch.Tensor, z_factor: torch.Tensor, c: torch.Tensor | float, delta_hat: torch.Tensor,
-                alpha: float = 1.0, *, z_is_inverse: bool = False, impl: Impl = "auto") -> torch.Tensor:
-    """``Ω X = c·Zλ⁻¹X − α·Δ̂ᵀ(Δ̂X)`` for a batch of same-width layers, without forming ``Ω``.
-
-    ``X`` ``[b, n, k]``; ``z_factor`` ``[b, n, n]``: lower Cholesky factor of ``Zλ``, or ``Zλ⁻¹``
-    when ``z_is_inverse`` (a cache for many applications; less accurate when ``Zλ`` is
-    ill-conditioned); ``c`` ``[b]`` or a float (``β·tr(Yλ⁻¹)/(Nσ²)`` per layer); ``delta_hat``
-    ``[b, m, n]``, layers with fewer output rows zero-padded to a common m. Unbatched 2-D/3-D
-    inputs (no leading b) are accepted and give an unbatched result. Dtype of ``X`` (fp32/fp64).
-    """
-    unbatched = X.dim() == 2
-    X, z_factor, delta_hat = _batched(X, 3), _batched(z_factor, 3), _batched(delta_hat, 3)
-    b, n, k = X.shape
-    if z_factor.shape != (b, n, n) or delta_hat.shape[0] != b or delta_hat.shape[2] != n:
-        raise ValueError(f"shapes do not match: X {tuple(X.shape)}, z_factor {tuple(z_factor.shape)}, "
-                         f"delta_hat {tuple(delta_hat.shape)}")
-    c = torch.as_tensor(c, dtype=X.dtype, device=X.device).reshape(-1).expand(b).contiguous()
-    # "auto" keeps the batched torch ops on CUDA (see module docstring); only an explicit
-    # impl="triton" runs the fused kernel.
-    if impl == "triton":
-        _use_triton(impl, X, z_factor, delta_hat)  # raises where Triton cannot run
-        if not X.dtype == z_factor.dtype == delta_hat.dtype == torch.float32:
-            raise TypeError("the Triton Ω operator is fp32 only; use impl='reference' for fp64")
-        out = _triton_op("omega_triton").omega_apply(X, z_factor, c, delta_hat, alpha, z_is_inverse=z_is_inverse)
-    else:
-        _use_triton(impl, X)  # validates impl
-        out = reference.omega_apply(X, z_factor, c, delta_hat, alpha, z_is_inverse=z_is_inverse)
-    return out[0] if unbatched else out
-
-
-def omega_dense(z_factor: torch.Tensor, c: torch.Tensor | float, delta_hat: torch.Tensor, alpha: float = 1.0,
-                *, z_is_inverse: bool = False) -> torch.Tensor:
-    """The dense ``Ω = c·Zλ⁻¹ − α·Δ̂ᵀΔ̂`` (``[b, n, n]``, or ``[n, n]`` for unbatched inputs) that
-    :func:`omega_apply` applies; for tests, small layers and the dense-eigh fallback."""
-    unbatched = z_factor.dim() == 2
-    z_factor, delta_hat = _batched(z_factor, 3), _batched(delta_hat, 3)
-    c = torch.as_tensor(c, dtype=z_factor.dtype, device=z_factor.device).reshape(-1).expand(z_factor.shape[0])
-    out = reference.omega_dense(z_factor, c, delta_hat, alpha, z_is_inverse=z_is_inverse)
-    return out[0] if unbatched else out

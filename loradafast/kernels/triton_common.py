@@ -3,8 +3,7 @@ prunes them, the masked ``Aᵀ diag(keep) B`` tile routine, and the host helpers
 token split, dot precision, mask).
 
 One op per module beside this one (:mod:`.kfac_triton`, :mod:`.kfac_pair_triton`,
-:mod:`.gradient_triton`, :mod:`.omega_triton`), each the twin of the function of the same name in
-:mod:`.reference`.
+:mod:`.gradient_triton`), each the twin of the function of the same name in :mod:`.reference`.
 
 ``TRITON_INTERPRET=1`` must be set before this module is imported for the interpreter to be used.
 """

@@ -1,16 +1,15 @@
 """Compile every launch the Triton kernels' host functions make, for sm_90, without a GPU.
 
-Run as a script (``python tests/kernels/sm90_compile.py OUT.json``) with ``TRITON_INTERPRET`` unset, so
-that the kernel modules take their GPU configs and tiles.  Each host function (``kfac_accumulate``
+Run as a script (``python tests/kernels/sm90_compile.py OUT.json``) with ``TRITON_INTERPRET`` unset,
+so that the kernel modules take their GPU configs and tiles. Each host function (``kfac_accumulate``
 …) is called on small CPU tensors of the widths and dtypes that reach each tile size and dot
 precision, with its kernel replaced by a recorder; each recorded launch is then compiled, once per
-config the kernel's autotune pruner keeps (the Ω kernel is not autotuned: the host's own warps
-and stages), through ``triton.compile`` with a CUDA sm_90 target, the arguments specialised as
-Triton's launcher would (ints equal to 1 as constants, 16-aligned pointers and ints as divisible
-by 16).  ptxas runs inside that compile; the registers, the stack frame (where spills go) and the
-static shared memory are read from the cubin with cuobjdump, the dynamic shared memory from the
-compile's metadata, so a second run served from Triton's cache reads the same.  Writes a JSON
-list, one record per compile.
+config the kernel's autotune pruner keeps, through ``triton.compile`` with a CUDA sm_90 target, the
+arguments specialised as Triton's launcher would (ints equal to 1 as constants, 16-aligned pointers
+and ints as divisible by 16). ptxas runs inside that compile; the registers, the stack frame (where
+spills go) and the static shared memory are read from the cubin with cuobjdump, the dynamic shared
+memory from the compile's metadata, so a second run served from Triton's cache reads the same.
+Writes a JSON list, one record per compile.
 """
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ OPS = {
     "kfac_triton": ("_kfac_kernel", "kfac_accumulate"),
     "kfac_pair_triton": ("_kfac_pair_kernel", "kfac_accumulate_pair"),
     "gradient_triton": ("_gradient_kernel", "gradient_accumulate"),
-    "omega_triton": ("_omega_kernel", "omega_apply"),
 }
 # 16-bit operands (fp16 takes bf16's path: no upcast, no precision, the same configs); fp32: exact
 # (`ieee`) and TF32 (torch's float32 matmul precision decides).
@@ -68,11 +66,6 @@ def _calls(torch):
         yield fp32_precision, "kfac_triton", (empty(4096, 4096), x, mask), kw
         yield fp32_precision, "kfac_pair_triton", (empty(4096, 4096), x, empty(6144, 6144), g, mask), kw
         yield fp32_precision, "gradient_triton", (empty(6144, 4096), g, x, mask), kw
-    n, m, b = 576, 1536, 2
-    for k in (8, 24, 64):  # Ω, fp32 only: the number of vectors k picks BLOCK_K, and so the warps
-        for z_is_inverse in (False, True):
-            yield "highest", "omega_triton", (empty(b, n, k), empty(b, n, n), empty(b), empty(b, m, n), 1.0), \
-                {"z_is_inverse": z_is_inverse}
 
 
 class _Recorder:

@@ -279,7 +279,7 @@ def test_gradient_triton_matches_reference(out, inp, tokens, dtype, mask_kind, t
 
 
 # ------------------------------------------------------------------------------------------
-# Ω operator
+# Ω with an explicit Δ̂ (the reference that LoRA-DA's dense formulas use; no kernel)
 
 
 def _omega_problem(b, n, ms, k, gen, dtype=torch.float32):
@@ -301,51 +301,39 @@ def test_omega_dense_matches_explicit_formula():
     gen = torch.Generator().manual_seed(10)
     X, chol, c, delta, z = _omega_problem(2, 7, [5, 3], 2, gen, torch.float64)
     explicit = c[:, None, None] * torch.linalg.inv(z) - 0.7 * delta.mT @ delta
-    torch.testing.assert_close(kernels.omega_dense(chol, c, delta, 0.7), explicit)
-    torch.testing.assert_close(kernels.omega_dense(torch.linalg.inv(z), c, delta, 0.7, z_is_inverse=True),
+    torch.testing.assert_close(reference.omega_dense(chol, c, delta, 0.7), explicit)
+    torch.testing.assert_close(reference.omega_dense(torch.linalg.inv(z), c, delta, 0.7, z_is_inverse=True),
                                explicit)
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("z_is_inverse", [False, True])
-def test_omega_apply_matches_dense(impl, z_is_inverse, triton_device):
+def test_omega_apply_matches_dense(z_is_inverse):
     gen = torch.Generator().manual_seed(11 + z_is_inverse)
     X, chol, c, delta, z = _omega_problem(3, 37, [45, 20, 1], 5, gen)
     zarg = torch.linalg.inv(z).float() if z_is_inverse else chol
-    got = on_impl(kernels.omega_apply, X, zarg, c, delta, 0.7, z_is_inverse=z_is_inverse, impl=impl,
-                  device=triton_device)
+    got = reference.omega_apply(X, zarg, c, delta, 0.7, z_is_inverse=z_is_inverse)
     # Ground truth in float64 from the float32 inputs. fp32 error of a solve with cond(Zλ) ≈ 100 on
     # n = 37 is ~cond·n·u ≈ 2e-4 relative to ‖c·Zλ⁻¹X‖ in the worst case, typically far less;
     # 1e-4 of the column scale with a 1e-4 rtol separates round-off from a wrong term (O(1)).
-    truth = kernels.omega_dense(torch.linalg.cholesky(z), c.double(), delta.double(), 0.7) @ X.double()
+    truth = reference.omega_dense(torch.linalg.cholesky(z), c.double(), delta.double(), 0.7) @ X.double()
     scale = truth.abs().amax(dim=1, keepdim=True)
     assert ((got.double() - truth).abs() <= 1e-4 * scale + 1e-4 * truth.abs()).all()
-    ref = kernels.omega_apply(X, zarg, c, delta, 0.7, z_is_inverse=z_is_inverse, impl="reference")
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale.max().item())
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_omega_zero_padded_rows_change_nothing(impl, triton_device):
+def test_omega_zero_padded_rows_change_nothing():
     # Layers of width n and different output sizes are batched by zero-padding Δ̂'s rows.
     gen = torch.Generator().manual_seed(12)
     ms = [45, 20, 3]
     X, chol, c, delta, _ = _omega_problem(3, 33, ms, 4, gen)
-    batched = on_impl(kernels.omega_apply, X, chol, c, delta, 0.5, impl=impl, device=triton_device)
+    batched = reference.omega_apply(X, chol, c, delta, 0.5)
     for i, mi in enumerate(ms):
-        alone = kernels.omega_apply(X[i], chol[i], c[i], delta[i, :mi], 0.5, impl="reference")
-        # fp32 sums of the same O(1) terms in another order (or another program): 1e-5 is
+        one = slice(i, i + 1)
+        alone = reference.omega_apply(X[one], chol[one], c[one], delta[one, :mi], 0.5)[0]
+        # fp32 sums of the same O(1) terms in another order: 1e-5 is
         # ~100 ulp of the result, far below any dropped or doubled row (O(1)).
         torch.testing.assert_close(batched[i], alone, rtol=1e-5, atol=1e-5)
         # and Δ̂ᵀΔ̂ itself is unchanged by the zero rows
         torch.testing.assert_close(delta[i].mT @ delta[i], delta[i, :mi].mT @ delta[i, :mi])
-
-
-def test_omega_triton_rejects_fp64(triton_device):
-    gen = torch.Generator().manual_seed(13)
-    X, chol, c, delta, _ = _omega_problem(1, 5, [4], 2, gen, torch.float64)
-    with pytest.raises(TypeError):
-        on_impl(kernels.omega_apply, X, chol, c, delta, impl="triton", device=triton_device)
-    kernels.omega_apply(X, chol, c, delta, impl="auto")  # fp64 runs on the reference path
 
 
 # ------------------------------------------------------------------------------------------
@@ -399,15 +387,13 @@ def test_every_tile_the_host_picks_has_a_config_that_fits(branches, precision, m
 
 
 def test_autotuners_prune_and_cache_across_processes():
-    from loradafast.kernels import gradient_triton, kfac_pair_triton, kfac_triton, omega_triton, triton_common
+    from loradafast.kernels import gradient_triton, kfac_pair_triton, kfac_triton, triton_common
 
     for kernel, branches in ((kfac_triton._kfac_kernel, 1), (kfac_pair_triton._kfac_pair_kernel, 2),
                              (gradient_triton._gradient_kernel, 1)):
         assert kernel.early_config_prune.branches == branches
     # Triton turns the on-disk cache off in the interpreter; on a GPU timings persist per shape.
     assert triton_common.autotune_options()["cache_results"] is True
-    assert omega_triton.omega_warps(64, 64, 64) == 8  # 96 modelled registers a thread at 4 warps
-    assert omega_triton.omega_warps(64, 16, 64) == 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -425,7 +411,6 @@ def test_auto_on_cpu_never_touches_triton(monkeypatch):
     kernels.kfac_accumulate(torch.zeros(4, 4), x)
     kernels.kfac_accumulate_pair(torch.zeros(4, 4), x, torch.zeros(4, 4), x)
     kernels.gradient_accumulate(torch.zeros(4, 4), x, x)
-    kernels.omega_apply(torch.randn(4, 2), torch.eye(4), 1.0, torch.randn(3, 4))
 
 
 def test_launch_guard_makes_the_tensors_cuda_device_current(monkeypatch):
@@ -453,17 +438,15 @@ def test_launch_guard_makes_the_tensors_cuda_device_current(monkeypatch):
 
 def _guard_cases(gen):
     x, g = torch.randn(7, 5, generator=gen), torch.randn(7, 3, generator=gen)
-    X, chol, c, delta, _ = _omega_problem(2, 5, [4, 3], 2, gen)
     return {
         "kfac_triton": ("_kfac_kernel", kernels.kfac_accumulate, (torch.zeros(5, 5), x)),
         "kfac_pair_triton": ("_kfac_pair_kernel", kernels.kfac_accumulate_pair,
                              (torch.zeros(5, 5), x, torch.zeros(3, 3), g)),
         "gradient_triton": ("_gradient_kernel", kernels.gradient_accumulate, (torch.zeros(3, 5), g, x)),
-        "omega_triton": ("_omega_kernel", kernels.omega_apply, (X, chol, c, delta)),
     }
 
 
-@pytest.mark.parametrize("module_name", ["kfac_triton", "kfac_pair_triton", "gradient_triton", "omega_triton"])
+@pytest.mark.parametrize("module_name", ["kfac_triton", "kfac_pair_triton", "gradient_triton"])
 def test_every_kernel_launches_inside_its_tensors_device_guard(module_name, monkeypatch, triton_device):
     import contextlib
     import importlib
@@ -596,14 +579,3 @@ def test_gpu_gradient_matches_reference(impl):
     want = kernels.gradient_accumulate(start.clone(), g, x, mask, impl="reference")
     gs, xs = g.float() * mask[:, None], x.float() * mask[:, None]
     _assert_sum_close(got, want, gs.abs().T @ xs.abs(), 3000, base=start)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("z_is_inverse", [False, True])
-def test_gpu_omega_triton_matches_reference(z_is_inverse):
-    gen = torch.Generator().manual_seed(14)
-    X, chol, c, delta, z = (t.cuda() for t in _omega_problem(4, 576, [576, 1536, 100, 64], 48, gen))
-    zarg = torch.linalg.inv(z).float() if z_is_inverse else chol
-    got = on_impl(kernels.omega_apply, X, zarg, c, delta, z_is_inverse=z_is_inverse, impl="triton", device="cuda")
-    want = kernels.omega_apply(X, zarg, c, delta, z_is_inverse=z_is_inverse, impl="reference")
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
