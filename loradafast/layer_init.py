@@ -3,9 +3,9 @@ the solve reports about it (:class:`LayerDiagnostics`; each method's module subc
 
 These sit below every stage: the methods fill them, :mod:`loradafast.distributed` sends them
 between ranks, and :class:`loradafast.result.InitResult` gathers them.  A subclass also says what
-the stages above do with its fields, so that none of them names a method or a method's field:
-which numbers certify the factors (refused when not finite), which values make the solve warn,
-what the solve's log line adds, and what the report tabulates, derives and flags.
+the stages above do with its fields, so that they need not name a method: which numbers certify
+the factors (refused when not finite), which values make the solve warn, what the solve's log line
+adds, and what the report tabulates, derives and flags.
 """
 from __future__ import annotations
 

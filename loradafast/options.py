@@ -78,6 +78,11 @@ class MethodConfig:
         if self.dtype not in SOLVE_DTYPES:
             raise ValueError(f"the solve dtype must be one of {SOLVE_DTYPES}, got {self.dtype!r}")
 
+    def for_halves(self) -> MethodConfig:
+        """The options of the split-half solves (:mod:`loradafast.methods.stability`), which need
+        two digits, not the full solve's accuracy: these same options unless a method loosens them."""
+        return self
+
     def options(self) -> dict:
         """The options as the result records them, under the keyword names of ``initialize``."""
         out = {keyword_of(f): getattr(self, f.name) for f in dataclasses.fields(self)}

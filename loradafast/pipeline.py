@@ -20,7 +20,8 @@ from torch import nn
 from . import distributed, passes
 from .integrations import peft_model as peft_writes
 from .layout import DEFAULT_RANK, AdapterLayout
-from .methods.registry import REGISTRY, WEIGHT_ONLY_METHODS, Method, build_config, get_method, method_keywords
+from .methods.method import Method
+from .methods.registry import REGISTRY, WEIGHT_ONLY_METHODS, build_config, get_method, method_keywords
 from .methods.solver import solve_with
 from .options import MethodConfig, check_pass_options, check_rank, check_ranks
 from .planner import parse_bytes

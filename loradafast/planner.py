@@ -192,7 +192,7 @@ class MemoryModel:
     solve_dtype: torch.dtype = torch.float64
     # The method's options (its MethodConfig), which its workspace may read (LoRA-DA: its
     # eigensolver, dense or iterative); None: the method's defaults.
-    options: object = None
+    options: object = field(default=None, compare=False)
     device_type: str = "cuda"
     world_size: int = 1  # ranks of a distributed run: each solves, and keeps the statistics of, its share
     # Split halves (collect(split_halves=True)): the odd batches' sums beside the totals, and the even

@@ -66,10 +66,9 @@ def solve(
       as in :func:`~loradafast.initialize` and :func:`~loradafast.collect`.
     * the method's options: ``config=`` (a :class:`~loradafast.LoraDAConfig`,
       :class:`~loradafast.LoraGAConfig`, ... as the method's registry record names), or
-      the keywords that build it (``options``: ``beta``, ``gamma``, ``num_train_samples``,
-      ``damping``, ``damping_mode``, ``alpha_b``, ``gradient``, ``eigensolver``, ``residual_tol``,
-      ``loraga_variant``, ``pissa_niter``, ``seed``, ``dtype``; None means the default).  A
-      keyword that is not an option of ``method`` raises.
+      the keywords that build it (``options``: the fields' names, or their keywords such as
+      ``loraga_variant``; ``registry.known_keywords()`` lists them all; None means the
+      default).  A keyword that is not an option of ``method`` raises.
 
     The dense solves run in ``dtype`` (float64 by default: Zλ⁻¹ with the official absolute
     damping of 1e-6 spans many orders of magnitude, and its smallest eigenvectors are what we
@@ -138,7 +137,7 @@ def solve_with(record: Method, config: MethodConfig, stats: Statistics | None, l
 def _with_split_half(record: Method, config: MethodConfig, problem: Problem, layers: dict[str, LayerInit],
                      halves) -> dict[str, LayerInit]:
     """``layers`` with their split-half stability: the method solved again on each half of the data."""
-    loose = stability.half_config(config)
+    loose = config.for_halves()
     solved = [record.solve(dataclasses.replace(problem, stats=half), loose) for half in halves]
     layers = stability.split_half_diagnostics(layers, *solved)
     stability.warn_if_unsupported(layers, record.name, problem.stats.num_sequences, record.noise_advice)

@@ -10,12 +10,11 @@ about ``1/√2`` of what separates the halves: the sine is an upper estimate of 
 statistics' subspace lies from the one infinite data would give, the accuracy that the solve of
 the full statistics need not exceed.
 
-The halves are solved as the method solves (same options), to a looser tolerance where the method
-has one (LoRA-DA's eigen-residual :data:`HALF_RESIDUAL_TOL`): the comparison needs two digits.
+The halves are solved as the method solves, with the options its options class gives for them
+(``MethodConfig.for_halves``: LoRA-DA loosens its eigen-residual): the comparison needs two digits.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
@@ -24,10 +23,6 @@ import torch
 from .. import user_warnings
 from ..layer_init import LayerInit
 
-# LoRA-DA's residual tolerance for the halves (‖ΩX − XΛ‖/‖Ω‖): Davis–Kahan then bounds each half's
-# subspace error by about 1e-6·‖Ω‖/gap, far below the split-half sines measured (measurements:
-# benchmarks/README.md, 'Measurements behind the library's constants').
-HALF_RESIDUAL_TOL = 1e-6
 # A layer's subspace is "supported" by the data when the halves share at least this much of it.
 SUPPORTED_OVERLAP = 0.5
 # The warning fires when fewer than this fraction of the layers are supported.
@@ -43,15 +38,6 @@ def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     overlap = float((cosines ** 2).sum()) / r
     smallest = float(cosines.min()) if cosines.numel() == r else 0.0
     return overlap, math.sqrt(max(0.0, 1.0 - smallest ** 2))
-
-
-def half_config(config):
-    """The method's options for the halves: a looser eigen-residual where the user set none (a copy,
-    not a rebuilt config: the options were checked once, where they were built)."""
-    if getattr(config, "residual_tol", False) is None:
-        config = copy.copy(config)
-        object.__setattr__(config, "residual_tol", HALF_RESIDUAL_TOL)
-    return config
 
 
 def split_half_diagnostics(layers: dict[str, LayerInit], even: dict, odd: dict) -> dict[str, LayerInit]:

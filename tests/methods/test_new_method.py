@@ -8,6 +8,7 @@ report, none of which names it (docs/design.md §7).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -42,7 +43,7 @@ class ToyConfig(MethodConfig):
 
 @dataclass
 class ToyDiagnostics(LayerDiagnostics):
-    COLUMNS: ClassVar[tuple[str, ...]] = ("toy_norm", "toy_top")
+    COLUMNS: ClassVar[tuple[str, ...]] = ("toy_norm", "toy_top", "toy_flagged")
     FLAGS: ClassVar[tuple] = (("toy flag", "toy_flagged", lambda v: v is True),)
     COLUMN_NOTES: ClassVar[str] = "toy_norm: ‖G‖_F"
 
@@ -55,6 +56,10 @@ class ToyDiagnostics(LayerDiagnostics):
 
     def degradations(self, dtype) -> list[str]:
         return ["toy degraded"] if self.toy_flagged else []
+
+    @classmethod
+    def solve_summary(cls, diagnostics) -> str:
+        return f", toy flagged on {sum(bool(d.toy_flagged) for d in diagnostics)} layer(s)"
 
     @classmethod
     def derived_columns(cls, entry: dict) -> dict:
@@ -71,11 +76,13 @@ def _toy(problem, name: str, config: ToyConfig) -> Factors:
 
 
 WORKSPACE_CALLS = []
+TERABYTE = 10 ** 12
 
 
 def _workspace(memory, layers) -> int:
+    """A workspace the plan cannot miss: toy_scale terabytes."""
     WORKSPACE_CALLS.append(memory.options)
-    return 123
+    return int(memory.options.scale * TERABYTE)
 
 
 TOY = Method(NAME, "Toy SVD", ToyConfig, per_layer(_toy), diagnostics=ToyDiagnostics, statistics=frozenset("G"),
@@ -91,12 +98,20 @@ def _batches():
     return padded_batches(random_sequences(6), 3)
 
 
-def _initialize(model, **options):
-    return loradafast.initialize(model, _batches(), RANK, method=NAME, progress=False, split_halves=False, **options)
+def _initialize(model, memory_budget=math.inf, **options):
+    # No limit by default: the toy's workspace (terabytes) is there for the planner to count.
+    return loradafast.initialize(model, _batches(), RANK, method=NAME, progress=False, split_halves=False,
+                                 memory_budget=memory_budget, **options)
 
 
-def test_a_registered_method_runs_through_initialize(toy):
-    result = _initialize(tiny_llama(), toy_scale=3.0)
+def test_a_registered_method_runs_through_initialize(toy, caplog):
+    WORKSPACE_CALLS.clear()
+    with caplog.at_level(logging.INFO, logger="loradafast"):
+        result = _initialize(tiny_llama(), toy_scale=3.0, memory_budget="10TB")
+    # the plan counted the workspace the method's own options give
+    assert WORKSPACE_CALLS and all(c == ToyConfig(scale=3.0) for c in WORKSPACE_CALLS)
+    assert 3 * TERABYTE <= result.plan.peak_bytes < 4 * TERABYTE
+    assert "toy flagged on 0 layer(s)" in caplog.text
     stats = loradafast.collect(tiny_llama(), _batches(), factors=("G",), progress=False, split_halves=False)
     assert result.method == NAME and result.options["toy_scale"] == 3.0
     for name, layer in result.layers.items():
@@ -134,12 +149,14 @@ def test_the_report_shows_its_columns_and_flags(toy, tmp_path):
     assert report.flagged_layers(rows, report.flags_of(data)) == {"toy flag": list(result.layers)}
     report.write_report(result, tmp_path, plots=False)
     header = (tmp_path / report.TABLE_FILE).read_text().splitlines()[0].split(",")
-    assert header[:8] == ["layer", "kind", "in", "out", "rank", "toy_norm", "toy_top", "norm_A"]
+    assert header[:9] == ["layer", "kind", "in", "out", "rank", "toy_norm", "toy_top", "toy_flagged", "norm_A"]
     assert "toy_norm: ‖G‖_F" in (tmp_path / report.MARKDOWN_FILE).read_text()
+    assert (tmp_path / report.HTML_FILE).read_text().count("<td class=flag>True</td>") == len(result.layers)
 
 
 def test_the_planner_counts_its_workspace_with_its_options(toy):
     WORKSPACE_CALLS.clear()
     shapes = [planner.LayerShape(f"l{i}", 64, 32, f"l{i}", RANK) for i in range(3)]
-    registry.plan_for_shapes(shapes, memory_budget=math.inf, method=NAME, config=ToyConfig(scale=2.0))
+    plan = registry.plan_for_shapes(shapes, memory_budget=math.inf, method=NAME, config=ToyConfig(scale=2.0))
     assert WORKSPACE_CALLS and all(c == ToyConfig(scale=2.0) for c in WORKSPACE_CALLS)
+    assert 2 * TERABYTE <= plan.peak_bytes < 3 * TERABYTE

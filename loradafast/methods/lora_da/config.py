@@ -1,6 +1,7 @@
 """LoRA-DA's options (docs/design.md §4), and every list of values they allow."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from ...options import (Y_FACTORS, MethodConfig, check_choice, check_finite, check_non_negative, check_positive,
@@ -9,6 +10,10 @@ from ...options import (Y_FACTORS, MethodConfig, check_choice, check_finite, che
 DAMPING_MODES = ("absolute", "relative")
 GRADIENTS = ("fisher", "raw")  # Δ: natural gradient, or −G (ablation)
 EIGENSOLVERS = ("auto", "lobpcg", "dense")
+# The residual tolerance of the split-half solves (‖ΩX − XΛ‖/‖Ω‖): Davis–Kahan then bounds each
+# half's subspace error by about 1e-6·‖Ω‖/gap, far below the split-half sines measured
+# (measurements: benchmarks/README.md, 'Measurements behind the library's constants').
+HALF_RESIDUAL_TOL = 1e-6
 
 
 @dataclass(kw_only=True)
@@ -61,3 +66,12 @@ class LoraDAConfig(MethodConfig):
             check_positive("residual_tol", self.residual_tol)
         if self.subspace_sine is not None:
             check_positive("subspace_sine", self.subspace_sine)
+
+    def for_halves(self) -> LoraDAConfig:
+        """A looser eigen-residual (:data:`HALF_RESIDUAL_TOL`) where the user set none: a copy, not
+        a rebuilt config (the options were checked once, where they were built)."""
+        if self.residual_tol is not None:
+            return self
+        loose = copy.copy(self)
+        object.__setattr__(loose, "residual_tol", HALF_RESIDUAL_TOL)
+        return loose
