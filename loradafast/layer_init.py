@@ -5,7 +5,7 @@ These sit below every stage: the methods fill them, :mod:`loradafast.distributed
 between ranks, and :class:`loradafast.result.InitResult` gathers them.  A subclass also says what
 the stages above do with its fields, so that they need not name a method: which numbers certify
 the factors (refused when not finite), which values make the solve warn, what the solve's log line
-adds, and what the report tabulates, derives and flags.
+adds, and what the report tabulates, derives, flags and plots.
 """
 from __future__ import annotations
 
@@ -53,11 +53,13 @@ class LayerDiagnostics(_FieldMapping):
 
     # The report's table: the method's columns (between the shapes and the split-half ones), the
     # fields it shows under another name, what deserves a look as (label, column, test of the
-    # value), and the note that explains the columns.
+    # value), and the note that explains the columns; and its plots, as (file name, plot) with
+    # plot(fig, data, rows) -> bool (loradafast.plots).
     COLUMNS: ClassVar[tuple[str, ...]] = ()
     RENAMED: ClassVar[dict[str, str]] = {}
     FLAGS: ClassVar[tuple] = ()
     COLUMN_NOTES: ClassVar[str] = ""
+    PLOTS: ClassVar[tuple] = ()
 
     num_tokens: int | None = reported()  # of the statistics (data-aware methods)
     num_sequences: int | None = reported()

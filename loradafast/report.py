@@ -19,8 +19,8 @@ directory:
   showing the gap the initialisation relies on).
 
 Each method's diagnostics class says which of its fields the report keeps, its columns, how they
-are derived and what it flags (:class:`~loradafast.layer_init.LayerDiagnostics`): the
-description above is LoRA-DA's; PiSSA/MiLoRA show the kept singular values, LoRA-GA/LoRA-One
+are derived, what it flags and what it draws (:class:`~loradafast.layer_init.LayerDiagnostics`):
+the description above is LoRA-DA's; PiSSA/MiLoRA show the kept singular values, LoRA-GA/LoRA-One
 the gradient's.
 """
 from __future__ import annotations
@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .layer_init import LayerDiagnostics
-from .methods.registry import REGISTRY
+from .methods.registry import REGISTRY, diagnostics_of
 
 logger = logging.getLogger(__name__)
 logger.addFilter(distributed.MAIN_RANK_ONLY)
@@ -127,15 +126,9 @@ def _spectra_of(method: str):
     return None if record is None else record.spectra
 
 
-def _diagnostics_class(data: dict) -> type[LayerDiagnostics]:
-    """The diagnostics class of the method a report is of (the base class for an unknown one)."""
-    record = REGISTRY.get(data.get("method"))
-    return LayerDiagnostics if record is None else record.diagnostics
-
-
 def columns_of(data: dict) -> tuple[str, ...]:
     """Every column the table of ``data`` may have, in order."""
-    return SHAPE_COLUMNS + _diagnostics_class(data).COLUMNS + LAST_COLUMNS
+    return SHAPE_COLUMNS + diagnostics_of(data.get("method")).COLUMNS + LAST_COLUMNS
 
 
 # ---- files ----------------------------------------------------------------------------------------
@@ -194,7 +187,7 @@ def write_report(result_or_data, directory, *, stats=None, plots: bool = True) -
 
 def table_rows(data: dict) -> list[dict]:
     """One flat row per layer (the CSV's), from the diagnostics data."""
-    kind = _diagnostics_class(data)
+    kind = diagnostics_of(data.get("method"))
     rows = []
     for name, entry in data["layers"].items():
         row = {"layer": name}
@@ -216,7 +209,7 @@ FLAGS = (
 
 
 def flags_of(data: dict) -> tuple:
-    return _diagnostics_class(data).FLAGS + FLAGS
+    return diagnostics_of(data.get("method")).FLAGS + FLAGS
 
 
 def flagged_layers(rows: list[dict], flags: tuple = FLAGS) -> dict[str, list[str]]:
@@ -241,7 +234,7 @@ COLUMN_NOTES = (
 
 def column_notes(data: dict) -> str:
     """What the columns mean: the method's own, then the ones every report has."""
-    own = _diagnostics_class(data).COLUMN_NOTES
+    own = diagnostics_of(data.get("method")).COLUMN_NOTES
     return "Columns: " + (f"{own}; " if own else "") + COLUMN_NOTES
 
 

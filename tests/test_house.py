@@ -184,7 +184,8 @@ LAYERS = (
     # Plain data and helpers that every stage shares; none of them knows a stage.
     ("foundations", ("loradafast._version", "loradafast.options", "loradafast.progress", "loradafast.targets",
                      "loradafast.integrations.peft_targets", "loradafast.distributed", "loradafast.layer_init",
-                     "loradafast.layout", "loradafast.device_memory", "loradafast.user_warnings")),
+                     "loradafast.layout", "loradafast.device_memory", "loradafast.user_warnings",
+                     "loradafast.plots")),
     # The pass, and the memory plan it runs under.
     ("statistics", ("loradafast.statistics.*", "loradafast.planner")),
     ("methods", ("loradafast.methods.*",)),

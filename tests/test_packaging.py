@@ -55,7 +55,8 @@ def test_wheel_carries_native_sources_types_and_the_command(wheel):
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
         metadata = next(z.read(n).decode() for n in names if n.endswith("METADATA"))
     assert {"loradafast/csrc/eigh.cpp", "loradafast/csrc/eigh_cuda.cu", "loradafast/py.typed",
-            "loradafast/__main__.py", "loradafast/report_plots.py"} <= names
+            "loradafast/__main__.py", "loradafast/report_plots.py", "loradafast/plots.py",
+            "loradafast/methods/lora_da/solve.py", "loradafast/cli/__main__.py"} <= names
     assert "loradafast = loradafast.cli:main" in entry_points
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     triton = [line for line in requires if "triton" in line]

@@ -14,6 +14,7 @@ from ..layer_init import LayerDiagnostics, reported
 from ..linalg.dense import canonical_signs
 from ..linalg.lowrank import TopSingularStack, top_singular_triplets_batched
 from ..options import MethodConfig, check_choice, check_positive, option
+from ..plots import singular_values as singular_values_plot
 from .factors import Factors, paired_signs, layer_factors
 from .method import Method, per_shape, stacked_statistics
 from .problem import Problem
@@ -61,6 +62,7 @@ class GradientDiagnostics(LayerDiagnostics):
 
     COLUMNS: ClassVar[tuple[str, ...]] = ("s_1", "s_r")
     COLUMN_NOTES: ClassVar[str] = "s_1, s_r: the largest and the r-th kept singular value of the gradient"
+    PLOTS: ClassVar[tuple] = (("singular_values.png", singular_values_plot("gradient_singular_values", "gradient G")),)
 
     gradient_singular_values: torch.Tensor | None = reported()
     svd: str | None = None  # "exact", "randomized", or "exact-fallback" (the randomized check failed)

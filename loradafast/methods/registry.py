@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from .. import planner
+from ..layer_init import LayerDiagnostics
 from ..options import DTYPE_KEYWORDS, MethodConfig, option_keywords
 from ..planner import LayerShape, MemoryModel
 from . import fisher, gradient_svd, lora_da, weight_svd
@@ -25,6 +26,13 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 METHODS = tuple(REGISTRY)
 DEFAULT_METHOD = METHODS[0]
 WEIGHT_ONLY_METHODS = tuple(name for name, m in REGISTRY.items() if not m.data_aware)
+
+
+def diagnostics_of(method: str | None) -> type[LayerDiagnostics]:
+    """The diagnostics class of ``method`` (what a report of it tabulates and draws); the base
+    class for a method this version does not know (a report written by another one)."""
+    record = REGISTRY.get(method)
+    return LayerDiagnostics if record is None else record.diagnostics
 
 
 def get_method(method: str) -> Method:

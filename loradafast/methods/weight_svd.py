@@ -14,6 +14,7 @@ import torch
 
 from ..layer_init import LayerDiagnostics, reported
 from ..options import MethodConfig, option
+from ..plots import singular_values as singular_values_plot
 from .factors import Factors, layer_factors, split_triplets, stack_scalings
 from .method import Method, per_layer, per_shape, scalings_of, stacked_weights
 from .problem import Problem
@@ -63,6 +64,7 @@ class SingularDiagnostics(LayerDiagnostics):
 
     COLUMNS: ClassVar[tuple[str, ...]] = ("s_1", "s_r")
     COLUMN_NOTES: ClassVar[str] = "s_1, s_r: the largest and the r-th kept singular value"
+    PLOTS: ClassVar[tuple] = (("singular_values.png", singular_values_plot("singular_values", "weight")),)
 
     singular_values: torch.Tensor | None = reported()
 

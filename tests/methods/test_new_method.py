@@ -1,8 +1,8 @@
 """A method is a plug-in: one module and its registry line.
 
 The toy method below lives in this file alone (its options with a keyword of its own, its
-diagnostics with a column, a flag, a warning and a certifying number, its solve and its
-workspace); registered with one ``monkeypatch.setitem`` on the registry, it runs through
+diagnostics with a column, a flag, a plot, a warning, a log line and a certifying number, its
+solve and its workspace); registered with one ``monkeypatch.setitem`` on the registry, it runs through
 ``initialize`` (options, pass, solve, checks, warnings, result), the memory planner and the
 report, none of which names it (docs/design.md §7).
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import loradafast
-from loradafast import planner, report
+from loradafast import planner, report, report_plots
 from loradafast.layer_init import LayerDiagnostics, reported
 from loradafast.methods import registry
 from loradafast.methods.factors import Factors
@@ -41,11 +41,17 @@ class ToyConfig(MethodConfig):
         check_positive("toy_scale", self.scale)
 
 
+def _toy_plot(fig, data, rows) -> bool:
+    fig.subplots().plot([row["toy_norm"] for row in rows])
+    return True
+
+
 @dataclass
 class ToyDiagnostics(LayerDiagnostics):
     COLUMNS: ClassVar[tuple[str, ...]] = ("toy_norm", "toy_top", "toy_flagged")
     FLAGS: ClassVar[tuple] = (("toy flag", "toy_flagged", lambda v: v is True),)
     COLUMN_NOTES: ClassVar[str] = "toy_norm: ‖G‖_F"
+    PLOTS: ClassVar[tuple] = (("toy.png", _toy_plot),)
 
     toy_norm: float | None = reported()
     toy_flagged: bool | None = reported()
@@ -160,3 +166,9 @@ def test_the_planner_counts_its_workspace_with_its_options(toy):
     plan = registry.plan_for_shapes(shapes, memory_budget=math.inf, method=NAME, config=ToyConfig(scale=2.0))
     assert WORKSPACE_CALLS and all(c == ToyConfig(scale=2.0) for c in WORKSPACE_CALLS)
     assert 2 * TERABYTE <= plan.peak_bytes < 3 * TERABYTE
+
+
+def test_the_report_draws_its_plots(toy):
+    pytest.importorskip("matplotlib")
+    data = report.diagnostics(_initialize(tiny_llama()))
+    assert list(report_plots.figures(data, report.table_rows(data))) == ["toy.png"]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import loradafast
-from loradafast import cli, report, report_plots
+from loradafast import cli, plots, report, report_plots
 from tiny import padded_batches, random_sequences, tiny_llama
 
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -74,21 +74,21 @@ def test_a_directory_without_diagnostics_says_how_to_get_them(tmp_path):
 
 def test_series_styles_are_distinct_in_colour_and_marker():
     for count in (7, 12, 30, 90):
-        styles = report_plots.series_styles(count)
+        styles = plots.series_styles(count)
         assert len(set(styles)) == count
         assert all(a[0] != b[0] and a[1] != b[1] for a, b in zip(styles, styles[1:]))
-    assert len({c for c, _ in report_plots.series_styles(12)}) == 10  # 12 series: colours repeat, pairs do not
+    assert len({c for c, _ in plots.series_styles(12)}) == 10  # 12 series: colours repeat, pairs do not
 
 
 def test_module_groups_put_each_type_in_block_order():
     rows = report.table_rows(synthetic())
     rows.reverse()  # the grouping, not the input order, sorts by block
-    groups = report_plots.module_groups(rows)
+    groups = plots.module_groups(rows)
     assert set(groups) == {*MODULES, "lm_head"}
     for module in MODULES:
         assert [b for b, _ in groups[module]] == list(range(BLOCKS))
         assert all(r["layer"] == f"model.layers.{b}.{module}" for b, r in groups[module])
-    assert [b for b, _ in groups["lm_head"]] == [report_plots.NO_BLOCK]
+    assert [b for b, _ in groups["lm_head"]] == [plots.NO_BLOCK]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """What LoRA-DA's solve reports about a layer (docs/design.md §4, §7), and what the stages above
 do with it: the numbers that certify its factors, the warnings of a fragile solve, the solve's log
-line and the report's columns and flags."""
+line and the report's columns, flags and plots (:mod:`.plots`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from ...layer_init import LayerDiagnostics, reported
+from . import plots
 
 # Above this lower bound on cond(Zλ) or cond(Yλ) the factor is close to singular in the working
 # precision: the solve still runs, but more damping (damping_mode="relative") is advisable.
@@ -36,6 +37,8 @@ class LoraDADiagnostics(LayerDiagnostics):
         "σ = ‖Δ‖₂; λ_1, λ_r: the smallest and the r-th eigenvalue of Ω (kept); λ_r+1: the first one not kept "
         "(with the statistics); residual: ‖ΩX − XΛ‖_F / ‖Ω‖₂, residual_tol: the tolerance it was accepted against, "
         "residual_floor: its rounding floor; z/y_condition: lower bounds on cond(Zλ), cond(Yλ)")
+    PLOTS: ClassVar[tuple] = (("sigma.png", plots.sigma), ("residuals.png", plots.residuals),
+                              ("conditioning.png", plots.conditioning), ("spectrum.png", plots.spectrum))
 
     eigenvalues: torch.Tensor | None = reported()  # the r smallest of Ω, ascending
     residual: float | None = reported()  # ‖ΩX − XΛ‖_F / ‖Ω‖₂
