@@ -1,6 +1,6 @@
 """The report's PNG plots (:mod:`loradafast.report`), drawn with matplotlib when it is installed:
 the method's own (its diagnostics class's ``PLOTS``), then the split-half heat-map every
-data-aware method has.  The helpers they share are :mod:`loradafast.plots`'.
+data-aware method has.  The helpers they share are in :mod:`loradafast.plots`.
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly: no pyplot, so no
 global state, no backend switch and no window, whatever the caller's matplotlib setup.

@@ -172,3 +172,13 @@ def test_the_report_draws_its_plots(toy):
     pytest.importorskip("matplotlib")
     data = report.diagnostics(_initialize(tiny_llama()))
     assert list(report_plots.figures(data, report.table_rows(data))) == ["toy.png"]
+
+
+def test_two_methods_may_not_give_one_keyword_to_different_fields(toy, monkeypatch):
+    @dataclass(kw_only=True)
+    class Clashing(MethodConfig):
+        other: float = option(1.0, "a field the keyword toy_scale would also set", keyword="toy_scale")
+
+    monkeypatch.setitem(registry.REGISTRY, "clash", Method("clash", "Clash", Clashing, per_layer(_toy)))
+    with pytest.raises(TypeError, match="maps the keyword 'toy_scale' to the field 'other'"):
+        registry.known_keywords()
