@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import Y_FACTORS
 from .argument_types import memory_budget
 from .arguments import adapter_arguments, data_arguments, model_arguments, peft_arguments
 from .collect_command import run_collect
@@ -93,7 +94,7 @@ def _collect_parser(commands, common) -> None:
                                               "safetensors file) for `loradafast solve`.")
     model_arguments(collect)
     data_arguments(collect, data_required=True)
-    collect.add_argument("--y-factor", choices=("diag", "full"), default="diag",
+    collect.add_argument("--y-factor", choices=Y_FACTORS, default="diag",
                          help="the output-gradient factor Y to collect: its diagonal (as LoRA-DA's official code) "
                               "or the full matrix (the paper's K-FAC; out×out per layer)")
     collect.add_argument("--out", required=True, metavar="FILE", help="the statistics file to write (.safetensors)")
